@@ -1,0 +1,137 @@
+"""Options shared by several commands, spelled the same way everywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from batchscore.pipeline import PipelineOptions, default_workers
+from batchscore.preprocess import DEFAULT_MAX_PIXELS, INTERPOLATIONS
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _numbers(text: str, kind: type, count: tuple[int, ...], name: str) -> list[Any]:
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        values = [kind(p.strip()) for p in parts]
+    except ValueError:
+        raise click.BadParameter(f"{name} must be {' or '.join(map(str, count))} numbers") from None
+    if len(values) not in count:
+        raise click.BadParameter(f"{name} must be {' or '.join(map(str, count))} numbers")
+    return values
+
+
+def parse_size(text: str | None) -> int | list[int] | None:
+    """'256' -> 256 (shorter side), '320,320' or '320x320' -> [320, 320] (height, width)."""
+    if text is None:
+        return None
+    values = _numbers(text, int, (1, 2), "size")
+    return values[0] if len(values) == 1 else values
+
+
+def parse_triple(text: str | None) -> list[float] | None:
+    return None if text is None else _numbers(text, float, (3,), "mean/std")
+
+
+def model_options(func: F) -> F:
+    """--model and the checks and preprocessing overrides that go with it."""
+    decorators = [
+        click.option(
+            "--model",
+            type=click.Path(),
+            default=None,
+            help="Model directory (model_fp32.onnx or model.onnx, class_map.json,"
+            " preprocess.json) or .onnx file. Default: the bundled EfficientNet-Lite0.",
+        ),
+        click.option(
+            "--model-sha256",
+            default=None,
+            metavar="HEX",
+            help="Refuse the model unless its SHA-256 starts with HEX.",
+        ),
+        click.option(
+            "--providers",
+            default=None,
+            help="Comma-separated ONNX Runtime execution providers (default: CPU).",
+        ),
+        click.option("--resize-size", default=None, help="Override: '256' or 'H,W'."),
+        click.option("--crop-size", default=None, help="Override: '224' or 'H,W'."),
+        click.option(
+            "--interpolation",
+            type=click.Choice(sorted(INTERPOLATIONS)),
+            default=None,
+            help="Override the resize interpolation.",
+        ),
+        click.option("--mean", default=None, help="Override: 'R,G,B' on the 0-1 scale."),
+        click.option("--std", default=None, help="Override: 'R,G,B' on the 0-1 scale."),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def pipeline_options(func: F) -> F:
+    decorators = [
+        click.option(
+            "--workers",
+            type=click.IntRange(min=0),
+            default=default_workers(),
+            show_default=True,
+            help="Worker processes (each decodes and scores); 0 scores in this process.",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=PipelineOptions().batch_size,
+            show_default=True,
+            help="Images per inference batch (per worker).",
+        ),
+        click.option(
+            "--top-k",
+            type=click.IntRange(min=1),
+            default=PipelineOptions().top_k,
+            show_default=True,
+            help="How many top classes to keep per image.",
+        ),
+        click.option(
+            "--fast-jpeg/--exact-jpeg",
+            default=True,
+            show_default=True,
+            help="Decode JPEGs at reduced size (DCT scaling) when that is still >= the"
+            " resize target; --exact-jpeg decodes at full size.",
+        ),
+        click.option(
+            "--max-pixels",
+            type=click.IntRange(min=1),
+            default=DEFAULT_MAX_PIXELS,
+            show_default=True,
+            help="Images with more pixels become error rows (decompression-bomb guard).",
+        ),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def preprocess_overrides(
+    resize_size: str | None,
+    crop_size: str | None,
+    interpolation: str | None,
+    mean: str | None,
+    std: str | None,
+) -> dict[str, Any]:
+    overrides = {
+        "resize_size": parse_size(resize_size),
+        "crop_size": parse_size(crop_size),
+        "interpolation": interpolation,
+        "mean": parse_triple(mean),
+        "std": parse_triple(std),
+    }
+    return {key: value for key, value in overrides.items() if value is not None}
+
+
+def split_providers(text: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip()) if text else ()

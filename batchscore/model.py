@@ -1,0 +1,264 @@
+"""The model and the artifacts that travel with it: ONNX file, class map, preprocessing, hash.
+
+`load_model` checks everything once, in the parent, before any image is read: a broken model
+or a class map of the wrong length is a one-line configuration error, not a crash in the
+middle of the night. It returns a small picklable `ModelSpec`; each process that scores
+creates its own ONNX Runtime session from it (`create_session`), because sessions must never
+be shared across processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from batchscore.errors import ModelError
+from batchscore.preprocess import PreprocessConfig, resolve_preprocess
+
+MODEL_FILENAMES = ("model_fp32.onnx", "model.onnx")
+CLASS_MAP_FILENAME = "class_map.json"
+PREPROCESS_FILENAME = "preprocess.json"
+_INPUT_DTYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a worker needs to build a session and read its output (picklable)."""
+
+    path: str
+    sha256: str
+    class_names: tuple[str, ...]
+    preprocess: PreprocessConfig
+    input_name: str
+    input_dtype: str
+    fixed_batch: int | None
+    providers: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def file_name(self) -> str:
+        return Path(self.path).name
+
+
+def bundled_model_dir() -> Path:
+    """The pretrained EfficientNet-Lite0 shipped with batchscore (wheel or source checkout)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "artifacts"
+    return installed if installed.is_dir() else package.parent / "artifacts"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _find_model_file(location: Path) -> Path:
+    if location.is_dir():
+        for name in MODEL_FILENAMES:
+            if (location / name).is_file():
+                return location / name
+        raise ModelError(f"no {' or '.join(MODEL_FILENAMES)} in model directory {location}")
+    if not location.exists():
+        raise ModelError(f"model not found: {location}")
+    if location.suffix.lower() != ".onnx":
+        raise ModelError(f"model must be an .onnx file or a directory, got {location}")
+    return location
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def parse_class_map(data: Any, where: str) -> tuple[str, ...]:
+    """Accept a list of names, {name: index} or {"index": name}; indices must be 0..n-1."""
+    if isinstance(data, list) and data and all(isinstance(name, str) for name in data):
+        return tuple(data)
+    if isinstance(data, dict) and data:
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in data.values()):
+            by_index = {int(index): str(name) for name, index in data.items()}
+        elif all(isinstance(v, str) for v in data.values()) and all(
+            str(k).lstrip("-").isdigit() for k in data
+        ):
+            by_index = {int(index): name for index, name in data.items()}
+        else:
+            by_index = {}
+        if by_index and sorted(by_index) == list(range(len(by_index))):
+            return tuple(by_index[i] for i in range(len(by_index)))
+    raise ModelError(
+        f'class map {where} must be a list of names, {{name: index}} or {{"index": name}}'
+        " with indices 0..n-1"
+    )
+
+
+def first_line(exc: BaseException) -> str:
+    """ORT errors are multi-line dumps; the first line says what went wrong."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _session_metadata(session: ort.InferenceSession) -> dict[str, str]:
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+def _validate_providers(providers: Sequence[str] | None) -> tuple[str, ...]:
+    available = ort.get_available_providers()
+    if not providers:
+        return ("CPUExecutionProvider",)
+    unknown = [p for p in providers if p not in available]
+    if unknown:
+        raise ModelError(f"execution providers {unknown} not available; available: {available}")
+    return tuple(providers)
+
+
+def create_session(spec: ModelSpec, threads: int = 1) -> ort.InferenceSession:
+    """A session for this process. Spinning is off: idle ORT threads must not burn cores
+    that the other worker processes need."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(spec.path, sess_options=options, providers=list(spec.providers))
+
+
+def load_model(
+    location: str | Path | None = None,
+    *,
+    preprocess_overrides: Mapping[str, Any] | None = None,
+    expected_sha256: str | None = None,
+    providers: Sequence[str] | None = None,
+) -> ModelSpec:
+    """Find, hash and check a model; raise ModelError with one clear line when it is unusable."""
+    base = Path(location) if location is not None else bundled_model_dir()
+    model_path = _find_model_file(base)
+    sha256 = file_sha256(model_path)
+    if expected_sha256 and not sha256.startswith(expected_sha256.lower()):
+        raise ModelError(
+            f"model {model_path} has SHA-256 {sha256}, not the expected {expected_sha256}"
+        )
+    chosen_providers = _validate_providers(providers)
+    try:
+        probe = ort.InferenceSession(str(model_path), providers=list(chosen_providers))
+    except Exception as exc:  # ORT raises its own untyped errors for any broken graph
+        raise ModelError(f"cannot load model {model_path}: {first_line(exc)}") from exc
+    metadata = _session_metadata(probe)
+    folder = model_path.parent
+
+    class_map_file = folder / CLASS_MAP_FILENAME
+    if class_map_file.is_file():
+        class_names = parse_class_map(_read_json(class_map_file, "class map"), str(class_map_file))
+    elif "class_map" in metadata:
+        class_names = parse_class_map(_json_metadata(metadata, "class_map"), "in model metadata")
+    else:
+        raise ModelError(f"no {CLASS_MAP_FILENAME} beside {model_path} and none in its metadata")
+
+    preprocess_file = folder / PREPROCESS_FILENAME
+    if preprocess_file.is_file():
+        model_config = _read_json(preprocess_file, "preprocess config")
+    elif "preprocess" in metadata:
+        model_config = _json_metadata(metadata, "preprocess")
+    else:
+        model_config = {}
+    if not isinstance(model_config, dict):
+        raise ModelError(f"preprocess config of {model_path} must be a JSON object")
+    preprocess = resolve_preprocess(preprocess_overrides, model_config)
+
+    spec = _check_signature(
+        probe,
+        model_path=model_path,
+        sha256=sha256,
+        class_names=class_names,
+        preprocess=preprocess,
+        providers=chosen_providers,
+    )
+    _check_forward(probe, spec)
+    return spec
+
+
+def _json_metadata(metadata: Mapping[str, str], key: str) -> Any:
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"model metadata '{key}' is not valid JSON: {exc}") from exc
+
+
+def _check_signature(
+    session: ort.InferenceSession,
+    *,
+    model_path: Path,
+    sha256: str,
+    class_names: tuple[str, ...],
+    preprocess: PreprocessConfig,
+    providers: tuple[str, ...],
+) -> ModelSpec:
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ModelError(f"model {model_path} must have exactly one input, has {len(inputs)}")
+    tensor = inputs[0]
+    if tensor.type not in _INPUT_DTYPES:
+        raise ModelError(f"model input must be float32 or uint8, got {tensor.type}")
+    shape = list(tensor.shape)
+    if len(shape) != 4:
+        raise ModelError(f"model input must be NCHW (rank 4), got shape {shape}")
+    batch, channels, height, width = shape
+    if isinstance(channels, int) and channels != 3:
+        raise ModelError(f"model input must have 3 channels (NCHW), got shape {shape}")
+    want_h, want_w = preprocess.input_size
+    for name, dim, want in (("height", height, want_h), ("width", width, want_w)):
+        if isinstance(dim, int) and dim != want:
+            raise ModelError(
+                f"model input {name} is {dim} but preprocessing produces {want_h}x{want_w}"
+                f" (input shape {shape}); fix preprocess.json or the crop/resize flags"
+            )
+    outputs = session.get_outputs()
+    out_shape = list(outputs[0].shape)
+    if len(out_shape) != 2:
+        raise ModelError(f"model output must be [batch, classes], got shape {out_shape}")
+    if isinstance(out_shape[1], int) and out_shape[1] != len(class_names):
+        raise ModelError(
+            f"model outputs {out_shape[1]} classes but the class map has {len(class_names)}"
+        )
+    fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
+    return ModelSpec(
+        path=str(model_path.resolve()),
+        sha256=sha256,
+        class_names=class_names,
+        preprocess=preprocess,
+        input_name=tensor.name,
+        input_dtype=_INPUT_DTYPES[tensor.type],
+        fixed_batch=fixed_batch,
+        providers=providers,
+    )
+
+
+def _check_forward(session: ort.InferenceSession, spec: ModelSpec) -> None:
+    """One forward pass on a blank batch: catches graphs that load but cannot run."""
+    height, width = spec.preprocess.input_size
+    blank = np.zeros((spec.fixed_batch or 1, 3, height, width), dtype=spec.input_dtype)
+    try:
+        (output,) = session.run(None, {spec.input_name: blank})[:1]
+    except Exception as exc:  # ORT's runtime errors carry no useful type
+        raise ModelError(f"model {spec.path} fails on a test input: {first_line(exc)}") from exc
+    if output.ndim != 2 or output.shape[1] != spec.num_classes:
+        raise ModelError(
+            f"model outputs shape {list(output.shape)} but the class map has"
+            f" {spec.num_classes} classes"
+        )

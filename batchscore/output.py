@@ -1,0 +1,246 @@
+"""How rows are written: the column contract, Arrow conversion and atomic Parquet files.
+
+Rows are converted chunk by chunk and written in row groups as they come; nothing waits for
+the end of the run. A file is written under a temporary name beside its destination and
+renamed only when complete, so a crashed or killed run never leaves a half file under the final
+name, and readers never see one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchscore.errors import WriteFailed
+from batchscore.model import ModelSpec
+from batchscore.pipeline import ChunkResult, ModelScores
+
+METADATA_PREFIX = "batchscore."
+ROW_GROUP_ROWS = 2048
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Which optional columns a run writes."""
+
+    extra_columns: Mapping[str, pa.DataType]
+    has_label: bool
+    keep_probs: bool = True
+    prefixes: Sequence[str] = ("",)  # one per model; "" = the model being scored
+
+
+def prediction_fields(prefix: str, keep_probs: bool) -> list[pa.Field]:
+    fields = [
+        pa.field(f"{prefix}pred_index", pa.int32()),
+        pa.field(f"{prefix}pred_label", pa.string()),
+        pa.field(f"{prefix}pred_prob", pa.float32()),
+        pa.field(f"{prefix}topk_labels", pa.list_(pa.string())),
+        pa.field(f"{prefix}topk_probs", pa.list_(pa.float32())),
+    ]
+    if keep_probs:
+        fields.append(pa.field(f"{prefix}probs", pa.list_(pa.float32())))
+    return fields
+
+
+def output_schema(layout: OutputLayout) -> pa.Schema:
+    fields = [
+        pa.field("path", pa.string()),
+        pa.field("image_id", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+    ]
+    for prefix in layout.prefixes:
+        fields += prediction_fields(prefix, layout.keep_probs)
+    fields += [pa.field("width", pa.int32()), pa.field("height", pa.int32())]
+    if layout.has_label:
+        fields.append(pa.field("label", pa.string()))
+    reserved = {f.name for f in fields} | {"model_sha256", "run_id", "scored_at"}
+    for name, dtype in layout.extra_columns.items():
+        fields.append(pa.field(passthrough_name(name, reserved), dtype))
+    fields += [
+        pa.field("model_sha256", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("scored_at", pa.timestamp("us", tz="UTC")),
+    ]
+    return pa.schema(fields)
+
+
+def passthrough_name(name: str, reserved: set[str]) -> str:
+    """A manifest column named like an output column is kept as `manifest_<name>`."""
+    return f"manifest_{name}" if name in reserved else name
+
+
+def _list_array(flat: np.ndarray, valid: np.ndarray, dtype: pa.DataType) -> pa.Array:
+    """Rows of `flat` ([n_valid, width]) as a list array of n rows, null where not valid."""
+    width = flat.shape[1] if flat.ndim == 2 else 0
+    offsets = np.zeros(len(valid) + 1, dtype=np.int32)
+    np.cumsum(np.where(valid, width, 0), out=offsets[1:])
+    values = pa.array(flat.reshape(-1), type=dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(~valid))
+
+
+def prediction_columns(
+    scores: ModelScores, spec: ModelSpec, valid: np.ndarray, keep_probs: bool
+) -> list[pa.Array]:
+    """Arrow columns of one model's predictions, in `prediction_fields` order."""
+    names = np.asarray(spec.class_names, dtype=object)
+    topk = scores.topk.astype(np.int64)
+    top1 = topk[:, 0]
+    topk_probs = np.take_along_axis(scores.probs, topk, axis=1)
+    invalid = ~valid
+    columns = [
+        pa.array(top1.astype(np.int32), type=pa.int32(), mask=invalid),
+        pa.array(names[top1], type=pa.string(), mask=invalid),
+        pa.array(topk_probs[:, 0], type=pa.float32(), mask=invalid),
+        _list_array(names[topk[valid]], valid, pa.string()),
+        _list_array(topk_probs[valid], valid, pa.float32()),
+    ]
+    if keep_probs:
+        columns.append(_list_array(scores.probs[valid], valid, pa.float32()))
+    return columns
+
+
+def chunk_to_batch(
+    result: ChunkResult,
+    specs: Sequence[ModelSpec],
+    schema: pa.Schema,
+    layout: OutputLayout,
+    run_id: str,
+) -> pa.RecordBatch:
+    """One chunk of results as a record batch matching `schema`."""
+    refs, output = result.refs, result.output
+    n = len(refs)
+    valid = np.array([error is None for error in output.errors], dtype=bool)
+    columns: list[pa.Array] = [
+        pa.array([ref.path for ref in refs], type=pa.string()),
+        pa.array([ref.image_id for ref in refs], type=pa.string()),
+        pa.array([STATUS_OK if ok else STATUS_ERROR for ok in valid], type=pa.string()),
+        pa.array(output.errors, type=pa.string()),
+    ]
+    for spec, scores in zip(specs, output.scores, strict=True):
+        columns += prediction_columns(scores, spec, valid, layout.keep_probs)
+    columns += [
+        pa.array(output.widths, type=pa.int32()),
+        pa.array(output.heights, type=pa.int32()),
+    ]
+    if layout.has_label:
+        columns.append(pa.array([ref.label for ref in refs], type=pa.string()))
+    for name, dtype in layout.extra_columns.items():
+        columns.append(_extra_column([ref.extras.get(name) for ref in refs], dtype))
+    model_sha = specs[0].sha256
+    columns += [
+        pa.array([model_sha] * n, type=pa.string()),
+        pa.array([run_id] * n, type=pa.string()),
+        pa.array([result.finished_at] * n, type=pa.timestamp("us", tz="UTC")),
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _extra_column(values: list[Any], dtype: pa.DataType) -> pa.Array:
+    if pa.types.is_string(dtype):
+        values = [v if v is None or isinstance(v, str) else str(v) for v in values]
+    return pa.array(values, type=dtype)
+
+
+def file_metadata(values: Mapping[str, Any]) -> dict[bytes, bytes]:
+    """Key-value metadata: strings as they are, anything else as JSON."""
+    return {
+        f"{METADATA_PREFIX}{key}".encode(): (
+            value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        ).encode()
+        for key, value in values.items()
+    }
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """batchscore's key-value metadata of a Parquet file, JSON values decoded."""
+    raw = pq.ParquetFile(path).metadata.metadata or {}
+    decoded: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.decode()
+        if not name.startswith(METADATA_PREFIX):
+            continue
+        text = value.decode()
+        try:
+            decoded[name[len(METADATA_PREFIX) :]] = json.loads(text)
+        except json.JSONDecodeError:
+            decoded[name[len(METADATA_PREFIX) :]] = text
+    return decoded
+
+
+class AtomicParquetFile:
+    """A Parquet file written under a temporary name and renamed into place by `commit`."""
+
+    def __init__(self, path: Path, schema: pa.Schema, metadata: Mapping[str, Any]) -> None:
+        self.path = path
+        self.tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        self.schema = schema.with_metadata(file_metadata(metadata))
+        self.rows = 0
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self._writer = pq.ParquetWriter(self.tmp_path, self.schema, compression="zstd")
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        with _write_errors(self.path):
+            self._write(batch)
+
+    def _write(self, batch: pa.RecordBatch) -> None:
+        self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        self.rows += batch.num_rows
+        if self._pending_rows >= ROW_GROUP_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self._writer.write_table(pa.Table.from_batches(self._pending, schema=self.schema))
+            self._pending, self._pending_rows = [], 0
+
+    def commit(self, final_metadata: Mapping[str, Any]) -> None:
+        with _write_errors(self.path):
+            self._commit(final_metadata)
+
+    def _commit(self, final_metadata: Mapping[str, Any]) -> None:
+        self.flush()
+        self._writer.add_key_value_metadata(file_metadata(final_metadata))
+        self._writer.close()
+        with open(self.tmp_path, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self.tmp_path, self.path)
+        _fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        except OSError:
+            pass  # the file is being thrown away; a close error changes nothing
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise WriteFailed(f"writing {path} failed: {exc.strerror or exc}") from exc
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,268 @@
+"""The scoring job: sources -> pipeline -> Parquet, with counts, progress and clean stops.
+
+`score()` is the library entry point behind `batchscore score`; it is usable without the CLI.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+import pyarrow as pa
+from tqdm import tqdm
+
+from batchscore import __version__
+from batchscore.errors import ConfigError, ErrorRateExceeded, Interrupted, OutputError
+from batchscore.model import ModelSpec, load_model
+from batchscore.output import (
+    STATUS_OK,
+    AtomicParquetFile,
+    OutputLayout,
+    chunk_to_batch,
+    output_schema,
+)
+from batchscore.pipeline import PipelineOptions, run_pipeline
+from batchscore.sources import Source, iter_refs, merged_extra_columns, open_sources
+
+LOW_CONFIDENCE = 0.5  # top-1 probability below this counts as low-confidence (drift signal)
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """Everything a scoring run can be told; defaults are what `batchscore score` uses."""
+
+    model: str | Path | None = None
+    preprocess_overrides: Mapping[str, Any] = field(default_factory=dict)
+    model_sha256: str | None = None
+    providers: Sequence[str] = ()
+    pipeline: PipelineOptions = field(default_factory=PipelineOptions)
+    keep_probs: bool = True
+    max_error_rate: float | None = None
+    progress: bool = False
+    run_id: str | None = None
+
+
+@dataclass
+class RunStats:
+    """Counts gathered while streaming; everything the summary needs, nothing per row."""
+
+    n_ok: int = 0
+    n_errors: int = 0
+    error_reasons: Counter[str] = field(default_factory=Counter)
+    classes: Counter[str] = field(default_factory=Counter)
+    top1_prob_sum: float = 0.0
+    n_low_confidence: int = 0
+
+    @property
+    def n_images(self) -> int:
+        return self.n_ok + self.n_errors
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        status = batch.column("status").to_numpy(zero_copy_only=False)
+        ok = status == STATUS_OK
+        self.n_ok += int(ok.sum())
+        self.n_errors += int((~ok).sum())
+        for reason in batch.column("error").drop_null().to_pylist():
+            self.error_reasons[reason_kind(reason)] += 1
+        if ok.any():
+            labels = batch.column("pred_label").drop_null().to_pylist()
+            self.classes.update(labels)
+            probs = batch.column("pred_prob").drop_null().to_numpy()
+            self.top1_prob_sum += float(probs.sum())
+            self.n_low_confidence += int((probs < LOW_CONFIDENCE).sum())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "n_images": self.n_images,
+            "n_ok": self.n_ok,
+            "n_errors": self.n_errors,
+            "error_reasons": dict(self.error_reasons.most_common()),
+            "mean_top1_prob": self.top1_prob_sum / self.n_ok if self.n_ok else None,
+            "low_confidence_share": self.n_low_confidence / self.n_ok if self.n_ok else None,
+            "low_confidence_threshold": LOW_CONFIDENCE,
+            "class_distribution": dict(self.classes.most_common()),
+        }
+
+
+def reason_kind(reason: str) -> str:
+    """Group error reasons by kind: 'corrupt or truncated image: <details>' -> its prefix."""
+    return reason.split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    output: str
+    model_sha256: str
+    stats: dict[str, Any]
+    elapsed_s: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.stats["n_images"] / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def line(self) -> str:
+        s = self.stats
+        return (
+            f"{s['n_images']} images: {s['n_ok']} ok, {s['n_errors']} errors,"
+            f" {self.images_per_s:.1f} images/s, {self.elapsed_s:.1f} s -> {self.output}"
+        )
+
+
+def new_run_id() -> str:
+    """Sortable and unique: UTC time first, then randomness."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: the pipeline takes no new work and the run commits what it has."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, _frame: object) -> None:
+            self.signum = signum
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+def check_settings(settings: ScoreSettings) -> None:
+    options = settings.pipeline
+    if options.batch_size < 1:
+        raise ConfigError("batch size must be at least 1")
+    if options.top_k < 1:
+        raise ConfigError("top-k must be at least 1")
+    if options.workers < 0:
+        raise ConfigError("workers must be 0 (score in this process) or more")
+    if options.max_pixels < 1:
+        raise ConfigError("max pixels must be positive")
+    rate = settings.max_error_rate
+    if rate is not None and not 0 <= rate <= 1:
+        raise ConfigError("max error rate must be between 0 and 1")
+
+
+def run_metadata(
+    spec: ModelSpec, sources: Sequence[Source], run_id: str, settings: ScoreSettings
+) -> dict[str, Any]:
+    """Provenance stored in every output file's key-value metadata."""
+    return {
+        "run_id": run_id,
+        "model_sha256": spec.sha256,
+        "model_file": spec.file_name,
+        "class_map": list(spec.class_names),
+        "preprocess": spec.preprocess.to_dict(),
+        "top_k": settings.pipeline.top_k,
+        "fast_jpeg": settings.pipeline.fast_jpeg,
+        "sources": [str(source) for source in sources],
+        "batchscore_version": __version__,
+        "onnxruntime_version": ort.__version__,
+    }
+
+
+def open_output_file(
+    path: Path, layout: OutputLayout, metadata: Mapping[str, Any]
+) -> AtomicParquetFile:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return AtomicParquetFile(path, output_schema(layout), metadata)
+    except OSError as exc:
+        raise OutputError(f"cannot write output {path}: {exc.strerror or exc}") from exc
+
+
+def score(
+    sources: Sequence[str | Path], output: str | Path, settings: ScoreSettings | None = None
+) -> RunSummary:
+    """Score every image of `sources` into the Parquet file `output`; return the summary.
+
+    Raises ConfigError (nothing written) before any image is read when a source, the model or
+    the output is unusable; ErrorRateExceeded after writing when too many images failed;
+    Interrupted after SIGINT/SIGTERM (the partial output is discarded: run it again).
+    """
+    settings = settings or ScoreSettings()
+    check_settings(settings)
+    opened = open_sources(sources)
+    spec = load_model(
+        settings.model,
+        preprocess_overrides=settings.preprocess_overrides,
+        expected_sha256=settings.model_sha256,
+        providers=settings.providers,
+    )
+    run_id = settings.run_id or new_run_id()
+    layout = OutputLayout(
+        extra_columns=merged_extra_columns(opened),
+        has_label=any(source.has_labels for source in opened),
+        keep_probs=settings.keep_probs,
+    )
+    metadata = run_metadata(spec, opened, run_id, settings)
+    sink = open_output_file(Path(output), layout, metadata)
+    stats = RunStats()
+    stop = StopFlag()
+    started = time.perf_counter()
+    try:
+        with stop.installed(), _progress(opened, settings.progress) as bar:
+            refs = iter_refs(opened)
+            for result in run_pipeline(refs, [spec], settings.pipeline, stop):
+                batch = chunk_to_batch(result, [spec], sink.schema, layout, run_id)
+                sink.write(batch)
+                stats.add(batch)
+                bar.update(len(result.refs))
+        if stop.signum is not None:
+            sink.abort()
+            raise Interrupted(
+                f"stopped by signal {stop.signum} after {stats.n_images} images; the partial"
+                f" output was discarded: run the same command again to score everything",
+                stop.signum,
+            )
+        elapsed = time.perf_counter() - started
+        summary = RunSummary(run_id, str(output), spec.sha256, stats.as_dict(), elapsed)
+        sink.commit({**summary.stats, "elapsed_s": elapsed})
+    except BaseException:
+        sink.abort()
+        raise
+    _check_error_rate(summary, settings.max_error_rate)
+    return summary
+
+
+def _check_error_rate(summary: RunSummary, max_error_rate: float | None) -> None:
+    n = summary.stats["n_images"]
+    if max_error_rate is None or n == 0:
+        return
+    rate = summary.stats["n_errors"] / n
+    if rate > max_error_rate:
+        raise ErrorRateExceeded(
+            f"{summary.stats['n_errors']} of {n} images failed ({rate:.1%}), more than"
+            f" --max-error-rate {max_error_rate:.1%}; output written to {summary.output}"
+        )
+
+
+@contextmanager
+def _progress(sources: Sequence[Source], enabled: bool) -> Iterator[tqdm[Any]]:
+    show = enabled and sys.stderr.isatty()
+    total = sum(source.count() for source in sources) if show else None
+    with tqdm(total=total, unit="img", disable=not show, file=sys.stderr) as bar:
+        yield bar

@@ -1,0 +1,312 @@
+"""Where images come from: image directories and manifests, read lazily.
+
+A source yields `ImageRef`s one at a time, so a manifest of millions of rows is never held
+in memory. Every entry becomes exactly one ref, even a broken one (a manifest line that is
+not JSON, a row without a path): the pipeline turns those into error rows instead of
+dropping them, so nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchscore.errors import SourceError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet", ".txt")
+RESERVED_COLUMNS = ("path", "id", "label")
+_BATCH_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One input entry. `problem` is set when the entry itself is broken (no usable path)."""
+
+    path: str | None
+    image_id: str
+    label: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    problem: str | None = None
+
+
+class Source:
+    """Base class: a named, re-iterable stream of `ImageRef`s."""
+
+    def __init__(self, location: Path) -> None:
+        self.location = location
+
+    def __iter__(self) -> Iterator[ImageRef]:
+        raise NotImplementedError
+
+    def count(self) -> int:
+        """Number of refs `__iter__` yields (used for the progress bar's total)."""
+        return sum(1 for _ in self)
+
+    def extra_columns(self) -> dict[str, pa.DataType]:
+        """Columns that pass through from the manifest, with their Arrow types."""
+        return {}
+
+    @property
+    def has_labels(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return str(self.location)
+
+
+class DirectorySource(Source):
+    """Image files below a folder, walked recursively in sorted order."""
+
+    def __iter__(self) -> Iterator[ImageRef]:
+        for path in self._walk():
+            yield ImageRef(path=path, image_id=path)
+
+    def count(self) -> int:
+        return sum(1 for _ in self._walk())
+
+    def _walk(self) -> Iterator[str]:
+        root = os.path.abspath(self.location)
+        for dirpath, dirnames, filenames in os.walk(root, onerror=None):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if name.lower().endswith(IMAGE_EXTENSIONS):
+                    yield os.path.join(dirpath, name)
+
+    def check_not_empty(self) -> None:
+        if next(self._walk(), None) is None:
+            accepted = ", ".join(IMAGE_EXTENSIONS)
+            raise SourceError(
+                f"no images found under {self.location} (looked recursively for {accepted},"
+                " any case)"
+            )
+
+
+class ImageFileSource(Source):
+    """A single image file given directly on the command line."""
+
+    def __iter__(self) -> Iterator[ImageRef]:
+        path = os.path.abspath(self.location)
+        yield ImageRef(path=path, image_id=path)
+
+    def count(self) -> int:
+        return 1
+
+
+class ManifestSource(Source):
+    """Common handling of manifest rows: `path`, optional `id` and `label`, extras."""
+
+    def _resolve(self, raw: object) -> str | None:
+        if raw is None or (isinstance(raw, float) and math.isnan(raw)):
+            return None
+        text = str(raw).strip()
+        if not text:
+            return None
+        return os.path.abspath(self.location.parent / text)
+
+    def _ref(self, row: dict[str, Any], where: str) -> ImageRef:
+        path = self._resolve(row.get("path"))
+        raw_id = row.get("id")
+        image_id = str(raw_id) if raw_id not in (None, "") else (path or where)
+        raw_label = row.get("label")
+        label = str(raw_label) if raw_label not in (None, "") else None
+        extras = {key: value for key, value in row.items() if key not in RESERVED_COLUMNS}
+        problem = None if path else f"{where}: empty or missing 'path'"
+        return ImageRef(path=path, image_id=image_id, label=label, extras=extras, problem=problem)
+
+
+class CsvSource(ManifestSource):
+    """A CSV manifest with a header row. Extra columns pass through as strings."""
+
+    def _header(self) -> list[str]:
+        try:
+            with self.location.open(newline="", encoding="utf-8-sig") as handle:
+                header = next(csv.reader(handle), None)
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise SourceError(f"cannot read manifest {self.location}: {exc}") from exc
+        if not header or "path" not in header:
+            raise SourceError(f"manifest {self.location} has no 'path' column (header: {header})")
+        return header
+
+    def extra_columns(self) -> dict[str, pa.DataType]:
+        return {name: pa.string() for name in self._header() if name not in RESERVED_COLUMNS}
+
+    @property
+    def has_labels(self) -> bool:
+        return "label" in self._header()
+
+    def __iter__(self) -> Iterator[ImageRef]:
+        self._header()
+        with self.location.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            for line_no, row in enumerate(reader, start=2):
+                clean = {key: (value if value != "" else None) for key, value in row.items()}
+                yield self._ref(clean, f"{self.location.name} line {line_no}")
+
+
+class JsonlSource(ManifestSource):
+    """A JSON-lines manifest. Extra keys pass through as strings (non-strings JSON-encoded)."""
+
+    def _rows(self) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+        try:
+            handle = self.location.open(encoding="utf-8")
+        except OSError as exc:
+            raise SourceError(f"cannot read manifest {self.location}: {exc}") from exc
+        with handle:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield line_no, None, f"invalid JSON ({exc.msg})"
+                    continue
+                if not isinstance(row, dict):
+                    yield line_no, None, "line is not a JSON object"
+                    continue
+                yield line_no, row, None
+
+    def extra_columns(self) -> dict[str, pa.DataType]:
+        keys: dict[str, None] = {}
+        for _, row, _ in self._rows():
+            for key in row or ():
+                if key not in RESERVED_COLUMNS:
+                    keys.setdefault(key)
+        return dict.fromkeys(keys, pa.string())
+
+    @property
+    def has_labels(self) -> bool:
+        return any(row is not None and "label" in row for _, row, _ in self._rows())
+
+    def count(self) -> int:
+        return sum(1 for _ in self._rows())
+
+    def __iter__(self) -> Iterator[ImageRef]:
+        for line_no, row, problem in self._rows():
+            where = f"{self.location.name} line {line_no}"
+            if row is None:
+                yield ImageRef(path=None, image_id=where, problem=f"{where}: {problem}")
+                continue
+            extras = {
+                key: value if value is None or isinstance(value, str) else json.dumps(value)
+                for key, value in row.items()
+            }
+            yield self._ref(extras, where)
+
+
+class TextSource(ManifestSource):
+    """One path per line; blank lines and lines starting with '#' are skipped."""
+
+    def _lines(self) -> Iterator[str]:
+        try:
+            handle = self.location.open(encoding="utf-8")
+        except OSError as exc:
+            raise SourceError(f"cannot read manifest {self.location}: {exc}") from exc
+        with handle:
+            for line in handle:
+                text = line.strip()
+                if text and not text.startswith("#"):
+                    yield text
+
+    def count(self) -> int:
+        return sum(1 for _ in self._lines())
+
+    def __iter__(self) -> Iterator[ImageRef]:
+        for text in self._lines():
+            yield self._ref({"path": text}, self.location.name)
+
+
+class ParquetSource(ManifestSource):
+    """A Parquet manifest, read in record batches; extra columns keep their types."""
+
+    def _file(self) -> pq.ParquetFile:
+        try:
+            parquet = pq.ParquetFile(self.location)
+        except (OSError, pa.ArrowException) as exc:
+            raise SourceError(f"cannot read manifest {self.location}: {exc}") from exc
+        if "path" not in parquet.schema_arrow.names:
+            raise SourceError(
+                f"manifest {self.location} has no 'path' column"
+                f" (columns: {parquet.schema_arrow.names})"
+            )
+        return parquet
+
+    def extra_columns(self) -> dict[str, pa.DataType]:
+        schema = self._file().schema_arrow
+        return {f.name: f.type for f in schema if f.name not in RESERVED_COLUMNS}
+
+    @property
+    def has_labels(self) -> bool:
+        return "label" in self._file().schema_arrow.names
+
+    def count(self) -> int:
+        return int(self._file().metadata.num_rows)
+
+    def __iter__(self) -> Iterator[ImageRef]:
+        row_no = 0
+        for batch in self._file().iter_batches(batch_size=_BATCH_ROWS):
+            for row in batch.to_pylist():
+                row_no += 1
+                yield self._ref(row, f"{self.location.name} row {row_no}")
+
+
+_MANIFESTS: dict[str, type[ManifestSource]] = {
+    ".csv": CsvSource,
+    ".jsonl": JsonlSource,
+    ".ndjson": JsonlSource,
+    ".parquet": ParquetSource,
+    ".txt": TextSource,
+}
+
+
+def open_source(location: str | Path) -> Source:
+    """Pick the source type for a path: a folder, a manifest, or a single image."""
+    path = Path(location)
+    if path.is_dir():
+        directory = DirectorySource(path)
+        directory.check_not_empty()
+        return directory
+    if not path.exists():
+        raise SourceError(f"source not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in _MANIFESTS:
+        manifest = _MANIFESTS[suffix](path)
+        manifest.extra_columns()  # validates the header / schema up front
+        return manifest
+    if suffix in IMAGE_EXTENSIONS:
+        return ImageFileSource(path)
+    raise SourceError(
+        f"{path} is not a folder, an image or a manifest ({', '.join(MANIFEST_SUFFIXES)})"
+    )
+
+
+def open_sources(locations: Sequence[str | Path]) -> list[Source]:
+    if not locations:
+        raise SourceError("no source given: pass an image folder or a manifest")
+    return [open_source(location) for location in locations]
+
+
+def merged_extra_columns(sources: Sequence[Source]) -> dict[str, pa.DataType]:
+    """Union of all sources' extra columns; a name typed differently becomes a string."""
+    merged: dict[str, pa.DataType] = {}
+    for source in sources:
+        for name, dtype in source.extra_columns().items():
+            if name in merged and merged[name] != dtype:
+                merged[name] = pa.string()
+            else:
+                merged.setdefault(name, dtype)
+    return merged
+
+
+def iter_refs(sources: Sequence[Source]) -> Iterator[ImageRef]:
+    for source in sources:
+        yield from source

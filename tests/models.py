@@ -1,0 +1,81 @@
+"""Tiny real ONNX models built with onnx.helper, written with their class map and config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import TensorProto, helper
+
+OPSET = 17
+
+
+def _save(
+    graph: onnx.GraphProto,
+    folder: Path,
+    class_names: list[str],
+    preprocess: dict[str, Any] | None,
+    filename: str,
+) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, folder / filename)
+    (folder / "class_map.json").write_text(json.dumps(class_names))
+    if preprocess is not None:
+        (folder / "preprocess.json").write_text(json.dumps(preprocess))
+    return folder
+
+
+def color_model(
+    folder: Path,
+    *,
+    size: int = 16,
+    batch: int | str = "N",
+    scale: float = 10.0,
+    preprocess: dict[str, Any] | None = None,
+    filename: str = "model.onnx",
+    class_names: tuple[str, str, str] = ("red", "green", "blue"),
+) -> Path:
+    """Logits = scale * per-channel mean of the normalised input: predicts the dominant colour."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+            helper.make_node("Mul", ["flat", "scale"], ["logits"]),
+        ],
+        "color",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 3])],
+        initializer=[helper.make_tensor("scale", TensorProto.FLOAT, [], [scale])],
+    )
+    config = preprocess or {
+        "resize_size": [size, size],
+        "interpolation": "bilinear",
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+    }
+    return _save(graph, folder, list(class_names), config, filename)
+
+
+def probe_model(folder: Path, *, size: int = 8, preprocess: dict[str, Any] | None = None) -> Path:
+    """Outputs its own input, flattened: the 'probs' column is exactly the tensor it was fed."""
+    n_values = 3 * size * size
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["values"], axis=1)],
+        "probe",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["N", n_values])],
+    )
+    config = {
+        "resize_size": [size, size],
+        "interpolation": "bilinear",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        **(preprocess or {}),
+        "output": "probabilities",
+    }
+    return _save(graph, folder, [f"v{i}" for i in range(n_values)], config, "model.onnx")

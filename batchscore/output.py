@@ -38,7 +38,7 @@ class OutputLayout:
     extra_columns: Mapping[str, pa.DataType]
     has_label: bool
     keep_probs: bool = True
-    prefixes: Sequence[str] = ("",)  # one per model; "" = the model being scored
+    prefixes: Sequence[str] = ("",)  # one per model: "" = the model scored, then baselines
 
 
 def prediction_fields(prefix: str, keep_probs: bool) -> list[pa.Field]:
@@ -66,6 +66,7 @@ def output_schema(layout: OutputLayout) -> pa.Schema:
     fields += [pa.field("width", pa.int32()), pa.field("height", pa.int32())]
     if layout.has_label:
         fields.append(pa.field("label", pa.string()))
+        fields += [pa.field(f"{prefix}correct", pa.bool_()) for prefix in layout.prefixes]
     reserved = {f.name for f in fields} | {"model_sha256", "run_id", "scored_at"}
     for name, dtype in layout.extra_columns.items():
         fields.append(pa.field(passthrough_name(name, reserved), dtype))
@@ -136,7 +137,11 @@ def chunk_to_batch(
         pa.array(output.heights, type=pa.int32()),
     ]
     if layout.has_label:
-        columns.append(pa.array([ref.label for ref in refs], type=pa.string()))
+        labels = np.array([ref.label for ref in refs], dtype=object)
+        columns.append(pa.array(labels, type=pa.string()))
+        for spec, scores in zip(specs, output.scores, strict=True):
+            predicted = np.asarray(spec.class_names, dtype=object)[scores.topk[:, 0]]
+            columns.append(pa.array(predicted == labels, type=pa.bool_(), mask=~valid))
     for name, dtype in layout.extra_columns.items():
         columns.append(_extra_column([ref.extras.get(name) for ref in refs], dtype))
     model_sha = specs[0].sha256

@@ -35,6 +35,7 @@ from batchscore.output import (
 from batchscore.pipeline import PipelineOptions, run_pipeline
 from batchscore.sources import Source, iter_refs, merged_extra_columns, open_sources
 
+BASELINE_PREFIX = "baseline_"
 LOW_CONFIDENCE = 0.5  # top-1 probability below this counts as low-confidence (drift signal)
 
 
@@ -43,6 +44,8 @@ class ScoreSettings:
     """Everything a scoring run can be told; defaults are what `batchscore score` uses."""
 
     model: str | Path | None = None
+    baseline_model: str | Path | None = None  # scored on the same decoded images
+    labelled_folders: bool = False  # read folders in ImageFolder layout (label = sub-folder)
     preprocess_overrides: Mapping[str, Any] = field(default_factory=dict)
     model_sha256: str | None = None
     providers: Sequence[str] = ()
@@ -151,6 +154,22 @@ class StopFlag:
                 signal.signal(sig, old)
 
 
+def load_models(settings: ScoreSettings) -> list[ModelSpec]:
+    """The model to score and, when given, the baseline scored beside it."""
+    locations = [settings.model]
+    if settings.baseline_model is not None:
+        locations.append(settings.baseline_model)
+    return [
+        load_model(
+            location,
+            preprocess_overrides=settings.preprocess_overrides,
+            expected_sha256=settings.model_sha256 if i == 0 else None,
+            providers=settings.providers,
+        )
+        for i, location in enumerate(locations)
+    ]
+
+
 def check_settings(settings: ScoreSettings) -> None:
     options = settings.pipeline
     if options.batch_size < 1:
@@ -205,20 +224,20 @@ def score(
     """
     settings = settings or ScoreSettings()
     check_settings(settings)
-    opened = open_sources(sources)
-    spec = load_model(
-        settings.model,
-        preprocess_overrides=settings.preprocess_overrides,
-        expected_sha256=settings.model_sha256,
-        providers=settings.providers,
-    )
+    opened = open_sources(sources, labelled_folders=settings.labelled_folders)
+    specs = load_models(settings)
+    spec = specs[0]
     run_id = settings.run_id or new_run_id()
     layout = OutputLayout(
         extra_columns=merged_extra_columns(opened),
         has_label=any(source.has_labels for source in opened),
         keep_probs=settings.keep_probs,
+        prefixes=("", BASELINE_PREFIX)[: len(specs)],
     )
     metadata = run_metadata(spec, opened, run_id, settings)
+    if len(specs) > 1:
+        metadata["baseline_model_sha256"] = specs[1].sha256
+        metadata["baseline_model_file"] = specs[1].file_name
     sink = open_output_file(Path(output), layout, metadata)
     stats = RunStats()
     stop = StopFlag()
@@ -226,8 +245,8 @@ def score(
     try:
         with stop.installed(), _progress(opened, settings.progress) as bar:
             refs = iter_refs(opened)
-            for result in run_pipeline(refs, [spec], settings.pipeline, stop):
-                batch = chunk_to_batch(result, [spec], sink.schema, layout, run_id)
+            for result in run_pipeline(refs, specs, settings.pipeline, stop):
+                batch = chunk_to_batch(result, specs, sink.schema, layout, run_id)
                 sink.write(batch)
                 stats.add(batch)
                 bar.update(len(result.refs))

@@ -91,6 +91,21 @@ class DirectorySource(Source):
             )
 
 
+class ImageFolderSource(DirectorySource):
+    """A labelled set in ImageFolder layout: each sub-folder's name is its images' label."""
+
+    def __iter__(self) -> Iterator[ImageRef]:
+        root = os.path.abspath(self.location)
+        for path in self._walk():
+            relative = os.path.relpath(path, root)
+            label = relative.split(os.sep, 1)[0] if os.sep in relative else None
+            yield ImageRef(path=path, image_id=path, label=label)
+
+    @property
+    def has_labels(self) -> bool:
+        return True
+
+
 class ImageFileSource(Source):
     """A single image file given directly on the command line."""
 
@@ -268,11 +283,14 @@ _MANIFESTS: dict[str, type[ManifestSource]] = {
 }
 
 
-def open_source(location: str | Path) -> Source:
-    """Pick the source type for a path: a folder, a manifest, or a single image."""
+def open_source(location: str | Path, *, labelled_folders: bool = False) -> Source:
+    """Pick the source type for a path: a folder, a manifest, or a single image.
+
+    With `labelled_folders`, a folder is read in ImageFolder layout (label = sub-folder).
+    """
     path = Path(location)
     if path.is_dir():
-        directory = DirectorySource(path)
+        directory = ImageFolderSource(path) if labelled_folders else DirectorySource(path)
         directory.check_not_empty()
         return directory
     if not path.exists():
@@ -289,10 +307,12 @@ def open_source(location: str | Path) -> Source:
     )
 
 
-def open_sources(locations: Sequence[str | Path]) -> list[Source]:
+def open_sources(
+    locations: Sequence[str | Path], *, labelled_folders: bool = False
+) -> list[Source]:
     if not locations:
         raise SourceError("no source given: pass an image folder or a manifest")
-    return [open_source(location) for location in locations]
+    return [open_source(loc, labelled_folders=labelled_folders) for loc in locations]
 
 
 def merged_extra_columns(sources: Sequence[Source]) -> dict[str, pa.DataType]:

@@ -63,7 +63,11 @@ def output_schema(layout: OutputLayout) -> pa.Schema:
     ]
     for prefix in layout.prefixes:
         fields += prediction_fields(prefix, layout.keep_probs)
-    fields += [pa.field("width", pa.int32()), pa.field("height", pa.int32())]
+    fields += [
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("fingerprint", pa.string()),
+    ]
     if layout.has_label:
         fields.append(pa.field("label", pa.string()))
         fields += [pa.field(f"{prefix}correct", pa.bool_()) for prefix in layout.prefixes]
@@ -135,6 +139,7 @@ def chunk_to_batch(
     columns += [
         pa.array(output.widths, type=pa.int32()),
         pa.array(output.heights, type=pa.int32()),
+        pa.array([ref.fingerprint for ref in refs], type=pa.string()),
     ]
     if layout.has_label:
         labels = np.array([ref.label for ref in refs], dtype=object)

@@ -23,7 +23,24 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from batchscore import __version__
+from batchscore.dataset import (
+    DEFAULT_PART_ROWS,
+    DEFAULT_PART_SECONDS,
+    DatasetWriter,
+    is_dataset_path,
+    output_lock,
+    remove_stale_temporaries,
+    write_summary,
+)
 from batchscore.errors import ConfigError, ErrorRateExceeded, Interrupted, OutputError
+from batchscore.incremental import (
+    FINGERPRINTS,
+    DoneSet,
+    SkipCounter,
+    load_done,
+    skip_done,
+    with_fingerprints,
+)
 from batchscore.model import ModelSpec, load_model
 from batchscore.output import (
     STATUS_OK,
@@ -54,6 +71,12 @@ class ScoreSettings:
     max_error_rate: float | None = None
     progress: bool = False
     run_id: str | None = None
+    incremental: bool = False  # dataset output: also rescore images whose content changed
+    fingerprint: str = "size-mtime"
+    retry_errors: bool = True  # dataset output: images that failed before are tried again
+    wait_lock: bool = False
+    part_rows: int = DEFAULT_PART_ROWS
+    part_seconds: float = DEFAULT_PART_SECONDS
 
 
 @dataclass
@@ -117,8 +140,12 @@ class RunSummary:
 
     def line(self) -> str:
         s = self.stats
+        skipped = s.get("n_skipped", 0)
+        if s["n_images"] == 0:
+            return f"nothing new to score ({skipped} images already scored) -> {self.output}"
+        already = f" ({skipped} already scored by this model, skipped)" if skipped else ""
         return (
-            f"{s['n_images']} images: {s['n_ok']} ok, {s['n_errors']} errors,"
+            f"{s['n_images']} images: {s['n_ok']} ok, {s['n_errors']} errors{already},"
             f" {self.images_per_s:.1f} images/s, {self.elapsed_s:.1f} s -> {self.output}"
         )
 
@@ -180,6 +207,10 @@ def check_settings(settings: ScoreSettings) -> None:
         raise ConfigError("workers must be 0 (score in this process) or more")
     if options.max_pixels < 1:
         raise ConfigError("max pixels must be positive")
+    if settings.fingerprint not in FINGERPRINTS:
+        raise ConfigError(f"fingerprint must be one of {FINGERPRINTS}")
+    if settings.part_rows < 1 or settings.part_seconds <= 0:
+        raise ConfigError("part rows and part seconds must be positive")
     rate = settings.max_error_rate
     if rate is not None and not 0 <= rate <= 1:
         raise ConfigError("max error rate must be between 0 and 1")
@@ -216,16 +247,47 @@ def open_output_file(
 def score(
     sources: Sequence[str | Path], output: str | Path, settings: ScoreSettings | None = None
 ) -> RunSummary:
-    """Score every image of `sources` into the Parquet file `output`; return the summary.
+    """Score every image of `sources` into `output`; return the run's summary.
+
+    `output` is a Parquet file, or a dataset directory (existing, or a path ending in '/' or
+    without a suffix). A dataset run holds the directory's lock, skips images this model has
+    already scored there (so re-running a killed run finishes it, and never duplicates a row),
+    commits parts as they fill, and writes a summary JSON under DIR/_runs/.
 
     Raises ConfigError (nothing written) before any image is read when a source, the model or
-    the output is unusable; ErrorRateExceeded after writing when too many images failed;
-    Interrupted after SIGINT/SIGTERM (the partial output is discarded: run it again).
+    the output is unusable; LockHeld when another run writes the dataset; ErrorRateExceeded
+    after writing when too many images failed; Interrupted after SIGINT/SIGTERM (a dataset
+    keeps its committed parts and resumes on the next run; a file output is discarded).
     """
     settings = settings or ScoreSettings()
     check_settings(settings)
+    dataset = is_dataset_path(output)
+    if settings.incremental and not dataset:
+        raise ConfigError("--incremental needs a dataset directory as output (-o DIR/)")
     opened = open_sources(sources, labelled_folders=settings.labelled_folders)
     specs = load_models(settings)
+    if not dataset:
+        return _run(opened, Path(output), specs, settings, done=None)
+    root = Path(output)
+    with output_lock(root, wait=settings.wait_lock):
+        remove_stale_temporaries(root)
+        done = load_done(
+            root,
+            specs[0].sha256,
+            use_fingerprint=settings.incremental,
+            include_errors=not settings.retry_errors,
+        )
+        return _run(opened, root, specs, settings, done=done)
+
+
+def _run(
+    opened: Sequence[Source],
+    output: Path,
+    specs: list[ModelSpec],
+    settings: ScoreSettings,
+    *,
+    done: DoneSet | None,
+) -> RunSummary:
     spec = specs[0]
     run_id = settings.run_id or new_run_id()
     layout = OutputLayout(
@@ -238,30 +300,76 @@ def score(
     if len(specs) > 1:
         metadata["baseline_model_sha256"] = specs[1].sha256
         metadata["baseline_model_file"] = specs[1].file_name
-    sink = open_output_file(Path(output), layout, metadata)
+    sink: AtomicParquetFile | DatasetWriter
+    if done is None:
+        sink = open_output_file(output, layout, metadata)
+    else:
+        sink = DatasetWriter(
+            output,
+            output_schema(layout),
+            metadata,
+            run_id=run_id,
+            part_rows=settings.part_rows,
+            part_seconds=settings.part_seconds,
+        )
     stats = RunStats()
+    skips = SkipCounter()
     stop = StopFlag()
+    started_at = datetime.now(timezone.utc)
     started = time.perf_counter()
+    refs = with_fingerprints(iter_refs(opened), settings.fingerprint)
+    if done is not None:
+        refs = skip_done(refs, done, skips)
+
+    def summarize(status: str) -> RunSummary:
+        elapsed = time.perf_counter() - started
+        details = {**stats.as_dict(), "n_skipped": skips.skipped}
+        summary = RunSummary(run_id, str(output), spec.sha256, details, elapsed)
+        if isinstance(sink, DatasetWriter):
+            record = {
+                **metadata,
+                **details,
+                "status": status,
+                "output": str(output),
+                "started_at": started_at.isoformat(),
+                "finished_at": datetime.now(timezone.utc).isoformat(),
+                "elapsed_s": elapsed,
+                "images_per_s": summary.images_per_s,
+                "incremental": settings.incremental,
+                "fingerprint": settings.fingerprint,
+                "parts": sink.parts,
+            }
+            record.pop("class_map", None)  # in every part already; keeps summaries small
+            write_summary(output, record)
+        return summary
+
     try:
         with stop.installed(), _progress(opened, settings.progress) as bar:
-            refs = iter_refs(opened)
             for result in run_pipeline(refs, specs, settings.pipeline, stop):
                 batch = chunk_to_batch(result, specs, sink.schema, layout, run_id)
                 sink.write(batch)
                 stats.add(batch)
-                bar.update(len(result.refs))
+                bar.update(stats.n_images + skips.skipped - bar.n)
         if stop.signum is not None:
-            sink.abort()
+            if isinstance(sink, DatasetWriter):
+                sink.commit({})
+                summarize("interrupted")
+                kept = f"{stats.n_images} images scored and committed"
+            else:
+                sink.abort()
+                kept = f"partial output discarded after {stats.n_images} images"
             raise Interrupted(
-                f"stopped by signal {stop.signum} after {stats.n_images} images; the partial"
-                f" output was discarded: run the same command again to score everything",
+                f"stopped by signal {stop.signum}: {kept}; run the same command again to finish",
                 stop.signum,
             )
-        elapsed = time.perf_counter() - started
-        summary = RunSummary(run_id, str(output), spec.sha256, stats.as_dict(), elapsed)
-        sink.commit({**summary.stats, "elapsed_s": elapsed})
+        sink.commit({**stats.as_dict(), "n_skipped": skips.skipped})
+        summary = summarize("complete")
+    except Interrupted:
+        raise
     except BaseException:
         sink.abort()
+        if isinstance(sink, DatasetWriter):
+            summarize("failed")
         raise
     _check_error_rate(summary, settings.max_error_rate)
     return summary

@@ -37,6 +37,7 @@ class ImageRef:
     label: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     problem: str | None = None
+    fingerprint: str | None = None  # content fingerprint, see batchscore.incremental
 
 
 class Source:

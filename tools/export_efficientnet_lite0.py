@@ -372,11 +372,10 @@ def provenance_text(
         "own ReLU6 activations (`set_swish()` is not called: it would replace them).",
         "",
         f"- weights file: `{weights.name}`, SHA-256 `{sha256_of(weights)}`",
-        f"- class names: `{SYNSETS_MEMBER}` and `{LEMMAS_MEMBER}` from `{args.timm_wheel.name}`",
-        f"  (SHA-256 `{sha256_of(args.timm_wheel)}`; timm, Apache-2.0). Each name is the first",
-        "  lemma of its synset; the duplicated ones are renamed: "
-        + ", ".join(f"{s} -> {n!r}" for s, n in NAME_OVERRIDES.items())
-        + ".",
+        f"- class names: `{SYNSETS_MEMBER}` and `{LEMMAS_MEMBER}` from",
+        f"  `{args.timm_wheel.name}` (SHA-256 `{sha256_of(args.timm_wheel)}`; timm, Apache-2.0)",
+        "- class name = first lemma of the synset; first lemmas shared by two classes are renamed:",
+        *(f"  - `{synset}` -> `{name}`" for synset, name in NAME_OVERRIDES.items()),
         "",
         "## Export",
         "",

@@ -10,6 +10,8 @@ from batchscore.cli.options import (
     preprocess_overrides,
     split_providers,
 )
+from batchscore.dataset import DEFAULT_PART_ROWS, DEFAULT_PART_SECONDS
+from batchscore.incremental import FINGERPRINTS
 from batchscore.pipeline import PipelineOptions
 from batchscore.score import ScoreSettings, score
 
@@ -21,7 +23,42 @@ from batchscore.score import ScoreSettings, score
     "--output",
     required=True,
     type=click.Path(),
-    help="Parquet file to write (written to a temporary name, renamed when complete).",
+    help="A .parquet file (written under a temporary name, renamed when complete), or a"
+    " dataset directory (DIR/ or a path without suffix): parts under run_date=YYYY-MM-DD/,"
+    " committed as they fill; images this model already scored there are skipped.",
+)
+@click.option(
+    "--incremental",
+    is_flag=True,
+    help="Dataset output: also rescore images whose content changed (see --fingerprint).",
+)
+@click.option(
+    "--fingerprint",
+    type=click.Choice(FINGERPRINTS),
+    default="size-mtime",
+    show_default=True,
+    help="How --incremental detects changed content.",
+)
+@click.option(
+    "--retry-errors/--no-retry-errors",
+    default=True,
+    show_default=True,
+    help="Dataset output: score images that failed in an earlier run again.",
+)
+@click.option("--wait-lock", is_flag=True, help="Wait for another run on the same dataset.")
+@click.option(
+    "--part-rows",
+    type=click.IntRange(min=1),
+    default=DEFAULT_PART_ROWS,
+    show_default=True,
+    help="Dataset output: commit a part every this many rows.",
+)
+@click.option(
+    "--part-seconds",
+    type=click.FloatRange(min=0.1),
+    default=DEFAULT_PART_SECONDS,
+    show_default=True,
+    help="Dataset output: commit a part at least this often.",
 )
 @model_options
 @pipeline_options
@@ -36,6 +73,12 @@ from batchscore.score import ScoreSettings, score
 def score_command(
     sources: tuple[str, ...],
     output: str,
+    incremental: bool,
+    fingerprint: str,
+    retry_errors: bool,
+    wait_lock: bool,
+    part_rows: int,
+    part_seconds: float,
     model: str | None,
     model_sha256: str | None,
     providers: str | None,
@@ -60,12 +103,15 @@ def score_command(
     path per line). Every input becomes exactly one row: images that cannot be read get
     status 'error' and a reason.
 
-    Exit codes: 0 done (error rows included), 1 unexpected failure, 2 bad usage or
-    configuration, 4 --max-error-rate exceeded, 130/143 interrupted.
+    Exit codes: 0 done (error rows included), 1 unexpected failure (e.g. disk full),
+    2 bad usage or configuration, 4 --max-error-rate exceeded, 75 another run holds the
+    dataset's lock, 130/143 interrupted by SIGINT/SIGTERM (run the same command to resume).
 
     Example:
 
         batchscore score photos/ uploads.csv -o preds.parquet --top-k 5
+
+        batchscore score /data/uploads/ -o /data/preds/ --incremental
     """
     settings = ScoreSettings(
         model=model,
@@ -82,6 +128,12 @@ def score_command(
         keep_probs=not no_probs,
         max_error_rate=max_error_rate,
         progress=not quiet,
+        incremental=incremental,
+        fingerprint=fingerprint,
+        retry_errors=retry_errors,
+        wait_lock=wait_lock,
+        part_rows=part_rows,
+        part_seconds=part_seconds,
     )
     summary = score(sources, output, settings)
     if not quiet:

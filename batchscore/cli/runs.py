@@ -1,0 +1,69 @@
+"""`batchscore runs DIR`: the run summaries of a dataset as a table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from batchscore.dataset import read_summaries
+
+COLUMNS = (
+    ("run_id", "run"),
+    ("status", "status"),
+    ("model_sha256", "model"),
+    ("n_images", "images"),
+    ("n_ok", "ok"),
+    ("n_errors", "errors"),
+    ("n_skipped", "skipped"),
+    ("images_per_s", "img/s"),
+    ("mean_top1_prob", "mean p1"),
+    ("low_confidence_share", "low conf"),
+)
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key == "model_sha256":
+        return str(value)[:12]
+    if isinstance(value, float):
+        return f"{value:.1f}" if key == "images_per_s" else f"{value:.3f}"
+    return str(value)
+
+
+def format_runs(summaries: list[dict[str, Any]]) -> str:
+    rows = [[header for _, header in COLUMNS]]
+    rows += [[_cell(key, summary.get(key)) for key, _ in COLUMNS] for summary in summaries]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+@click.command("runs")
+@click.argument("dataset", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON lines.")
+def runs_command(dataset: str, as_json: bool) -> None:
+    """List the runs that wrote a dataset directory, oldest first.
+
+    Each run's summary (DIR/_runs/RUN_ID.json) holds its counts by status and error reason,
+    speed, class distribution, mean top-1 probability and the share of low-confidence
+    predictions: compare them night over night to spot drift.
+
+    Example:
+
+        batchscore runs /data/preds/
+    """
+    summaries = read_summaries(Path(dataset))
+    if as_json:
+        for summary in summaries:
+            click.echo(json.dumps(summary, sort_keys=True))
+        return
+    if not summaries:
+        click.echo(f"no runs recorded in {dataset}")
+        return
+    click.echo(format_runs(summaries))

@@ -1,0 +1,172 @@
+"""A Parquet dataset directory as the output of many runs: parts, partitions, lock, summaries.
+
+Layout (Hive-style, so pandas, pyarrow.dataset, DuckDB and polars read DIR as one table)::
+
+    DIR/
+      run_date=2026-11-21/part-<run_id>-00000.parquet   committed parts
+      run_date=2026-11-21/.part-<run_id>-00001.parquet.<rand>.tmp   being written
+      _runs/<run_id>.json                                  one summary per run
+      _batchscore.lock                                     held (flock) while a run writes
+
+Parts are committed as they fill (every `part_rows` rows or `part_seconds` seconds): written
+under a hidden temporary name, fsynced, renamed. A run killed at any moment therefore leaves
+only complete parts; readers skip names starting with '.' or '_'. Temporaries of dead runs are
+removed by the next run, under the lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from batchscore.errors import LockHeld, OutputError
+from batchscore.output import AtomicParquetFile
+
+LOCK_NAME = "_batchscore.lock"
+RUNS_DIR = "_runs"
+PARTITION = "run_date"
+DEFAULT_PART_ROWS = 10_000
+DEFAULT_PART_SECONDS = 60.0
+
+
+def is_dataset_path(path: str | Path) -> bool:
+    """A directory (existing, or named with a trailing slash or without a suffix)."""
+    text = str(path)
+    candidate = Path(text)
+    if candidate.is_dir() or text.endswith(("/", os.sep)):
+        return True
+    return not candidate.exists() and candidate.suffix == ""
+
+
+@contextmanager
+def output_lock(root: Path, *, wait: bool = False) -> Iterator[None]:
+    """Hold DIR's lock for the run. The kernel drops a flock when its process dies, so a lock
+    left by a killed run never blocks the next one."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = (root / LOCK_NAME).open("a+")
+    except OSError as exc:
+        raise OutputError(f"cannot write output {root}: {exc.strerror or exc}") from exc
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise LockHeld(
+                f"another batchscore run (pid {holder}) is writing to {root};"
+                " it was left alone (use --wait-lock to wait for it)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_stale_temporaries(root: Path) -> int:
+    """Delete temporaries of runs that died; call only while holding the lock."""
+    removed = 0
+    for tmp in root.glob(f"{PARTITION}=*/.part-*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def part_files(root: Path) -> list[Path]:
+    return sorted(root.glob(f"{PARTITION}=*/part-*.parquet"))
+
+
+class DatasetWriter:
+    """Streams record batches into committed parts of one run (same interface as a file)."""
+
+    def __init__(
+        self,
+        root: Path,
+        schema: pa.Schema,
+        metadata: Mapping[str, Any],
+        *,
+        run_id: str,
+        part_rows: int = DEFAULT_PART_ROWS,
+        part_seconds: float = DEFAULT_PART_SECONDS,
+    ) -> None:
+        self.root = root
+        self.schema = schema
+        self.metadata = dict(metadata)
+        self.run_id = run_id
+        self.part_rows = part_rows
+        self.part_seconds = part_seconds
+        self.partition = root / f"{PARTITION}={datetime.now(timezone.utc):%Y-%m-%d}"
+        self.parts: list[str] = []
+        self._current: AtomicParquetFile | None = None
+        self._opened_at = 0.0
+        try:
+            self.partition.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot write output {root}: {exc.strerror or exc}") from exc
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if self._current is None:
+            name = f"part-{self.run_id}-{len(self.parts):05d}.parquet"
+            self._current = AtomicParquetFile(self.partition / name, self.schema, self.metadata)
+            self._opened_at = time.monotonic()
+        self._current.write(batch)
+        full = self._current.rows >= self.part_rows
+        if full or time.monotonic() - self._opened_at >= self.part_seconds:
+            self._commit_part()
+
+    def _commit_part(self) -> None:
+        if self._current is not None:
+            self._current.commit({"part_rows": self._current.rows})
+            self.parts.append(str(self._current.path.relative_to(self.root)))
+            self._current = None
+
+    def commit(self, final_metadata: Mapping[str, Any]) -> None:
+        """Commit the last part; the run's totals go to its summary, not into the parts."""
+        del final_metadata  # parts are committed before the totals are known
+        self._commit_part()
+
+    def abort(self) -> None:
+        """Drop the part being written; parts committed earlier stay valid and are kept."""
+        if self._current is not None:
+            self._current.abort()
+            self._current = None
+
+
+def write_summary(root: Path, summary: Mapping[str, Any]) -> Path:
+    """The run's summary JSON, written atomically beside the parts."""
+    folder = root / RUNS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{summary['run_id']}.json"
+    tmp = folder / f".{path.name}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def read_summaries(root: Path) -> list[dict[str, Any]]:
+    """All run summaries of a dataset, oldest first."""
+    folder = root / RUNS_DIR
+    if not root.is_dir():
+        raise OutputError(f"no batchscore dataset at {root}")
+    summaries = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            summaries.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            summaries.append({"run_id": path.stem, "status": "unreadable summary"})
+    return summaries

@@ -50,9 +50,10 @@ from batchscore.output import (
     output_schema,
 )
 from batchscore.pipeline import PipelineOptions, run_pipeline
-from batchscore.sources import Source, iter_refs, merged_extra_columns, open_sources
+from batchscore.sources import ImageRef, Source, iter_refs, merged_extra_columns, open_sources
 
 BASELINE_PREFIX = "baseline_"
+ENGINES = ("local", "dask")
 LOW_CONFIDENCE = 0.5  # top-1 probability below this counts as low-confidence (drift signal)
 
 
@@ -75,6 +76,8 @@ class ScoreSettings:
     fingerprint: str = "size-mtime"
     retry_errors: bool = True  # dataset output: images that failed before are tried again
     wait_lock: bool = False
+    engine: str = "local"  # "local" process pool, or "dask" (optional extra)
+    dask_address: str | None = None  # None: start a LocalCluster sized to this machine
     part_rows: int = DEFAULT_PART_ROWS
     part_seconds: float = DEFAULT_PART_SECONDS
 
@@ -264,6 +267,10 @@ def score(
     dataset = is_dataset_path(output)
     if settings.incremental and not dataset:
         raise ConfigError("--incremental needs a dataset directory as output (-o DIR/)")
+    if settings.engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {ENGINES}")
+    if settings.engine == "dask" and not dataset:
+        raise ConfigError("--engine dask writes one part per partition: -o must be a directory")
     opened = open_sources(sources, labelled_folders=settings.labelled_folders)
     specs = load_models(settings)
     if not dataset:
@@ -345,9 +352,8 @@ def _run(
 
     try:
         with stop.installed(), _progress(opened, settings.progress) as bar:
-            for result in run_pipeline(refs, specs, settings.pipeline, stop):
-                batch = chunk_to_batch(result, specs, sink.schema, layout, run_id)
-                sink.write(batch)
+            context = RunContext(specs, settings, layout, run_id)
+            for batch in _scored_batches(refs, context, sink, stop):
                 stats.add(batch)
                 bar.update(stats.n_images + skips.skipped - bar.n)
         if stop.signum is not None:
@@ -373,6 +379,46 @@ def _run(
         raise
     _check_error_rate(summary, settings.max_error_rate)
     return summary
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every part of one run shares, whichever engine scores it."""
+
+    specs: list[ModelSpec]
+    settings: ScoreSettings
+    layout: OutputLayout
+    run_id: str
+
+
+def _scored_batches(
+    refs: Iterator[ImageRef],
+    context: RunContext,
+    sink: AtomicParquetFile | DatasetWriter,
+    stop: StopFlag,
+) -> Iterator[pa.RecordBatch]:
+    """Score and write; yield what was written (at least the columns RunStats reads)."""
+    if context.settings.engine == "dask":
+        assert isinstance(sink, DatasetWriter)  # score() allows dask for datasets only
+        yield from _dask_batches(refs, context, sink, stop)
+        return
+    for result in run_pipeline(refs, context.specs, context.settings.pipeline, stop):
+        batch = chunk_to_batch(result, context.specs, sink.schema, context.layout, context.run_id)
+        sink.write(batch)
+        yield batch
+
+
+def _dask_batches(
+    refs: Iterator[ImageRef], context: RunContext, sink: DatasetWriter, stop: StopFlag
+) -> Iterator[pa.RecordBatch]:
+    """The Dask engine, imported only when asked for (it is an optional extra)."""
+    try:
+        from batchscore.dask_engine import score_on_dask  # noqa: PLC0415
+    except ImportError as exc:
+        raise ConfigError(
+            f"--engine dask needs Dask: pip install 'batchscore[dask]' ({exc})"
+        ) from exc
+    yield from score_on_dask(refs, context, sink, stop)
 
 
 def _check_error_rate(summary: RunSummary, max_error_rate: float | None) -> None:

@@ -43,8 +43,8 @@ def reference_tensor(image: Image.Image, config: PreprocessConfig) -> np.ndarray
             if isinstance(config.crop_size, int)
             else config.crop_size
         )
-        top = int(round((image.height - crop_h) / 2.0))
-        left = int(round((image.width - crop_w) / 2.0))
+        top = round((image.height - crop_h) / 2.0)
+        left = round((image.width - crop_w) / 2.0)
         image = image.crop((left, top, left + crop_w, top + crop_h))
     tensor = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
     mean = np.asarray(config.mean, dtype=np.float32)[:, None, None]
@@ -111,8 +111,8 @@ def test_center_crop_pads_like_torchvision(
     pad_top = (crop_h - height) // 2 if crop_h > height else 0
     pad_left = (crop_w - width) // 2 if crop_w > width else 0
     padded_h, padded_w = max(height, crop_h), max(width, crop_w)
-    top = int(round((padded_h - crop_h) / 2.0)) - pad_top
-    left = int(round((padded_w - crop_w) / 2.0)) - pad_left
+    top = round((padded_h - crop_h) / 2.0) - pad_top
+    left = round((padded_w - crop_w) / 2.0) - pad_left
     for y, x in [(0, 0), (crop_h - 1, crop_w - 1), (crop_h // 2, crop_w // 2)]:
         sy, sx = top + y, left + x
         inside = 0 <= sy < height and 0 <= sx < width

@@ -309,7 +309,7 @@ def test_probe_model_sees_torchvision_tensor(tmp_path: Path) -> None:
     assert code == 0, output
     fed = np.array(pd.read_parquet(out)["probs"][0], dtype=np.float32).reshape(3, 8, 8)
     resized = image.resize((int(10 * 37 / 23), 10), Image.BILINEAR)
-    left, top = int(round((resized.width - 8) / 2)), int(round((resized.height - 8) / 2))
+    left, top = round((resized.width - 8) / 2), round((resized.height - 8) / 2)
     want = np.asarray(resized.crop((left, top, left + 8, top + 8)), np.float32) / 255
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     want = ((want - mean) / std).transpose(2, 0, 1)

@@ -13,7 +13,7 @@ from batchscore.cli.options import (
 from batchscore.dataset import DEFAULT_PART_ROWS, DEFAULT_PART_SECONDS
 from batchscore.incremental import FINGERPRINTS
 from batchscore.pipeline import PipelineOptions
-from batchscore.score import ScoreSettings, score
+from batchscore.score import ENGINES, ScoreSettings, score
 
 
 @click.command("score")
@@ -47,6 +47,20 @@ from batchscore.score import ScoreSettings, score
 )
 @click.option("--wait-lock", is_flag=True, help="Wait for another run on the same dataset.")
 @click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default="local",
+    show_default=True,
+    help="local: a process pool on this machine; dask: a Dask cluster (pip install"
+    " 'batchscore[dask]'), writing one part per partition into a shared dataset directory.",
+)
+@click.option(
+    "--dask-address",
+    envvar="DASK_SCHEDULER_ADDRESS",
+    default=None,
+    help="Scheduler to connect to (default: $DASK_SCHEDULER_ADDRESS, else a LocalCluster).",
+)
+@click.option(
     "--part-rows",
     type=click.IntRange(min=1),
     default=DEFAULT_PART_ROWS,
@@ -77,6 +91,8 @@ def score_command(
     fingerprint: str,
     retry_errors: bool,
     wait_lock: bool,
+    engine: str,
+    dask_address: str | None,
     part_rows: int,
     part_seconds: float,
     model: str | None,
@@ -132,6 +148,8 @@ def score_command(
         fingerprint=fingerprint,
         retry_errors=retry_errors,
         wait_lock=wait_lock,
+        engine=engine,
+        dask_address=dask_address,
         part_rows=part_rows,
         part_seconds=part_seconds,
     )

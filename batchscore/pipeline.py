@@ -255,7 +255,11 @@ class _Pool:
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.executor = self._new()
 
-    def close(self) -> None:
+    def close(self, *, force: bool = False) -> None:
+        """Wait for the workers to exit; with `force`, terminate them first (they may hang)."""
+        if force:
+            for process in list(getattr(self.executor, "_processes", {}).values()):
+                process.terminate()
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     def isolate(self, refs: list[ImageRef]) -> ChunkOutput:
@@ -323,6 +327,7 @@ def run_pipeline(
     pool = _Pool(specs, options)
     window: deque[tuple[list[ImageRef], Future[ChunkOutput]]] = deque()
     limit = options.workers * IN_FLIGHT_PER_WORKER
+    finished = False
     try:
         for chunk in chunks:
             if should_stop():
@@ -332,8 +337,9 @@ def run_pipeline(
                 yield from _take_head(window, pool)
         while window:
             yield from _take_head(window, pool)
+        finished = True
     finally:
-        pool.close()
+        pool.close(force=not finished)
 
 
 def _take_head(

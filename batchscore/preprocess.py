@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -258,9 +259,12 @@ def load_image(
 def _load_image(
     path: str, config: PreprocessConfig, *, max_pixels: int, fast_jpeg: bool
 ) -> Decoded:
-    if os.path.isdir(path):
+    info = os.stat(path)  # follows symlinks; a broken one raises FileNotFoundError
+    if stat.S_ISDIR(info.st_mode):
         raise ImageError("is a directory, not an image file")
-    if os.path.exists(path) and os.path.getsize(path) == 0:
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block the worker forever
+        raise ImageError("not a regular file")
+    if info.st_size == 0:
         raise ImageError("empty file (0 bytes)")
     with Image.open(path) as image:  # reads the header only
         width, height = image.size

@@ -159,7 +159,12 @@ def new_run_id() -> str:
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM: the pipeline takes no new work and the run commits what it has."""
+    """Set by SIGINT/SIGTERM: the pipeline takes no new work and the run commits what it has.
+
+    A second signal does not wait for work in flight (a decode stuck on a dead network mount,
+    say): it raises Interrupted at once, the current file or part is dropped, and parts
+    committed earlier stay.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -174,6 +179,8 @@ class StopFlag:
             return
 
         def handler(signum: int, _frame: object) -> None:
+            if self.signum is not None:
+                raise Interrupted(f"stopped at once by a second signal {signum}", signum)
             self.signum = signum
 
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

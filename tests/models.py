@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -79,3 +80,37 @@ def probe_model(folder: Path, *, size: int = 8, preprocess: dict[str, Any] | Non
         "output": "probabilities",
     }
     return _save(graph, folder, [f"v{i}" for i in range(n_values)], config, "model.onnx")
+
+
+def slow_color_model(folder: Path, *, size: int = 16, work: int = 2000) -> Path:
+    """`color_model` plus an input-dependent matrix product: each image costs real CPU time,
+    so a test can signal a run while it is still busy."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+            helper.make_node("ReduceMean", ["flat"], ["level"], keepdims=1),
+            helper.make_node("Mul", ["level", "ones"], ["square"]),
+            helper.make_node("MatMul", ["square", "ones"], ["product"]),
+            helper.make_node("ReduceSum", ["product"], ["total"], keepdims=0),
+            helper.make_node("Mul", ["total", "zero"], ["nothing"]),
+            helper.make_node("Mul", ["flat", "scale"], ["scaled"]),
+            helper.make_node("Add", ["scaled", "nothing"], ["logits"]),
+        ],
+        "slow_color",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        initializer=[
+            helper.make_tensor("scale", TensorProto.FLOAT, [], [10.0]),
+            helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+            helper.make_tensor(
+                "ones",
+                TensorProto.FLOAT,
+                [work, work],
+                np.ones((work, work), dtype=np.float32).tobytes(),
+                raw=True,
+            ),
+        ],
+    )
+    config = {"resize_size": [size, size], "mean": [0.5] * 3, "std": [0.5] * 3}
+    return _save(graph, folder, ["red", "green", "blue"], config, "model.onnx")

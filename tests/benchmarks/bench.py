@@ -346,8 +346,10 @@ def print_report(report: dict[str, Any]) -> None:
         f" {'x naive':>7} {'decode':>7} {'infer':>6} {'bound':>7} {'of bound':>8}"
     )
     print(header)
-    print(f"{'':<11} {'':>3} {'':>6} {'img/s':>7} {'img/s':>10} {'img/s':>7} {'':>7}"
-          f" {'ms/img':>7} {'ms/img':>6} {'img/s':>7}")
+    print(
+        f"{'':<11} {'':>3} {'':>6} {'img/s':>7} {'img/s':>10} {'img/s':>7} {'':>7}"
+        f" {'ms/img':>7} {'ms/img':>6} {'img/s':>7}"
+    )
     for r in report["corpora"]:
         print(
             f"{r['corpus']:<11} {r['n']:>3} {r['mb_per_image']:>6.2f} {r['naive_img_s']:>7.1f}"

@@ -1,0 +1,591 @@
+"""The canary gate: score a labelled set, measure the model, bless or block it.
+
+Scoring is the ordinary job (`batchscore.score.score`, same sources, preprocessing, pipeline
+and Parquet output); this module reads back only the columns it needs and computes the metrics
+with numpy. The metric functions are pure, take class-index arrays, and match scikit-learn's
+`accuracy_score`, `precision_recall_fscore_support(zero_division=0)` and `confusion_matrix`
+(which stays a test oracle: batchscore never imports it).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batchscore.errors import ConfigError, OutputError, SourceError
+from batchscore.model import load_model
+from batchscore.output import STATUS_OK, read_metadata
+from batchscore.report import write_report
+from batchscore.score import BASELINE_PREFIX, ScoreSettings, score
+from batchscore.sources import open_sources
+
+PREDICTIONS_FILE = "predictions.parquet"
+NO_PREDICTION = -1  # y_pred of an image that failed to decode, when errors count as wrong
+
+
+# --- pure metrics -------------------------------------------------------------------------
+
+
+def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """Element-wise ratio, 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
+    out = np.zeros(len(numerator), dtype=np.float64)
+    np.divide(numerator, denominator, out=out, where=denominator > 0)
+    return out
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Classification metrics over the classes present in the labels or the predictions.
+
+    `classes` holds class-map indices in class-map order; every per-class array and both axes
+    of `confusion` (rows true, columns predicted) follow it.
+    """
+
+    classes: np.ndarray
+    confusion: np.ndarray
+    support: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+    n: int
+    n_correct: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.n_correct / self.n
+
+    def macro_avg(self) -> dict[str, float]:
+        return {
+            "precision": float(np.average(self.precision)),
+            "recall": float(np.average(self.recall)),
+            "f1": float(np.average(self.f1)),
+        }
+
+    def weighted_avg(self) -> dict[str, float]:
+        weights = self.support
+        return {
+            "precision": float(np.average(self.precision, weights=weights)),
+            "recall": float(np.average(self.recall, weights=weights)),
+            "f1": float(np.average(self.f1, weights=weights)),
+        }
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> Metrics:
+    """Accuracy, per-class precision/recall/F1/support and the confusion matrix.
+
+    `y_true` holds class indices (>= 0); `y_pred` too, or NO_PREDICTION for an image that
+    counts as wrong without predicting any class: it lowers accuracy and its true class's
+    recall, but no class's precision, and has no cell in the confusion matrix.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1 or len(y_true) == 0:
+        raise ValueError("y_true and y_pred must be non-empty 1-d arrays of the same length")
+    if (y_true < 0).any() or (y_pred < NO_PREDICTION).any():
+        raise ValueError("class indices must be >= 0 (y_pred: or NO_PREDICTION)")
+    predicted = y_pred != NO_PREDICTION
+    classes = np.union1d(y_true, y_pred[predicted])
+    rows = np.searchsorted(classes, y_true)
+    cols = np.searchsorted(classes, y_pred[predicted])
+    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(confusion, (rows[predicted], cols), 1)
+    true_positives = np.diagonal(confusion)
+    support = np.bincount(rows, minlength=len(classes))
+    predicted_sum = confusion.sum(axis=0)
+    return Metrics(
+        classes=classes,
+        confusion=confusion,
+        support=support,
+        precision=_divide(true_positives, predicted_sum),
+        recall=_divide(true_positives, support),
+        f1=_divide(2 * true_positives, support + predicted_sum),
+        n=len(y_true),
+        n_correct=int((y_true == y_pred).sum()),
+    )
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a proportion: sane at 0 and 1 and for small n, unlike
+    the normal approximation."""
+    if n == 0:
+        return (0.0, 1.0)
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / n
+    z2n = z * z / n
+    centre = (p + z2n / 2) / (1 + z2n)
+    half = z * math.sqrt(p * (1 - p) / n + z2n / (4 * n)) / (1 + z2n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mcnemar_exact_p(only_candidate_right: int, only_baseline_right: int) -> float:
+    """Exact McNemar test: two-sided binomial test (p = 1/2) on the discordant pairs.
+
+    Summed in integers with math.comb, so it is exact for any count (no scipy needed).
+    """
+    n = only_candidate_right + only_baseline_right
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_candidate_right, only_baseline_right) + 1))
+    return min(1.0, float(Fraction(2 * tail, 2**n)))
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """The candidate against the baseline on the same images."""
+
+    both_right: int
+    only_candidate_right: int
+    only_baseline_right: int
+    both_wrong: int
+    n_top1_changed: int  # among the images both models scored, whatever their label
+    n_compared: int
+
+    @property
+    def mcnemar_p(self) -> float:
+        return mcnemar_exact_p(self.only_candidate_right, self.only_baseline_right)
+
+    @property
+    def top1_changed_share(self) -> float:
+        return self.n_top1_changed / self.n_compared if self.n_compared else 0.0
+
+    @property
+    def accuracy_drop(self) -> float:
+        """Baseline accuracy minus candidate accuracy, as one exactly rounded ratio."""
+        n = self.both_right + self.only_candidate_right + self.only_baseline_right
+        n += self.both_wrong
+        return (self.only_baseline_right - self.only_candidate_right) / n
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "both_right": self.both_right,
+            "only_candidate_right": self.only_candidate_right,
+            "only_baseline_right": self.only_baseline_right,
+            "both_wrong": self.both_wrong,
+            "accuracy_drop": self.accuracy_drop,
+            "mcnemar_p": self.mcnemar_p,
+            "top1_changed": self.n_top1_changed,
+            "top1_changed_share": self.top1_changed_share,
+        }
+
+
+def paired_comparison(
+    candidate_correct: np.ndarray, baseline_correct: np.ndarray, n_top1_changed: int, n: int
+) -> PairedComparison:
+    cand = np.asarray(candidate_correct, dtype=bool)
+    base = np.asarray(baseline_correct, dtype=bool)
+    return PairedComparison(
+        both_right=int((cand & base).sum()),
+        only_candidate_right=int((cand & ~base).sum()),
+        only_baseline_right=int((~cand & base).sum()),
+        both_wrong=int((~cand & ~base).sum()),
+        n_top1_changed=n_top1_changed,
+        n_compared=n,
+    )
+
+
+# --- one model's evaluation and the gate --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelEvaluation:
+    """One model's metrics on the canary set, with the names its indices stand for."""
+
+    model_file: str
+    model_sha256: str
+    class_names: tuple[str, ...]
+    metrics: Metrics
+    n_topk_correct: int
+    top_k: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.metrics.accuracy
+
+    @property
+    def accuracy_ci(self) -> tuple[float, float]:
+        return wilson_interval(self.metrics.n_correct, self.metrics.n)
+
+    @property
+    def topk_accuracy(self) -> float:
+        return self.n_topk_correct / self.metrics.n
+
+    @property
+    def labels(self) -> list[str]:
+        """Names of the classes present, in class-map order."""
+        return [self.class_names[i] for i in self.metrics.classes]
+
+    def per_class(self) -> dict[str, dict[str, float]]:
+        m = self.metrics
+        return {
+            label: {
+                "precision": float(m.precision[i]),
+                "recall": float(m.recall[i]),
+                "f1": float(m.f1[i]),
+                "support": int(m.support[i]),
+            }
+            for i, label in enumerate(self.labels)
+        }
+
+    def most_confused(self, limit: int = 10) -> list[tuple[str, str, int, float]]:
+        """(true, predicted, count, share of the true class) for the largest off-diagonal
+        cells, largest first."""
+        m = self.metrics
+        off = m.confusion.copy()
+        np.fill_diagonal(off, 0)
+        rows, cols = np.nonzero(off)
+        order = sorted(zip(rows, cols, strict=True), key=lambda rc: -off[rc])[:limit]
+        labels = self.labels
+        return [
+            (labels[r], labels[c], int(off[r, c]), float(off[r, c] / m.support[r]))
+            for r, c in order
+        ]
+
+    def as_dict(self) -> dict[str, Any]:
+        low, high = self.accuracy_ci
+        return {
+            "model_file": self.model_file,
+            "model_sha256": self.model_sha256,
+            "accuracy": self.accuracy,
+            "accuracy_ci": [low, high],
+            "n_correct": self.metrics.n_correct,
+            "top_k": self.top_k,
+            "topk_accuracy": self.topk_accuracy,
+            "per_class": self.per_class(),
+            "macro_avg": self.metrics.macro_avg(),
+            "weighted_avg": self.metrics.weighted_avg(),
+            "confusion_matrix": {
+                "labels": self.labels,
+                "matrix": self.metrics.confusion.tolist(),
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Check:
+    """One gate check; `value` is None when nothing was eligible (the check then passes)."""
+
+    name: str  # the flag that asked for it, without dashes
+    operator: str  # ">=" or "<=": what the value must be against the threshold to pass
+    threshold: float
+    value: float | None
+    passed: bool
+    detail: str = ""
+
+    def line(self) -> str:
+        value = "n/a" if self.value is None else f"{self.value:.4f}"
+        failed = {">=": "<", "<=": ">"}[self.operator]
+        sense = self.operator if self.passed else failed
+        detail = f" ({self.detail})" if self.detail else ""
+        return f"{self.name}: {value} {sense} {self.threshold:g}{detail}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "operator": self.operator,
+            "threshold": self.threshold,
+            "value": self.value,
+            "passed": self.passed,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
+class CanarySettings:
+    """The scoring settings plus the gate. No gate threshold at all: report only."""
+
+    score: ScoreSettings = field(default_factory=ScoreSettings)
+    report_dir: Path | None = None  # None: predictions go to a temporary dir, no report
+    min_accuracy: float | None = None
+    max_drop: float | None = None  # needs score.baseline_model
+    require_significant: bool = False  # max_drop fails only when McNemar p < alpha
+    alpha: float = 0.05
+    min_class_recall: float | None = None
+    min_support: int = 5  # classes with fewer images are not held to min_class_recall
+    errors_count_as_wrong: bool = False
+
+
+def check_canary_settings(settings: CanarySettings) -> None:
+    """Flags that only make sense together, and thresholds out of range (exit 2)."""
+    for name, value in (
+        ("--min-accuracy", settings.min_accuracy),
+        ("--max-drop", settings.max_drop),
+        ("--min-class-recall", settings.min_class_recall),
+    ):
+        if value is not None and not 0 <= value <= 1:
+            raise ConfigError(f"{name} must be between 0 and 1, got {value}")
+    if not 0 < settings.alpha < 1:
+        raise ConfigError(f"--alpha must be between 0 and 1 (exclusive), got {settings.alpha}")
+    if settings.min_support < 1:
+        raise ConfigError("--min-support must be at least 1")
+    if settings.max_drop is not None and settings.score.baseline_model is None:
+        raise ConfigError("--max-drop compares against a baseline: pass --baseline MODEL")
+    if settings.require_significant and settings.max_drop is None:
+        raise ConfigError("--require-significant qualifies --max-drop: pass --max-drop too")
+
+
+def gate_checks(
+    settings: CanarySettings,
+    candidate: ModelEvaluation,
+    comparison: PairedComparison | None,
+) -> list[Check]:
+    """The checks the settings ask for, in flag order; an empty list means report only."""
+    checks = []
+    if settings.min_accuracy is not None:
+        accuracy = candidate.accuracy
+        checks.append(
+            Check(
+                "min-accuracy",
+                ">=",
+                settings.min_accuracy,
+                accuracy,
+                accuracy >= settings.min_accuracy,
+            )
+        )
+    if settings.max_drop is not None and comparison is not None:
+        drop = comparison.accuracy_drop
+        too_big = drop > settings.max_drop
+        p = comparison.mcnemar_p
+        detail = f"McNemar p = {p:.4g}"
+        if settings.require_significant:
+            significant = p < settings.alpha
+            detail += f", {'' if significant else 'not '}significant at alpha {settings.alpha:g}"
+            too_big = too_big and significant
+        checks.append(Check("max-drop", "<=", settings.max_drop, drop, not too_big, detail))
+    if settings.min_class_recall is not None:
+        checks.append(_class_recall_check(candidate, settings.min_class_recall, settings))
+    return checks
+
+
+def _class_recall_check(
+    candidate: ModelEvaluation, threshold: float, settings: CanarySettings
+) -> Check:
+    m = candidate.metrics
+    eligible = m.support >= settings.min_support
+    if not eligible.any():
+        detail = f"no class has {settings.min_support} or more images"
+        return Check("min-class-recall", ">=", threshold, None, True, detail)
+    failing = [
+        f"{label} {m.recall[i]:.4f} (n={m.support[i]})"
+        for i, label in enumerate(candidate.labels)
+        if eligible[i] and m.recall[i] < threshold
+    ]
+    detail = f"{len(failing)} classes below: {', '.join(failing)}" if failing else ""
+    lowest = float(m.recall[eligible].min())
+    return Check("min-class-recall", ">=", threshold, lowest, not failing, detail)
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageError:
+    path: str | None
+    label: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class CanaryResult:
+    """Everything the canary found: the verdict, both models' metrics, what was left out."""
+
+    candidate: ModelEvaluation
+    baseline: ModelEvaluation | None
+    comparison: PairedComparison | None
+    checks: list[Check]
+    n_images: int
+    excluded_labels: dict[str, int]  # label -> images, for labels the class map lacks
+    n_unlabelled: int  # images without any label (also excluded)
+    errors: list[ImageError]
+    errors_count_as_wrong: bool
+    report_dir: Path | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    @property
+    def failed_checks(self) -> list[Check]:
+        return [check for check in self.checks if not check.passed]
+
+    @property
+    def n_scored(self) -> int:
+        """Images in the metrics."""
+        return self.candidate.metrics.n
+
+    @property
+    def n_excluded(self) -> int:
+        return sum(self.excluded_labels.values()) + self.n_unlabelled
+
+    def failure_message(self) -> str:
+        failed = self.failed_checks
+        lines = [f"canary gate failed ({len(failed)} of {len(self.checks)} checks):"]
+        return "\n  ".join(lines + [check.line() for check in failed])
+
+    def as_dict(self) -> dict[str, Any]:
+        baseline = None
+        if self.baseline is not None and self.comparison is not None:
+            baseline = {**self.baseline.as_dict(), "comparison": self.comparison.as_dict()}
+        return {
+            "passed": self.passed,
+            "checks": [check.as_dict() for check in self.checks],
+            "n_images": self.n_images,
+            "n_scored": self.n_scored,
+            "n_errors": len(self.errors),
+            "n_excluded": self.n_excluded,
+            "n_unlabelled": self.n_unlabelled,
+            "excluded_labels": self.excluded_labels,
+            "errors_count_as_wrong": self.errors_count_as_wrong,
+            **self.candidate.as_dict(),
+            "baseline": baseline,
+            "errors": [vars(error) for error in self.errors],
+        }
+
+
+def run_canary(sources: Sequence[str | Path], settings: CanarySettings | None = None) -> CanaryResult:
+    """Score a labelled canary set with the ordinary job, then measure and gate the model.
+
+    Folders are read in ImageFolder layout (label = first sub-folder); manifests need a
+    `label` column. With `report_dir`, predictions.parquet, canary.json, report.md and the
+    confusion-matrix SVG are written there, whatever the verdict. Raises ConfigError before
+    scoring for contradictory settings or a set without labels, and after scoring when no
+    image could be measured. A failed gate is not an exception here: see `result.passed`.
+    """
+    settings = settings or CanarySettings()
+    check_canary_settings(settings)
+    if not any(source.has_labels for source in open_sources(sources, labelled_folders=True)):
+        raise SourceError(
+            "the canary set has no labels: pass folders in ImageFolder layout (one sub-folder"
+            " per class) or manifests with a 'label' column"
+        )
+    score_settings = replace(settings.score, labelled_folders=True)
+    with _predictions_folder(settings.report_dir) as folder:
+        predictions = folder / PREDICTIONS_FILE
+        score(sources, predictions, score_settings)
+        baseline_names = None
+        if score_settings.baseline_model is not None:
+            baseline_names = load_model(
+                score_settings.baseline_model,
+                preprocess_overrides=score_settings.preprocess_overrides,
+                providers=score_settings.providers,
+            ).class_names
+        result = evaluate_predictions(predictions, settings, baseline_names)
+    if settings.report_dir is not None:
+        result = replace(result, report_dir=settings.report_dir)
+        write_report(result, settings.report_dir)
+    return result
+
+
+@contextmanager
+def _predictions_folder(report_dir: Path | None) -> Iterator[Path]:
+    if report_dir is None:
+        with tempfile.TemporaryDirectory(prefix="batchscore-canary-") as tmp:
+            yield Path(tmp)
+        return
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create report dir {report_dir}: {exc.strerror}") from exc
+    yield report_dir
+
+
+def evaluate_predictions(
+    predictions: Path,
+    settings: CanarySettings,
+    baseline_class_names: Sequence[str] | None = None,
+) -> CanaryResult:
+    """Metrics and gate from a predictions file written by `score` with labels.
+
+    An image counts when its label is in the class map (with a baseline: in both class maps,
+    so both models are measured on exactly the same images) and it decoded, or when
+    `errors_count_as_wrong` (then it is wrong for both models).
+    """
+    meta = read_metadata(predictions)
+    models = [("", tuple(meta["class_map"]))]
+    if baseline_class_names is not None:
+        models.append((BASELINE_PREFIX, tuple(baseline_class_names)))
+    columns = ["path", "status", "error", "label"]
+    for prefix, _ in models:
+        columns += [f"{prefix}pred_index", f"{prefix}pred_label", f"{prefix}topk_labels"]
+    table = pq.read_table(predictions, columns=columns)
+
+    labels: list[str | None] = table.column("label").to_pylist()
+    ok = pc.equal(table.column("status"), STATUS_OK).to_numpy(zero_copy_only=False)
+    indexes = [_index(names) for _, names in models]
+    known = np.array(
+        [label is not None and all(label in index for index in indexes) for label in labels],
+        dtype=bool,
+    )
+    excluded = Counter(
+        label for label, k in zip(labels, known, strict=True) if label is not None and not k
+    )
+    paths = table.column("path").to_pylist()
+    reasons = table.column("error").to_pylist()
+    errors = [ImageError(paths[i], labels[i], reasons[i]) for i in np.flatnonzero(~ok).tolist()]
+    counted = known & (ok | settings.errors_count_as_wrong)
+    if not counted.any():
+        raise ConfigError(
+            f"nothing to measure: of {len(labels)} images, {int((~known).sum())} have no label"
+            f" in the model's class map and {len(errors)} failed to decode"
+        )
+    rows = np.flatnonzero(counted)
+    counted_labels = [str(labels[i]) for i in rows]
+    evaluations = []
+    correct = []
+    for (prefix, names), index in zip(models, indexes, strict=True):
+        y_true = np.array([index[label] for label in counted_labels], dtype=np.int64)
+        taken = table.take(rows)
+        y_pred = pc.fill_null(taken.column(f"{prefix}pred_index"), NO_PREDICTION).to_numpy()
+        topk = taken.column(f"{prefix}topk_labels").to_pylist()
+        hits = sum(1 for label, top in zip(counted_labels, topk, strict=True) if label in (top or ()))
+        evaluations.append(
+            ModelEvaluation(
+                model_file=str(meta[f"{prefix}model_file"]),
+                model_sha256=str(meta[f"{prefix}model_sha256"]),
+                class_names=names,
+                metrics=classification_metrics(y_true, y_pred),
+                n_topk_correct=hits,
+                top_k=min(int(meta["top_k"]), len(names)),
+            )
+        )
+        correct.append(y_true == y_pred)
+    candidate, comparison = evaluations[0], None
+    if len(evaluations) > 1:
+        changed = pc.and_(
+            pc.not_equal(table.column("pred_label"), table.column(f"{BASELINE_PREFIX}pred_label")),
+            pa.array(ok),
+        )
+        comparison = paired_comparison(
+            correct[0], correct[1], int(pc.sum(changed).as_py() or 0), int(ok.sum())
+        )
+    return CanaryResult(
+        candidate=candidate,
+        baseline=evaluations[1] if len(evaluations) > 1 else None,
+        comparison=comparison,
+        checks=gate_checks(settings, candidate, comparison),
+        n_images=len(labels),
+        excluded_labels=dict(excluded.most_common()),
+        n_unlabelled=sum(1 for label in labels if label is None),
+        errors=errors,
+        errors_count_as_wrong=settings.errors_count_as_wrong,
+    )
+
+
+def _index(names: Sequence[str]) -> dict[str, int]:
+    """Label -> class index; a name listed twice keeps its first index."""
+    index: dict[str, int] = {}
+    for i, name in enumerate(names):
+        index.setdefault(name, i)
+    return index

@@ -1,0 +1,323 @@
+"""How a canary result is shown: the terminal table, canary.json, report.md and a heatmap.
+
+The heatmap is a hand-written, self-contained SVG (no plotting dependency). With many classes
+it shows only the most-confused ones, so it stays readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+from xml.sax.saxutils import escape
+
+import numpy as np
+
+from batchscore.errors import WriteFailed
+
+if TYPE_CHECKING:
+    from batchscore.canary import CanaryResult, ModelEvaluation
+
+JSON_FILE = "canary.json"
+MARKDOWN_FILE = "report.md"
+HEATMAP_FILE = "confusion_matrix.svg"
+HEATMAP_CLASSES = 20  # more classes than this: show the most-confused ones
+LISTED_ERRORS = 50  # report.md lists this many error images; canary.json lists all
+CONFUSED_PAIRS = 10
+
+
+def write_report(result: CanaryResult, folder: Path) -> None:
+    """canary.json, report.md and the heatmap, each replaced atomically."""
+    _write(folder / JSON_FILE, json.dumps(result.as_dict(), indent=2) + "\n")
+    candidate = result.candidate
+    _write(
+        folder / HEATMAP_FILE,
+        confusion_svg(candidate.labels, candidate.metrics.confusion, HEATMAP_CLASSES),
+    )
+    _write(folder / MARKDOWN_FILE, markdown(result))
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise WriteFailed(f"writing {path} failed: {exc.strerror or exc}") from exc
+
+
+# --- terminal -----------------------------------------------------------------------------
+
+
+def _counts_line(result: CanaryResult) -> str:
+    errors = "counted as wrong" if result.errors_count_as_wrong else "left out"
+    return (
+        f"{result.n_images} images: {result.n_scored} scored, {len(result.errors)} errors"
+        f" ({errors}), {result.n_excluded} excluded (label missing or not in the class map)"
+    )
+
+
+def _accuracy_text(evaluation: ModelEvaluation) -> str:
+    low, high = evaluation.accuracy_ci
+    return f"{evaluation.accuracy:.4f}  95% CI [{low:.4f}, {high:.4f}]"
+
+
+def terminal_table(result: CanaryResult) -> str:
+    """The short summary a CI log shows: accuracy, each check, the verdict."""
+    candidate = result.candidate
+    rows = [
+        ("images", _counts_line(result)),
+        ("accuracy", _accuracy_text(candidate)),
+        (f"top-{candidate.top_k} accuracy", f"{candidate.topk_accuracy:.4f}"),
+    ]
+    if result.baseline is not None and result.comparison is not None:
+        c = result.comparison
+        rows += [
+            ("baseline", _accuracy_text(result.baseline)),
+            (
+                "paired",
+                f"{c.both_right} both right, {c.only_candidate_right} only candidate right,"
+                f" {c.only_baseline_right} only baseline right, {c.both_wrong} both wrong;"
+                f" McNemar p = {c.mcnemar_p:.4g}",
+            ),
+            ("top-1 changed", f"{c.top1_changed_share:.1%} of {c.n_compared} images"),
+        ]
+    width = max(len(name) for name, _ in rows) + 2
+    lines = [f"{name:<{width}}{text}" for name, text in rows]
+    lines.append("")
+    if not result.checks:
+        lines.append(
+            "no gate checks given (--min-accuracy, --max-drop, --min-class-recall): report only"
+        )
+    else:
+        name_width = max(len("check"), *(len(check.name) for check in result.checks)) + 2
+        lines.append(f"{'check':<{name_width}}{'value':<8}{'threshold':<11}result")
+        for check in result.checks:
+            value = "n/a" if check.value is None else f"{check.value:.4f}"
+            threshold = f"{check.operator} {check.threshold:g}"
+            verdict = "PASS" if check.passed else "FAIL"
+            detail = f"  {check.detail}" if check.detail else ""
+            lines.append(f"{check.name:<{name_width}}{value:<8}{threshold:<11}{verdict}{detail}")
+    lines.append("")
+    failed = len(result.failed_checks)
+    lines.append(
+        "PASSED" if result.passed else f"FAILED: {failed} of {len(result.checks)} checks failed"
+    )
+    if result.report_dir is not None:
+        lines.append(f"report: {result.report_dir / MARKDOWN_FILE}")
+    return "\n".join(lines)
+
+
+# --- markdown -----------------------------------------------------------------------------
+
+
+def _md(text: object) -> str:
+    """Text safe inside a markdown table cell."""
+    return (
+        str(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace("\n", " ")
+    )
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md(cell) for cell in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _model_rows(label: str, evaluation: ModelEvaluation) -> list[list[object]]:
+    low, high = evaluation.accuracy_ci
+    return [
+        [f"{label} model", f"{evaluation.model_file} (sha256 {evaluation.model_sha256})"],
+        [f"{label} accuracy", f"{evaluation.accuracy:.4f} (95% CI {low:.4f} to {high:.4f})"],
+        [f"{label} top-{evaluation.top_k} accuracy", f"{evaluation.topk_accuracy:.4f}"],
+        [f"{label} macro F1", f"{evaluation.metrics.macro_avg()['f1']:.4f}"],
+    ]
+
+
+def markdown(result: CanaryResult) -> str:
+    """report.md: what a reviewer reads before blessing or blocking the model."""
+    failed = len(result.failed_checks)
+    verdict = (
+        "**PASSED**"
+        if result.passed
+        else f"**FAILED**: {failed} of {len(result.checks)} checks failed"
+    )
+    lines = ["# Canary report", "", verdict, "", "## Summary", ""]
+    rows: list[list[object]] = [["images", _counts_line(result)]]
+    rows += _model_rows("candidate", result.candidate)
+    if result.baseline is not None:
+        rows += _model_rows("baseline", result.baseline)
+    lines += _table(["", ""], rows)
+
+    lines += ["## Checks", ""]
+    if result.checks:
+        lines += _table(
+            ["Check", "Value", "Threshold", "Result", "Detail"],
+            [
+                [
+                    check.name,
+                    "n/a" if check.value is None else f"{check.value:.4f}",
+                    f"{check.operator} {check.threshold:g}",
+                    "PASS" if check.passed else "FAIL",
+                    check.detail,
+                ]
+                for check in result.checks
+            ],
+        )
+    else:
+        lines += ["No gate checks were given: this report only measures.", ""]
+
+    if result.comparison is not None:
+        c = result.comparison
+        lines += ["## Candidate against baseline", "", "Same images, same run.", ""]
+        lines += _table(
+            ["", "baseline right", "baseline wrong"],
+            [
+                ["candidate right", c.both_right, c.only_candidate_right],
+                ["candidate wrong", c.only_baseline_right, c.both_wrong],
+            ],
+        )
+        lines += [
+            f"Accuracy drop (baseline minus candidate): {c.accuracy_drop:.4f}."
+            f" Exact McNemar p-value: {c.mcnemar_p:.4g}."
+            f" Top-1 changed on {c.n_top1_changed} of {c.n_compared} images"
+            f" ({c.top1_changed_share:.1%}).",
+            "",
+        ]
+
+    candidate = result.candidate
+    lines += ["## Per-class metrics", ""]
+    per_class = [
+        [label, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", v["support"]]
+        for label, v in candidate.per_class().items()
+    ]
+    for name, avg in (
+        ("macro avg", candidate.metrics.macro_avg()),
+        ("weighted avg", candidate.metrics.weighted_avg()),
+    ):
+        per_class.append(
+            [
+                f"*{name}*",
+                f"{avg['precision']:.4f}",
+                f"{avg['recall']:.4f}",
+                f"{avg['f1']:.4f}",
+                candidate.metrics.n,
+            ]
+        )
+    lines += _table(["Class", "Precision", "Recall", "F1", "Support"], per_class)
+
+    lines += ["## Most confused pairs", ""]
+    pairs = candidate.most_confused(CONFUSED_PAIRS)
+    if pairs:
+        lines += _table(
+            ["True", "Predicted", "Images", "Share of true class"],
+            [[t, p, n, f"{share:.1%}"] for t, p, n, share in pairs],
+        )
+    else:
+        lines += ["No image was confused for another class.", ""]
+    lines += [f"![Confusion matrix]({HEATMAP_FILE})", ""]
+
+    lines += [f"## Errors ({len(result.errors)})", ""]
+    if result.errors:
+        how = "count as wrong" if result.errors_count_as_wrong else "are left out of the metrics"
+        lines += [f"Images that failed to decode {how}.", ""]
+        lines += _table(
+            ["Path", "Label", "Reason"],
+            [[e.path, e.label, e.error] for e in result.errors[:LISTED_ERRORS]],
+        )
+        if len(result.errors) > LISTED_ERRORS:
+            lines += [f"... and {len(result.errors) - LISTED_ERRORS} more in {JSON_FILE}.", ""]
+    else:
+        lines += ["Every image decoded.", ""]
+
+    lines += [f"## Excluded labels ({result.n_excluded} images)", ""]
+    if result.n_excluded:
+        lines += ["Left out of the metrics: the model cannot predict these labels.", ""]
+        rows = [[label, n] for label, n in result.excluded_labels.items()]
+        if result.n_unlabelled:
+            rows.append(["(no label)", result.n_unlabelled])
+        lines += _table(["Label", "Images"], rows)
+    else:
+        lines += ["Every label is in the class map.", ""]
+    return "\n".join(lines)
+
+
+# --- heatmap ------------------------------------------------------------------------------
+
+CELL = 30
+CHAR_WIDTH = 6.6  # px per character at the 11px font, for margins
+MAX_LABEL_CHARS = 28
+
+
+def _short(label: str) -> str:
+    return label if len(label) <= MAX_LABEL_CHARS else label[: MAX_LABEL_CHARS - 1] + "…"
+
+
+def _blue(share: float) -> str:
+    """White (0) to dark blue (1)."""
+    low, high = np.array([255, 255, 255]), np.array([8, 48, 107])
+    r, g, b = (low + (high - low) * share).round().astype(int)
+    return f"rgb({r},{g},{b})"
+
+
+def confusion_svg(labels: Sequence[str], matrix: np.ndarray, max_classes: int) -> str:
+    """A heatmap of the confusion matrix, coloured by the share of each true class.
+
+    Beyond `max_classes` classes, only those with the most off-diagonal mass (row plus
+    column) are drawn, still in class-map order.
+    """
+    n = len(labels)
+    keep = np.arange(n)
+    if n > max_classes:
+        off = matrix.copy()
+        np.fill_diagonal(off, 0)
+        mass = off.sum(axis=0) + off.sum(axis=1)
+        keep = np.sort(np.argsort(-mass, kind="stable")[:max_classes])
+    names = [_short(labels[i]) for i in keep]
+    shown = matrix[np.ix_(keep, keep)]
+    row_totals = matrix[keep].sum(axis=1)
+    k = len(keep)
+    margin = round(20 + CHAR_WIDTH * max((len(name) for name in names), default=0))
+    top = margin + 40
+    width = margin + CELL * k + 20
+    height = top + CELL * k + 20
+    title = "Confusion matrix: rows true, columns predicted, colour = share of the true class"
+    if n > max_classes:
+        title += f" ({k} most-confused of {n} classes)"
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"'
+        f' viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+        f"<title>{escape(title)}</title>",
+        '<rect width="100%" height="100%" fill="white"/>',
+        f'<text x="4" y="14" font-size="12">{escape(title)}</text>',
+    ]
+    for i, name in enumerate(names):
+        y = top + CELL * i + CELL / 2 + 4
+        x = margin + CELL * i + CELL / 2 + 4
+        out.append(f'<text x="{margin - 6}" y="{y}" text-anchor="end">{escape(name)}</text>')
+        out.append(
+            f'<text x="{x}" y="{top - 6}" text-anchor="start"'
+            f' transform="rotate(-90 {x} {top - 6})">{escape(name)}</text>'
+        )
+    for i in range(k):
+        for j in range(k):
+            count = int(shown[i, j])
+            share = count / row_totals[i] if row_totals[i] else 0.0
+            x, y = margin + CELL * j, top + CELL * i
+            tip = f"true {names[i]}, predicted {names[j]}: {count} ({share:.1%} of {names[i]})"
+            out.append(
+                f'<rect x="{x}" y="{y}" width="{CELL}" height="{CELL}" fill="{_blue(share)}"'
+                f' stroke="#ddd"><title>{escape(tip)}</title></rect>'
+            )
+            if count:
+                colour = "white" if share > 0.5 else "black"
+                out.append(
+                    f'<text x="{x + CELL / 2}" y="{y + CELL / 2 + 4}" text-anchor="middle"'
+                    f' fill="{colour}">{count}</text>'
+                )
+    out.append("</svg>")
+    return "\n".join(out) + "\n"

@@ -240,16 +240,17 @@ class ModelEvaluation:
         }
 
     def most_confused(self, limit: int = 10) -> list[tuple[str, str, int, float]]:
-        """(true, predicted, count, share of the true class) for the largest off-diagonal
-        cells, largest first."""
-        m = self.metrics
-        off = m.confusion.copy()
+        """(true, predicted, count, share of the true class's predictions) for the largest
+        off-diagonal cells, largest first."""
+        confusion = self.metrics.confusion
+        row_totals = confusion.sum(axis=1)
+        off = confusion.copy()
         np.fill_diagonal(off, 0)
         rows, cols = np.nonzero(off)
         order = sorted(zip(rows, cols, strict=True), key=lambda rc: -off[rc])[:limit]
         labels = self.labels
         return [
-            (labels[r], labels[c], int(off[r, c]), float(off[r, c] / m.support[r]))
+            (labels[r], labels[c], int(off[r, c]), float(off[r, c] / row_totals[r]))
             for r, c in order
         ]
 
@@ -454,7 +455,9 @@ class CanaryResult:
         }
 
 
-def run_canary(sources: Sequence[str | Path], settings: CanarySettings | None = None) -> CanaryResult:
+def run_canary(
+    sources: Sequence[str | Path], settings: CanarySettings | None = None
+) -> CanaryResult:
     """Score a labelled canary set with the ordinary job, then measure and gate the model.
 
     Folders are read in ImageFolder layout (label = first sub-folder); manifests need a
@@ -549,7 +552,9 @@ def evaluate_predictions(
         taken = table.take(rows)
         y_pred = pc.fill_null(taken.column(f"{prefix}pred_index"), NO_PREDICTION).to_numpy()
         topk = taken.column(f"{prefix}topk_labels").to_pylist()
-        hits = sum(1 for label, top in zip(counted_labels, topk, strict=True) if label in (top or ()))
+        hits = sum(
+            1 for label, top in zip(counted_labels, topk, strict=True) if label in (top or ())
+        )
         evaluations.append(
             ModelEvaluation(
                 model_file=str(meta[f"{prefix}model_file"]),

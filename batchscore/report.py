@@ -264,6 +264,11 @@ def _blue(share: float) -> str:
     return f"rgb({r},{g},{b})"
 
 
+def title_text(n: int, k: int) -> str:
+    title = "Confusion matrix: rows true, columns predicted, colour = share of the true class"
+    return title if k == n else f"{title} ({k} most-confused of {n} classes)"
+
+
 def confusion_svg(labels: Sequence[str], matrix: np.ndarray, max_classes: int) -> str:
     """A heatmap of the confusion matrix, coloured by the share of each true class.
 
@@ -283,11 +288,9 @@ def confusion_svg(labels: Sequence[str], matrix: np.ndarray, max_classes: int) -
     k = len(keep)
     margin = round(20 + CHAR_WIDTH * max((len(name) for name in names), default=0))
     top = margin + 40
-    width = margin + CELL * k + 20
+    width = max(margin + CELL * k + 20, round(CHAR_WIDTH * 1.1 * len(title_text(n, k))) + 8)
     height = top + CELL * k + 20
-    title = "Confusion matrix: rows true, columns predicted, colour = share of the true class"
-    if n > max_classes:
-        title += f" ({k} most-confused of {n} classes)"
+    title = title_text(n, k)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"'
         f' viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',

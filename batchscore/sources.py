@@ -66,22 +66,35 @@ class Source:
 
 
 class DirectorySource(Source):
-    """Image files below a folder, walked recursively in sorted order."""
+    """Image files below a folder, walked recursively in sorted order.
+
+    A sub-folder that cannot be listed becomes an error entry instead of silently hiding the
+    images inside it. Symbolic links to folders are not followed (no loops).
+    """
 
     def __iter__(self) -> Iterator[ImageRef]:
-        for path in self._walk():
-            yield ImageRef(path=path, image_id=path)
+        for path, problem in self._entries():
+            yield ImageRef(path=path, image_id=path, problem=problem)
 
     def count(self) -> int:
-        return sum(1 for _ in self._walk())
+        return sum(1 for _ in self._entries())
 
     def _walk(self) -> Iterator[str]:
+        return (path for path, problem in self._entries() if problem is None)
+
+    def _entries(self) -> Iterator[tuple[str, str | None]]:
         root = os.path.abspath(self.location)
-        for dirpath, dirnames, filenames in os.walk(root, onerror=None):
+        unreadable: list[OSError] = []
+        for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable.append):
+            while unreadable:
+                error = unreadable.pop()
+                yield str(error.filename), f"cannot list folder: {error.strerror}"
             dirnames.sort()
             for name in sorted(filenames):
                 if name.lower().endswith(IMAGE_EXTENSIONS):
-                    yield os.path.join(dirpath, name)
+                    yield os.path.join(dirpath, name), None
+        for error in unreadable:
+            yield str(error.filename), f"cannot list folder: {error.strerror}"
 
     def check_not_empty(self) -> None:
         if next(self._walk(), None) is None:
@@ -97,10 +110,10 @@ class ImageFolderSource(DirectorySource):
 
     def __iter__(self) -> Iterator[ImageRef]:
         root = os.path.abspath(self.location)
-        for path in self._walk():
+        for path, problem in self._entries():
             relative = os.path.relpath(path, root)
             label = relative.split(os.sep, 1)[0] if os.sep in relative else None
-            yield ImageRef(path=path, image_id=path, label=label)
+            yield ImageRef(path=path, image_id=path, label=label, problem=problem)
 
     @property
     def has_labels(self) -> bool:

@@ -130,3 +130,20 @@ def test_jsonl_broken_lines_keep_their_place(tmp_path: Path) -> None:
     assert "not a JSON object" in (refs[1].problem or "")
     assert "missing 'path'" in (refs[2].problem or "")
     assert "invalid JSON" in (refs[3].problem or "")
+
+
+def test_unlistable_sub_folder_is_an_error_entry(tmp_path: Path) -> None:
+    import os
+
+    touch(tmp_path / "a.png")
+    locked = tmp_path / "locked"
+    touch(locked / "hidden.png")
+    locked.chmod(0)
+    try:
+        if os.access(locked, os.R_OK):
+            pytest.skip("running as a user that ignores folder permissions")
+        refs = list(open_source(tmp_path))
+    finally:
+        locked.chmod(0o755)
+    assert [ref.problem for ref in refs] == [None, "cannot list folder: Permission denied"]
+    assert refs[1].path == str(locked)

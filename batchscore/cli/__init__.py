@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from batchscore import __version__
+from batchscore.cli.canary import canary_command
 from batchscore.cli.runs import runs_command
 from batchscore.cli.score import score_command
 from batchscore.errors import BatchscoreError
@@ -49,3 +50,4 @@ def main() -> None:
 
 cli.add_command(score_command)
 cli.add_command(runs_command)
+cli.add_command(canary_command)

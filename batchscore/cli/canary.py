@@ -1,0 +1,172 @@
+"""`batchscore canary`: parse the gate, call `batchscore.canary.run_canary`, print the verdict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from batchscore.canary import CanaryResult, CanarySettings, run_canary
+from batchscore.cli.options import (
+    model_options,
+    pipeline_options,
+    preprocess_overrides,
+    split_providers,
+)
+from batchscore.errors import GateFailed
+from batchscore.pipeline import PipelineOptions
+from batchscore.report import terminal_table
+from batchscore.score import ScoreSettings
+
+SHARE = click.FloatRange(0, 1)
+
+
+@click.command("canary")
+@click.argument("sources", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write predictions.parquet, canary.json, report.md and confusion_matrix.svg here."
+    " Without it, predictions go to a temporary folder that is removed afterwards.",
+)
+@click.option("--min-accuracy", type=SHARE, default=None, help="Fail when accuracy is below this.")
+@click.option(
+    "--baseline",
+    type=click.Path(),
+    default=None,
+    help="The model in production, scored on the same decoded images in the same run.",
+)
+@click.option(
+    "--max-drop",
+    type=SHARE,
+    default=None,
+    help="Fail when accuracy is more than this below the baseline's (needs --baseline).",
+)
+@click.option(
+    "--require-significant",
+    is_flag=True,
+    help="--max-drop fails only when the drop is significant (exact McNemar p < --alpha).",
+)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.05,
+    show_default=True,
+    help="Significance level for --require-significant.",
+)
+@click.option(
+    "--min-class-recall",
+    type=SHARE,
+    default=None,
+    help="Fail when any class with at least --min-support images has recall below this.",
+)
+@click.option(
+    "--min-support",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Classes with fewer images are not held to --min-class-recall.",
+)
+@click.option(
+    "--errors-count-as-wrong",
+    is_flag=True,
+    help="Images that fail to decode count as wrong (accuracy, recall) instead of left out.",
+)
+@model_options
+@pipeline_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings.")
+def canary_command(
+    sources: tuple[str, ...],
+    report_dir: Path | None,
+    min_accuracy: float | None,
+    baseline: str | None,
+    max_drop: float | None,
+    require_significant: bool,
+    alpha: float,
+    min_class_recall: float | None,
+    min_support: int,
+    errors_count_as_wrong: bool,
+    model: str | None,
+    model_sha256: str | None,
+    providers: str | None,
+    resize_size: str | None,
+    crop_size: str | None,
+    interpolation: str | None,
+    mean: str | None,
+    std: str | None,
+    workers: int,
+    batch_size: int,
+    top_k: int,
+    fast_jpeg: bool,
+    max_pixels: int,
+    quiet: bool,
+) -> None:
+    """Bless or block a model: score a labelled canary set and gate on its metrics.
+
+    SOURCES are folders in ImageFolder layout (one sub-folder per class, named for it) or
+    manifests (.csv, .jsonl, .parquet) with 'path' and 'label' columns. Labels the model
+    does not know are left out of the metrics and named in a warning; images that fail to
+    decode are left out too, unless --errors-count-as-wrong.
+
+    With no gate flags (--min-accuracy, --max-drop, --min-class-recall) the canary only
+    reports, and exits 0.
+
+    Exit codes: 0 passed (or report only), 3 the gate failed (each failed check on its own
+    line), 2 bad usage or configuration, 1 unexpected failure.
+
+    Example:
+
+        batchscore canary canary_set/ --min-accuracy 0.55 --report reports/canary
+
+        batchscore canary labels.csv --model new/ --baseline current/ --max-drop 0.01
+    """
+    settings = CanarySettings(
+        score=ScoreSettings(
+            model=model,
+            baseline_model=baseline,
+            preprocess_overrides=preprocess_overrides(
+                resize_size, crop_size, interpolation, mean, std
+            ),
+            model_sha256=model_sha256,
+            providers=split_providers(providers),
+            pipeline=PipelineOptions(
+                workers=workers,
+                batch_size=batch_size,
+                top_k=top_k,
+                fast_jpeg=fast_jpeg,
+                max_pixels=max_pixels,
+            ),
+            progress=not quiet,
+        ),
+        report_dir=report_dir,
+        min_accuracy=min_accuracy,
+        max_drop=max_drop,
+        require_significant=require_significant,
+        alpha=alpha,
+        min_class_recall=min_class_recall,
+        min_support=min_support,
+        errors_count_as_wrong=errors_count_as_wrong,
+    )
+    result = run_canary(sources, settings)
+    if not quiet:
+        _warn(result)
+    click.echo(terminal_table(result))
+    if not result.passed:
+        raise GateFailed(result.failure_message())
+
+
+def _warn(result: CanaryResult) -> None:
+    if result.excluded_labels:
+        named = ", ".join(f"{label!r} ({n})" for label, n in result.excluded_labels.items())
+        click.echo(
+            f"batchscore: warning: labels not in the model's class map, left out of the"
+            f" metrics: {named}",
+            err=True,
+        )
+    if result.n_unlabelled:
+        click.echo(
+            f"batchscore: warning: {result.n_unlabelled} images have no label, left out",
+            err=True,
+        )

@@ -146,6 +146,15 @@ class DatasetWriter:
             self._current.abort()
             self._current = None
 
+    def part_path(self, index: int) -> Path:
+        """Where part `index` of this run goes. The name depends only on (run_id, index), so an
+        engine that retries a partition replaces its part instead of adding rows twice."""
+        return self.partition / f"part-{self.run_id}-{index:05d}.parquet"
+
+    def add_part(self, path: Path) -> None:
+        """Record a part committed by another process (a Dask worker) for the run summary."""
+        self.parts.append(str(path.relative_to(self.root)))
+
 
 def write_summary(root: Path, summary: Mapping[str, Any]) -> Path:
     """The run's summary JSON, written atomically beside the parts."""

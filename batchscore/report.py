@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,8 +57,8 @@ def _write(path: Path, text: str) -> None:
 def _counts_line(result: CanaryResult) -> str:
     errors = "counted as wrong" if result.errors_count_as_wrong else "left out"
     return (
-        f"{result.n_images} images: {result.n_scored} scored, {len(result.errors)} errors"
-        f" ({errors}), {result.n_excluded} excluded (label missing or not in the class map)"
+        f"{result.n_images}: {result.n_scored} in the metrics, {len(result.errors)} failed to"
+        f" decode ({errors}), {result.n_excluded} excluded (label unknown to the model)"
     )
 
 
@@ -95,13 +96,13 @@ def terminal_table(result: CanaryResult) -> str:
         )
     else:
         name_width = max(len("check"), *(len(check.name) for check in result.checks)) + 2
-        lines.append(f"{'check':<{name_width}}{'value':<8}{'threshold':<11}result")
+        lines.append(f"{'check':<{name_width}}{'value':<9}{'threshold':<11}result")
         for check in result.checks:
             value = "n/a" if check.value is None else f"{check.value:.4f}"
             threshold = f"{check.operator} {check.threshold:g}"
             verdict = "PASS" if check.passed else "FAIL"
             detail = f"  {check.detail}" if check.detail else ""
-            lines.append(f"{check.name:<{name_width}}{value:<8}{threshold:<11}{verdict}{detail}")
+            lines.append(f"{check.name:<{name_width}}{value:<9}{threshold:<11}{verdict}{detail}")
     lines.append("")
     failed = len(result.failed_checks)
     lines.append(
@@ -115,11 +116,13 @@ def terminal_table(result: CanaryResult) -> str:
 # --- markdown -----------------------------------------------------------------------------
 
 
+_TAG_START = re.compile(r"<(?=[A-Za-z/!?])")  # what markdown renderers take for HTML
+
+
 def _md(text: object) -> str:
     """Text safe inside a markdown table cell."""
-    return (
-        str(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace("\n", " ")
-    )
+    escaped = str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    return _TAG_START.sub("&lt;", escaped)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
@@ -282,13 +285,13 @@ def confusion_svg(labels: Sequence[str], matrix: np.ndarray, max_classes: int) -
         np.fill_diagonal(off, 0)
         mass = off.sum(axis=0) + off.sum(axis=1)
         keep = np.sort(np.argsort(-mass, kind="stable")[:max_classes])
-    names = [_short(labels[i]) for i in keep]
+    names = [_short(labels[i]) for i in keep.tolist()]
     shown = matrix[np.ix_(keep, keep)]
     row_totals = matrix[keep].sum(axis=1)
     k = len(keep)
     margin = round(20 + CHAR_WIDTH * max((len(name) for name in names), default=0))
     top = margin + 40
-    width = max(margin + CELL * k + 20, round(CHAR_WIDTH * 1.1 * len(title_text(n, k))) + 8)
+    width = max(margin + CELL * k + 20, round(CHAR_WIDTH * len(title_text(n, k))) + 8)
     height = top + CELL * k + 20
     title = title_text(n, k)
     out = [

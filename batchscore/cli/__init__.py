@@ -16,6 +16,8 @@ import click
 
 from batchscore import __version__
 from batchscore.cli.canary import canary_command
+from batchscore.cli.diff import diff_command
+from batchscore.cli.quantize import quantize_command
 from batchscore.cli.runs import runs_command
 from batchscore.cli.score import score_command
 from batchscore.errors import BatchscoreError
@@ -50,4 +52,6 @@ def main() -> None:
 
 cli.add_command(score_command)
 cli.add_command(runs_command)
+cli.add_command(quantize_command)
 cli.add_command(canary_command)
+cli.add_command(diff_command)

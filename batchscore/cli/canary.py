@@ -76,7 +76,7 @@ SHARE = click.FloatRange(0, 1)
 )
 @model_options
 @pipeline_options
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def canary_command(
     sources: tuple[str, ...],
     report_dir: Path | None,
@@ -118,8 +118,8 @@ def canary_command(
 
     Example:
 
+    \b
         batchscore canary canary_set/ --min-accuracy 0.55 --report reports/canary
-
         batchscore canary labels.csv --model new/ --baseline current/ --max-drop 0.01
     """
     settings = CanarySettings(
@@ -150,8 +150,7 @@ def canary_command(
         errors_count_as_wrong=errors_count_as_wrong,
     )
     result = run_canary(sources, settings)
-    if not quiet:
-        _warn(result)
+    _warn(result)
     click.echo(terminal_table(result))
     if not result.passed:
         raise GateFailed(result.failure_message())

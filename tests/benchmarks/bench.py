@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -161,11 +163,44 @@ def naive_rate(paths: Sequence[Path], spec: ModelSpec) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def batchscore_seconds(manifest: Path, output: Path) -> float:
-    """Wall time of one library call with default settings (pool start-up included)."""
-    start = time.perf_counter()
-    score([manifest], output, ScoreSettings())
-    return time.perf_counter() - start
+@dataclass(frozen=True)
+class Usage:
+    """One timed call: wall seconds, CPU seconds of this process tree and of the machine."""
+
+    wall: float
+    ours: float
+    machine: float
+
+    def others_share(self, cores: int) -> float:
+        """Share of the machine's cores that other processes used meanwhile (shared machine)."""
+        return max(0.0, self.machine - self.ours) / (self.wall * cores)
+
+
+def _machine_busy_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far, all processes (from /proc/stat)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return float("nan")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree_cpu_seconds() -> float:
+    """CPU seconds of this process plus its reaped children (the pool's workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def batchscore_run(manifest: Path, output: Path) -> Usage:
+    """One library call with default settings (pool start-up included)."""
+    cpu, busy, start = _tree_cpu_seconds(), _machine_busy_seconds(), time.perf_counter()
+    summary = score([manifest], output, ScoreSettings())
+    wall = time.perf_counter() - start
+    usage = Usage(wall, _tree_cpu_seconds() - cpu, _machine_busy_seconds() - busy)
+    if summary.stats["n_errors"]:
+        raise SystemExit(f"batchscore failed on {summary.stats['error_reasons']}")
+    return usage
 
 
 def stage_costs(paths: Sequence[Path], spec: ModelSpec) -> tuple[float, float]:
@@ -221,12 +256,12 @@ class TreeRss:
             parents[pid] = int(fields[1])  # field 4 of stat: ppid
             rss[pid] = int(fields[21]) * self._page  # field 24 of stat: rss in pages
         total = 0
-        for pid in rss:
+        for pid, size in rss.items():
             walk = pid
             while walk not in (0, 1, self.pid):
                 walk = parents.get(walk, 0)
             if walk == self.pid:
-                total += rss[pid]
+                total += size
         return total
 
     def _sample(self) -> None:
@@ -268,20 +303,22 @@ def bench_corpus(
     many = write_manifest(work / f"{name}-x{passes}.txt", paths, passes)
     output = work / f"{name}.parquet"
     n = len(paths)
-    naive, steady, end_to_end, ratios = [], [], [], []
-    batchscore_seconds(once, output)  # warm the page cache and the model file
+    cores = default_workers()
+    naive, steady, end_to_end, ratios, others, cpu_use = [], [], [], [], [], []
+    batchscore_run(once, output)  # warm the page cache and the model file
     for _ in range(repeats):
         naive.append(naive_rate(paths, spec))
-        t_once = batchscore_seconds(once, output)
-        t_many = batchscore_seconds(many, output)
-        rate = (passes - 1) * n / (t_many - t_once) if t_many > t_once else float("nan")
+        small = batchscore_run(once, output)
+        big = batchscore_run(many, output)
+        rate = (passes - 1) * n / (big.wall - small.wall) if big.wall > small.wall else math.nan
         steady.append(rate)
-        end_to_end.append(passes * n / t_many)
+        end_to_end.append(passes * n / big.wall)
         ratios.append(rate / naive[-1])
+        others.append(big.others_share(cores))
+        cpu_use.append(big.ours / (big.wall * cores))
     costs = [stage_costs(paths, spec) for _ in range(repeats)]
     decode = median([c[0] for c in costs])
     infer = median([c[1] for c in costs])
-    cores = default_workers()
     bound = cores / (decode + infer)
     return {
         "corpus": name,
@@ -295,6 +332,8 @@ def bench_corpus(
         "infer_ms": infer * 1e3,
         "bound_img_s": bound,
         "of_bound": median(steady) / bound,
+        "batchscore_cpu_use": median(cpu_use),
+        "others_cpu_share": median(others),
         "runs": {"naive": naive, "batchscore": steady, "x_naive": ratios},
     }
 
@@ -341,14 +380,14 @@ def print_report(report: dict[str, Any]) -> None:
     )
     print(f"model: {report['model']}; batchscore defaults: {report['defaults']}")
     print(f"medians of {report['repeats']} repeats\n")
-    header = (
+    print(
         f"{'corpus':<11} {'n':>3} {'MB/img':>6} {'naive':>7} {'batchscore':>10} {'(e2e)':>7}"
         f" {'x naive':>7} {'decode':>7} {'infer':>6} {'bound':>7} {'of bound':>8}"
+        f" {'bs CPU':>6} {'others':>6}"
     )
-    print(header)
     print(
         f"{'':<11} {'':>3} {'':>6} {'img/s':>7} {'img/s':>10} {'img/s':>7} {'':>7}"
-        f" {'ms/img':>7} {'ms/img':>6} {'img/s':>7}"
+        f" {'ms/img':>7} {'ms/img':>6} {'img/s':>7} {'':>8} {'use':>6} {'CPU':>6}"
     )
     for r in report["corpora"]:
         print(
@@ -356,7 +395,13 @@ def print_report(report: dict[str, Any]) -> None:
             f" {r['batchscore_img_s']:>10.1f} {r['batchscore_end_to_end_img_s']:>7.1f}"
             f" {r['x_naive']:>6.2f}x {r['decode_ms']:>7.1f} {r['infer_ms']:>6.1f}"
             f" {r['bound_img_s']:>7.1f} {r['of_bound']:>8.0%}"
+            f" {r['batchscore_cpu_use']:>6.0%} {r['others_cpu_share']:>6.0%}"
         )
+    print(
+        "batchscore: steady rate (start-up excluded, see --passes); e2e: start-up included."
+        "\nbs CPU use / others CPU: share of all cores used by batchscore's process tree /"
+        " by other processes during its runs"
+    )
     if "memory" in report:
         mem = report["memory"]
         print(
@@ -374,8 +419,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--workdir", type=Path, help="keep the corpus here (default: temp dir)")
     parser.add_argument("--count", type=int, default=32, help="images per corpus")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per figure (median)")
-    parser.add_argument("--passes", type=int, default=4, help="K of the steady-rate run")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per figure (median)")
+    parser.add_argument("--passes", type=int, default=5, help="K of the steady-rate run")
     parser.add_argument("--corpora", default=",".join(CORPORA), help="comma-separated")
     parser.add_argument("--model", default=None, help="model dir or .onnx (default: bundled)")
     parser.add_argument("--no-memory", action="store_true", help="skip the RSS runs")

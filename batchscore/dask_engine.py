@@ -1,0 +1,336 @@
+# distributed is typed only in part: its Client, LocalCluster and as_completed are not.
+# mypy: allow-untyped-calls
+"""The Dask engine (`--engine dask`): partitions of paths scored on a cluster, one part each.
+
+How a run flows (docs/dask.md has the whole story):
+
+- The parent reads the sources and the dataset's state exactly as the local engine does, cuts
+  the refs into partitions of `PARTITION_IMAGES` images (fewer with a smaller `--part-rows`)
+  and keeps at most `IN_FLIGHT_PER_THREAD` partitions per worker thread submitted: no task
+  graph is built up front, so memory stays flat for millions of images.
+- `RunPlugin` travels once to every worker. Each worker thread lazily builds its own `Scorer`
+  (one ORT session per model with `threads_per_worker` intra-op threads, 1 by default; ORT
+  ignores OMP_NUM_THREADS), so Dask threads x ORT threads = cores and nothing oversubscribes.
+- A partition is decoded, scored and written by one task into one Parquet part, atomically, at a
+  name fixed by (run_id, partition index): when Dask retries a partition (its worker died) the
+  retry replaces that part and never adds rows. Only the four columns the run's counts need go
+  back to the parent; probabilities stay on disk.
+- Workers write straight into the dataset directory, so inputs and output must be on storage
+  every worker mounts at the same path. `RunPlugin.setup` checks that on every worker (a token
+  file the parent wrote must be readable, the partition folder writable, the first input
+  readable) and the run stops with a ConfigError before any task runs when one cannot.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from datetime import datetime, timezone
+from itertools import chain, islice
+from pathlib import Path
+from typing import Any, cast
+
+import dask
+import onnxruntime as ort
+import pyarrow as pa
+from distributed import Client, LocalCluster, Worker, as_completed, get_worker
+from distributed.comm.addressing import parse_address
+from distributed.comm.registry import get_backend
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from batchscore import __version__
+from batchscore.dataset import DatasetWriter, remove_stale_temporaries
+from batchscore.errors import ConfigError, OutputError
+from batchscore.model import ModelSpec
+from batchscore.output import AtomicParquetFile, OutputLayout, chunk_to_batch
+from batchscore.pipeline import ChunkResult, PipelineOptions, Scorer
+from batchscore.score import RunContext
+from batchscore.sources import ImageRef
+
+PARTITION_IMAGES = 256  # big enough to amortise a task (~ms), small enough to retry cheaply
+IN_FLIGHT_PER_THREAD = 2  # one running, one queued per worker thread: no idle gaps
+TASK_RETRIES = 2  # a shared-filesystem hiccup on one worker should not fail a long run
+WORKER_WAIT_S = 120.0  # a fresh cluster's workers may still be starting
+LOOPBACK_ANY_PORT = "127.0.0.1:0"
+STATS_COLUMNS = ["status", "error", "pred_label", "pred_prob"]  # what RunStats.add reads
+# The nanny sets MALLOC_TRIM_THRESHOLD_=65536 in every worker; setting it at all turns off
+# glibc's dynamic mmap threshold, so each decoded image is a fresh mmap (decode ~1.7x slower).
+NANNY_MALLOC_TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+
+
+class RunPlugin(WorkerPlugin):
+    """Everything a worker needs to score this run's partitions, sent once per worker."""
+
+    def __init__(
+        self,
+        context: RunContext,
+        sink: DatasetWriter,
+        *,
+        token: tuple[str, str],
+        probe: str | None,
+        ignore_sigint: bool,
+    ) -> None:
+        self.name = f"batchscore-{context.run_id}"
+        self.specs: list[ModelSpec] = context.specs
+        self.options: PipelineOptions = context.settings.pipeline
+        self.layout: OutputLayout = context.layout
+        self.run_id = context.run_id
+        self.schema: pa.Schema = sink.schema
+        self.metadata: dict[str, Any] = sink.metadata
+        self.partition = os.path.abspath(sink.partition)
+        self.token = token
+        self.probe = probe
+        self.ignore_sigint = ignore_sigint
+        self.problem: str | None = None
+
+    def setup(self, worker: Worker) -> None:
+        del worker  # the plugin's state is all it needs
+        if self.ignore_sigint:  # our LocalCluster shares the terminal: Ctrl-C is the parent's
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self._local = threading.local()
+        self.problem = storage_problem(self.partition, self.token, self.probe, self.metadata)
+
+    def scorer(self) -> Scorer:
+        """This thread's scorer: ORT sessions are not shared between concurrent runs."""
+        scorer: Scorer | None = getattr(self._local, "scorer", None)
+        if scorer is None:
+            scorer = self._local.scorer = Scorer(self.specs, self.options)
+        return scorer
+
+    def score_partition(self, path: Path, refs: Sequence[ImageRef]) -> pa.RecordBatch:
+        """Score `refs` in input order into the part at `path`; return the counted columns."""
+        if self.problem is not None:
+            raise OutputError(f"this Dask worker cannot use the run's files: {self.problem}")
+        scorer = self.scorer()
+        part = AtomicParquetFile(path, self.schema, self.metadata)
+        counted = []
+        try:
+            for start in range(0, len(refs), self.options.batch_size):
+                chunk = list(refs[start : start + self.options.batch_size])
+                output = scorer.score([(ref.path, ref.problem) for ref in chunk])
+                result = ChunkResult(chunk, output, datetime.now(timezone.utc))
+                batch = chunk_to_batch(result, self.specs, self.schema, self.layout, self.run_id)
+                part.write(batch)
+                counted.append(batch.select(STATS_COLUMNS))
+            part.commit({"part_rows": part.rows})
+        except BaseException:
+            part.abort()
+            raise
+        batches: list[pa.RecordBatch] = pa.Table.from_batches(counted).combine_chunks().to_batches()
+        return batches[0]
+
+
+def storage_problem(
+    partition: str, token: tuple[str, str], probe: str | None, metadata: Mapping[str, Any]
+) -> str | None:
+    """Why this process cannot take part in the run, or None. Runs on each worker."""
+    token_path, token_value = token
+    try:
+        seen = Path(token_path).read_text()
+    except OSError as exc:
+        return f"cannot read {token_path} ({exc.strerror or exc}): is {partition} shared storage?"
+    if seen != token_value:
+        return f"{partition} here is not the directory the client writes (not shared storage)"
+    scratch = Path(partition) / f".part-check-{uuid.uuid4().hex}.tmp"
+    try:
+        scratch.write_bytes(b"")
+        scratch.unlink()
+    except OSError as exc:
+        return f"cannot write into {partition}: {exc.strerror or exc}"
+    if probe is not None:
+        try:
+            with open(probe, "rb") as handle:
+                handle.read(1)
+        except OSError as exc:
+            return f"cannot read input {probe} ({exc.strerror or exc}): is it on shared storage?"
+    versions = (metadata["batchscore_version"], metadata["onnxruntime_version"])
+    if (__version__, ort.__version__) != versions:
+        return (
+            f"runs batchscore {__version__} with onnxruntime {ort.__version__}, the client"
+            f" {versions[0]} with onnxruntime {versions[1]}: install the same versions"
+        )
+    return None
+
+
+def score_partition(plugin_name: str, path: str, refs: Sequence[ImageRef]) -> pa.RecordBatch:
+    """The task: a module-level function, so workers unpickle it by reference."""
+    plugin = cast(RunPlugin, get_worker().plugins[plugin_name])
+    return plugin.score_partition(Path(path), refs)
+
+
+def _plugin_problem(plugin_name: str, dask_worker: Worker) -> str | None:
+    plugin = cast(RunPlugin | None, dask_worker.plugins.get(plugin_name))
+    return None if plugin is None else plugin.problem
+
+
+def score_on_dask(
+    refs: Iterator[ImageRef],
+    context: RunContext,
+    sink: DatasetWriter,
+    stop: Callable[[], bool],
+) -> Iterator[pa.RecordBatch]:
+    """Score `refs` on a Dask cluster into `sink`'s dataset, yielding each partition's counts.
+
+    Connects to `settings.dask_address`, or starts a LocalCluster of `settings.pipeline.workers`
+    single-threaded processes. After `stop()` turns true no partition is submitted; the ones
+    running finish and are committed. A failed partition stops submission the same way, then
+    its error is raised, so every committed part is in `sink.parts` either way.
+    """
+    first = next(refs, None)
+    if first is None:
+        return  # nothing left to score: no cluster to start
+    settings = context.settings
+    size = min(PARTITION_IMAGES, settings.part_rows)
+    partitions = enumerate(_chunks(chain([first], refs), size))
+    readable = first.path is not None and os.access(first.path, os.R_OK)
+    with (
+        _connect(settings.dask_address, settings.pipeline.workers) as client,
+        _shared_token(sink) as token,
+    ):
+        plugin = RunPlugin(
+            context,
+            sink,
+            token=token,
+            probe=first.path if readable else None,
+            ignore_sigint=settings.dask_address is None,
+        )
+        _wait_for_workers(client)
+        client.register_plugin(plugin, name=plugin.name)
+        try:
+            _check_workers(client, plugin.name)
+            yield from _stream(client, plugin.name, partitions, sink, stop)
+            remove_stale_temporaries(sink.root)  # of parts whose worker died mid-write
+        finally:
+            with suppress(OSError):  # a lost scheduler must not hide the run's own error
+                client.unregister_worker_plugin(plugin.name)
+
+
+def _chunks(refs: Iterator[ImageRef], size: int) -> Iterator[list[ImageRef]]:
+    while chunk := list(islice(refs, size)):
+        yield chunk
+
+
+@contextmanager
+def _connect(address: str | None, workers: int) -> Iterator[Client]:
+    if address is not None:
+        try:  # checked first: Client leaves a thread behind on a bad scheme (60 s at exit)
+            get_backend(parse_address(address)[0])
+        except ValueError as exc:
+            raise ConfigError(f"bad Dask scheduler address {address!r}: {exc}") from exc
+        try:
+            client = Client(address, set_as_default=False)
+        except OSError as exc:
+            raise ConfigError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
+        with client:
+            yield client
+        return
+    with (
+        dask.config.set({NANNY_MALLOC_TRIM: None}),
+        LocalCluster(
+            n_workers=max(workers, 1),
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",  # nothing outside this machine needs to reach it
+            dashboard_address=None,
+            # Without a dashboard the scheduler still serves /health on 8787 (a warning, and
+            # another port, when that is taken): a free loopback port instead.
+            scheduler_kwargs={"dashboard_address": LOOPBACK_ANY_PORT},
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        yield client
+
+
+@contextmanager
+def _shared_token(sink: DatasetWriter) -> Iterator[tuple[str, str]]:
+    """A file only this run can have written: a worker that reads it sees the same storage.
+    Named like a part temporary, so the next run removes it if this one dies."""
+    path = Path(os.path.abspath(sink.partition)) / f".part-{sink.run_id}-shared.tmp"
+    value = uuid.uuid4().hex
+    try:
+        path.write_text(value)
+    except OSError as exc:
+        raise OutputError(f"cannot write output {sink.root}: {exc.strerror or exc}") from exc
+    try:
+        yield str(path), value
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _wait_for_workers(client: Client) -> None:
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+    except TimeoutError as exc:
+        raise ConfigError(
+            f"no Dask worker joined the scheduler within {WORKER_WAIT_S:.0f} s"
+            " (an adaptive cluster needs minimum=1)"
+        ) from exc
+
+
+def _check_workers(client: Client, plugin_name: str) -> None:
+    problems: dict[str, str | None] = client.run(_plugin_problem, plugin_name)
+    by_problem: dict[str, list[str]] = {}
+    for address, problem in sorted(problems.items()):
+        if problem is not None:
+            by_problem.setdefault(problem, []).append(address)
+    if by_problem:
+        listed = "; ".join(
+            f"{len(addresses)} of {len(problems)} workers (e.g. {addresses[0]}): {problem}"
+            for problem, addresses in by_problem.items()
+        )
+        raise ConfigError(
+            "Dask workers cannot take part in this run (--engine dask needs the inputs and the"
+            " output directory on storage every worker mounts at the same path, and the same"
+            f" batchscore and onnxruntime versions): {listed}"
+        )
+
+
+def _stream(
+    client: Client,
+    plugin_name: str,
+    partitions: Iterator[tuple[int, list[ImageRef]]],
+    sink: DatasetWriter,
+    stop: Callable[[], bool],
+) -> Iterator[pa.RecordBatch]:
+    """Keep a bounded window of partitions in flight; yield each one's counts as it lands."""
+    completed = as_completed(loop=client.loop)
+    parts: dict[str, Path] = {}
+
+    def submit_more() -> None:
+        limit = IN_FLIGHT_PER_THREAD * max(sum(client.nthreads().values()), 1)
+        while completed.count() < limit and not stop():
+            item = next(partitions, None)
+            if item is None:
+                return
+            index, chunk = item
+            path = sink.part_path(index)
+            future = client.submit(
+                score_partition,
+                plugin_name,
+                os.path.abspath(path),
+                chunk,
+                key=f"{plugin_name}-part-{index:05d}",
+                retries=TASK_RETRIES,
+            )
+            parts[str(future.key)] = path
+            completed.add(future)
+
+    failure: Exception | None = None
+    submit_more()
+    for future in completed:
+        path = parts.pop(str(future.key))
+        try:
+            batch = future.result()
+        except Exception as exc:  # drain what is running first, so its parts are recorded
+            failure = failure or exc
+            continue
+        sink.add_part(path)
+        yield batch
+        if failure is None:
+            submit_more()
+    if failure is not None:
+        raise failure

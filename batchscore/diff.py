@@ -1,0 +1,317 @@
+"""What changed between two scorings of the same images, for `batchscore diff`.
+
+Rescoring after a model change writes new rows under the new model's SHA-256 beside the old
+ones; nothing is overwritten. A side of a diff is therefore an output (a Parquet file or a
+dataset directory) *and* one model in it. Per side, an image's state is its latest row (by
+`scored_at`): an image rescored after a content change, or retried after an error, counts once,
+as it is now. Images are matched on `image_id`; only those whose latest row is `ok` on both
+sides are compared, and error rows are counted per side.
+
+Memory: each side is read with a column projection (five or six narrow columns, never the
+probability vectors) and, for a dataset holding several models, a filter on `model_sha256`
+pushed into the Parquet scan. The join holds one row per image per side: O(N).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from batchscore.errors import ConfigError, GateFailed, OutputError
+from batchscore.output import STATUS_OK, AtomicParquetFile
+from batchscore.score import reason_kind
+
+REQUIRED_COLUMNS = ("image_id", "status", "error", "pred_label", "pred_prob", "model_sha256")
+CHANGED_COLUMNS = (
+    "image_id",
+    "path",
+    "a_pred_label",
+    "a_pred_prob",
+    "b_pred_label",
+    "b_pred_prob",
+    "a_model_sha256",
+    "b_model_sha256",
+)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of a diff: which rows, and how many images they hold by status."""
+
+    source: str
+    model_sha256: str
+    n_images: int
+    n_ok: int
+    n_errors: int
+    error_reasons: Mapping[str, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "model_sha256": self.model_sha256,
+            "n_images": self.n_images,
+            "n_ok": self.n_ok,
+            "n_errors": self.n_errors,
+            "error_reasons": dict(self.error_reasons),
+        }
+
+
+@dataclass(frozen=True)
+class Flip:
+    """Images whose top-1 label went from `old` (A) to `new` (B)."""
+
+    old: str
+    new: str
+    count: int
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    """The answer of `diff_outputs`; `changed` holds the changed images side by side."""
+
+    a: Side
+    b: Side
+    n_in_both: int
+    n_compared: int  # ok on both sides
+    n_changed: int  # compared, and the top-1 label differs
+    mean_prob_delta: float | None  # B's top-1 probability minus A's, over compared images
+    mean_abs_prob_delta: float | None
+    flips: tuple[Flip, ...]  # most frequent first
+    changed: pa.Table  # CHANGED_COLUMNS, sorted by image_id
+
+    @property
+    def only_in_a(self) -> int:
+        return self.a.n_images - self.n_in_both
+
+    @property
+    def only_in_b(self) -> int:
+        return self.b.n_images - self.n_in_both
+
+    @property
+    def changed_share(self) -> float | None:
+        return self.n_changed / self.n_compared if self.n_compared else None
+
+    def as_dict(self, top: int | None = None) -> dict[str, Any]:
+        """The report as plain data; `top` keeps only the most frequent flips."""
+        shown = self.flips if top is None else self.flips[:top]
+        return {
+            "a": self.a.as_dict(),
+            "b": self.b.as_dict(),
+            "n_in_both": self.n_in_both,
+            "only_in_a": self.only_in_a,
+            "only_in_b": self.only_in_b,
+            "n_compared": self.n_compared,
+            "n_changed": self.n_changed,
+            "changed_share": self.changed_share,
+            "mean_prob_delta": self.mean_prob_delta,
+            "mean_abs_prob_delta": self.mean_abs_prob_delta,
+            "n_flip_pairs": len(self.flips),
+            "flips": [{"old": f.old, "new": f.new, "count": f.count} for f in shown],
+        }
+
+
+def diff_outputs(
+    a: str | Path,
+    b: str | Path | None = None,
+    *,
+    model_a: str | None = None,
+    model_b: str | None = None,
+) -> DiffReport:
+    """Compare the top-1 predictions of two outputs, or of two models in one dataset (b=None).
+
+    `model_a` and `model_b` are SHA-256 prefixes; each may be left out when its output holds a
+    single model. Raises ConfigError (exit 2) for a missing or unreadable output, and for a
+    prefix that matches no model or several, listing the models present.
+    """
+    if b is None:
+        if model_a is None or model_b is None:
+            raise ConfigError("diffing one dataset needs --model-a and --model-b")
+        b = a
+    data_a, data_b = _open(a), _open(b)
+    sha_a = _pick_model(a, data_a, model_a, "--model-a")
+    sha_b = _pick_model(b, data_b, model_b, "--model-b")
+    if sha_a == sha_b and Path(a).resolve() == Path(b).resolve():
+        raise ConfigError(f"both sides are model {sha_a} of {a}: nothing to compare")
+    latest_a = _latest_rows(data_a, sha_a, with_path=False)
+    latest_b = _latest_rows(data_b, sha_b, with_path=True)
+    side_a, side_b = _side(str(a), sha_a, latest_a), _side(str(b), sha_b, latest_b)
+    joined = _prefixed(latest_a, "a_").join(
+        _prefixed(latest_b, "b_"), keys="image_id", join_type="inner"
+    )
+    ok = pc.and_(
+        pc.equal(joined.column("a_status"), STATUS_OK),
+        pc.equal(joined.column("b_status"), STATUS_OK),
+    )
+    compared = joined.filter(ok)
+    delta = pc.subtract(
+        compared.column("b_pred_prob").cast(pa.float64()),
+        compared.column("a_pred_prob").cast(pa.float64()),
+    )
+    changed = compared.filter(
+        pc.not_equal(compared.column("a_pred_label"), compared.column("b_pred_label"))
+    )
+    return DiffReport(
+        a=side_a,
+        b=side_b,
+        n_in_both=joined.num_rows,
+        n_compared=compared.num_rows,
+        n_changed=changed.num_rows,
+        mean_prob_delta=pc.mean(delta).as_py(),
+        mean_abs_prob_delta=pc.mean(pc.abs(delta)).as_py(),
+        flips=_flips(changed),
+        changed=_side_by_side(changed, sha_a, sha_b),
+    )
+
+
+def check_changed_share(report: DiffReport, max_share: float) -> None:
+    """The rescoring guard: GateFailed (exit 3) when more than `max_share` changed top-1.
+
+    It fails closed: with no image scored ok by both models there is nothing to vouch for.
+    """
+    share = report.changed_share
+    if share is None:
+        raise GateFailed(
+            "no image was scored ok on both sides, so --max-changed-share cannot be checked"
+        )
+    if share > max_share:
+        raise GateFailed(
+            f"{report.n_changed} of {report.n_compared} compared images changed top-1"
+            f" ({share:.1%}), more than --max-changed-share {max_share:.1%}"
+        )
+
+
+def write_changed(report: DiffReport, path: str | Path) -> Path:
+    """Write the changed images side by side, atomically like every batchscore output."""
+    target = Path(path)
+    metadata = {
+        "a_source": report.a.source,
+        "a_model_sha256": report.a.model_sha256,
+        "b_source": report.b.source,
+        "b_model_sha256": report.b.model_sha256,
+        "n_compared": report.n_compared,
+        "n_changed": report.n_changed,
+    }
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sink = AtomicParquetFile(target, report.changed.schema, metadata)
+    except OSError as exc:
+        raise OutputError(f"cannot write output {target}: {exc.strerror or exc}") from exc
+    try:
+        for batch in report.changed.to_batches():
+            sink.write(batch)
+        sink.commit({})
+    except BaseException:
+        sink.abort()
+        raise
+    return target
+
+
+def _parquet_files(root: Path) -> list[str]:
+    """Parts of a dataset directory, skipping hidden and '_' names (temporaries, _runs)."""
+    found = []
+    for folder, subdirs, names in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith((".", "_")))
+        found += [
+            os.path.join(folder, name)
+            for name in sorted(names)
+            if name.endswith(".parquet") and not name.startswith((".", "_"))
+        ]
+    return found
+
+
+def _open(output: str | Path) -> ds.Dataset:
+    path = Path(output)
+    if path.is_dir():
+        files = _parquet_files(path)
+    elif path.is_file():
+        files = [str(path)]
+    else:
+        raise ConfigError(f"no output at {output}")
+    if not files:
+        raise ConfigError(f"no Parquet files in {output}")
+    try:
+        dataset = ds.dataset(files, format="parquet")
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ConfigError(f"cannot read {output}: {exc}") from exc
+    missing = [name for name in REQUIRED_COLUMNS if name not in dataset.schema.names]
+    if missing:
+        raise ConfigError(f"{output} is not a batchscore output: no column {missing[0]!r}")
+    return dataset
+
+
+def _pick_model(output: str | Path, dataset: ds.Dataset, prefix: str | None, option: str) -> str:
+    """The one model of `output` whose SHA-256 starts with `prefix` (any, if it holds one)."""
+    rows: Counter[str] = Counter()
+    for batch in dataset.to_batches(columns=["model_sha256"]):
+        counts = pc.value_counts(batch.column("model_sha256")).to_pylist()
+        rows.update({entry["values"]: entry["counts"] for entry in counts})
+    matches = [sha for sha in rows if prefix is None or sha.startswith(prefix.lower())]
+    if len(matches) == 1:
+        return matches[0]
+    present = ", ".join(f"{sha} ({n} rows)" for sha, n in sorted(rows.items()))
+    if prefix is None:
+        problem = f"{output} holds {len(rows)} models; choose one with {option}"
+    else:
+        kind = "several models" if matches else "no model"
+        problem = f"{option} {prefix} matches {kind} in {output}"
+    raise ConfigError(f"{problem}; models present: {present or 'none'}")
+
+
+def _latest_rows(dataset: ds.Dataset, sha: str, *, with_path: bool) -> pa.Table:
+    """One row per image_id: the latest scored, whatever its status."""
+    columns = ["image_id", "status", "error", "pred_label", "pred_prob", "scored_at"]
+    if with_path:
+        columns.append("path")
+    table = dataset.to_table(columns=columns, filter=pc.field("model_sha256") == sha)
+    table = table.sort_by([("image_id", "ascending"), ("scored_at", "descending")])
+    n = table.num_rows
+    if n < 2:
+        return table
+    ids = table.column("image_id").combine_chunks()
+    first = pc.not_equal(ids.slice(1), ids.slice(0, n - 1))
+    return table.filter(pa.concat_arrays([pa.array([True]), first]))
+
+
+def _side(source: str, sha: str, latest: pa.Table) -> Side:
+    errors = latest.filter(pc.not_equal(latest.column("status"), STATUS_OK))
+    reasons = Counter(reason_kind(r or "") for r in errors.column("error").to_pylist())
+    return Side(
+        source=source,
+        model_sha256=sha,
+        n_images=latest.num_rows,
+        n_ok=latest.num_rows - errors.num_rows,
+        n_errors=errors.num_rows,
+        error_reasons=dict(reasons.most_common()),
+    )
+
+
+def _prefixed(latest: pa.Table, prefix: str) -> pa.Table:
+    keep = ["image_id", "path", "status", "pred_label", "pred_prob"]
+    table = latest.select([name for name in keep if name in latest.column_names])
+    return table.rename_columns(
+        [name if name in ("image_id", "path") else prefix + name for name in table.column_names]
+    )
+
+
+def _flips(changed: pa.Table) -> tuple[Flip, ...]:
+    counts = changed.group_by(["a_pred_label", "b_pred_label"]).aggregate([("image_id", "count")])
+    flips = [
+        Flip(row["a_pred_label"], row["b_pred_label"], row["image_id_count"])
+        for row in counts.to_pylist()
+    ]
+    return tuple(sorted(flips, key=lambda f: (-f.count, f.old, f.new)))
+
+
+def _side_by_side(changed: pa.Table, sha_a: str, sha_b: str) -> pa.Table:
+    n = changed.num_rows
+    table = changed.append_column("a_model_sha256", pa.array([sha_a] * n, pa.string()))
+    table = table.append_column("b_model_sha256", pa.array([sha_b] * n, pa.string()))
+    return table.select(list(CHANGED_COLUMNS)).sort_by("image_id")

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# nightly.sh: score the new images of an uploads folder into a Parquet dataset (cron, systemd).
+#
+# The run is incremental: images this model already scored are skipped and files whose content
+# changed are scored again (a half-uploaded file, once complete, too), so running it again after
+# a kill, a crash or a reboot finishes the work and never duplicates a row. Every run appends
+# to a log; when a run fails, its lines go to stderr too, so cron mails them (and a successful
+# run stays silent). The exit code is batchscore's, unchanged:
+#   0 done (error rows included)   1 unexpected failure   2 bad configuration
+#   4 more than MAX_ERROR_RATE of the new images failed (their rows are written)
+#   75 another run holds the dataset's lock: nothing done, the next run catches up
+#   130/143 stopped by SIGINT/SIGTERM (passed on to batchscore): the next run resumes
+#
+# Settings: environment variables, or the flags beside them (a flag wins).
+#   UPLOADS         --uploads DIR        folder of images to score (required)
+#   DATASET         --dataset DIR        the dataset directory (required)
+#   MODEL           --model PATH         model directory or .onnx file (default: bundled model)
+#   LOG             --log FILE           log appended to (default: DATASET/_logs/nightly.log;
+#                                        readers skip names starting with '_')
+#   MAX_ERROR_RATE  --max-error-rate X   exit 4 when more than this share failed (default:
+#                                        0.05; empty: no limit)
+#   RETRY_ERRORS=1  --retry-errors       also retry files that failed and have not changed since
+#                                        (default: only a changed file is tried again, so one
+#                                        broken upload does not fail every night after)
+#   WAIT_LOCK=1     --wait-lock          wait for a run holding the lock instead of exiting 75
+#   WORKERS         --workers N          worker processes (default: one per CPU)
+#   BATCHSCORE      --batchscore CMD     how to run batchscore, split on spaces (default:
+#                                        batchscore; e.g. "/opt/venv/bin/python -m batchscore")
+# Arguments after `--` go to `batchscore score` as they are.
+#
+# Example:
+#   UPLOADS=/data/uploads DATASET=/data/preds jobs/nightly.sh
+#   jobs/nightly.sh --uploads /data/uploads --dataset /data/preds --wait-lock -- --top-k 3
+
+set -euo pipefail
+
+UPLOADS=${UPLOADS:-}
+DATASET=${DATASET:-}
+MODEL=${MODEL:-}
+LOG=${LOG:-}
+MAX_ERROR_RATE=${MAX_ERROR_RATE-0.05}
+RETRY_ERRORS=${RETRY_ERRORS:-0}
+WAIT_LOCK=${WAIT_LOCK:-0}
+WORKERS=${WORKERS:-}
+BATCHSCORE=${BATCHSCORE:-batchscore}
+
+die() {
+    echo "nightly.sh: $*" >&2
+    exit 2
+}
+
+usage() {
+    sed -n '2,/^$/s/^# \{0,1\}//p' "$0"
+}
+
+while (($#)); do
+    case $1 in
+        --uploads | --dataset | --model | --log | --max-error-rate | --workers | --batchscore)
+            (($# >= 2)) || die "$1 needs a value"
+            case $1 in
+                --uploads) UPLOADS=$2 ;;
+                --dataset) DATASET=$2 ;;
+                --model) MODEL=$2 ;;
+                --log) LOG=$2 ;;
+                --max-error-rate) MAX_ERROR_RATE=$2 ;;
+                --workers) WORKERS=$2 ;;
+                --batchscore) BATCHSCORE=$2 ;;
+            esac
+            shift 2
+            ;;
+        --retry-errors) RETRY_ERRORS=1 && shift ;;
+        --wait-lock) WAIT_LOCK=1 && shift ;;
+        -h | --help) usage && exit 0 ;;
+        --) shift && break ;;
+        *) die "unknown option $1 (see --help)" ;;
+    esac
+done
+
+[[ -n $UPLOADS ]] || die "set UPLOADS (or --uploads): the folder of images to score"
+[[ -n $DATASET ]] || die "set DATASET (or --dataset): the dataset directory"
+DATASET=${DATASET%/}
+LOG=${LOG:-$DATASET/_logs/nightly.log}
+
+read -r -a batchscore <<<"$BATCHSCORE"
+command=("${batchscore[@]}" score "$UPLOADS" -o "$DATASET/" --incremental)
+if [[ -n $MODEL ]]; then command+=(--model "$MODEL"); fi
+if [[ -n $MAX_ERROR_RATE ]]; then command+=(--max-error-rate "$MAX_ERROR_RATE"); fi
+if [[ -n $WORKERS ]]; then command+=(--workers "$WORKERS"); fi
+if [[ $RETRY_ERRORS == 1 ]]; then command+=(--retry-errors); else command+=(--no-retry-errors); fi
+if [[ $WAIT_LOCK == 1 ]]; then command+=(--wait-lock); fi
+command+=("$@")
+
+mkdir -p "$(dirname "$LOG")" 2>/dev/null || die "cannot create the folder of LOG=$LOG"
+exec 3>>"$LOG" || die "cannot append to LOG=$LOG"
+log_start=$(wc -c <"$LOG")
+
+stamp() {
+    date -u +%Y-%m-%dT%H:%M:%SZ
+}
+
+meaning() {
+    case $1 in
+        0) echo "done" ;;
+        2) echo "bad configuration" ;;
+        4) echo "too many images failed; their rows are written" ;;
+        75) echo "another run holds the dataset's lock; nothing done" ;;
+        130 | 143) echo "stopped by a signal; the next run resumes" ;;
+        *) echo "failed" ;;
+    esac
+}
+
+printf -v shown '%q ' "${command[@]}"
+echo "$(stamp) nightly.sh[$$] start: ${shown% }" >&3
+started=$SECONDS
+
+# batchscore runs in the background so that a SIGTERM or SIGINT sent to this script (systemctl
+# stop, kill) reaches it: it commits what it scored and exits 143 or 130.
+"${command[@]}" >&3 2>&3 &
+child=$!
+trap 'forwarded=TERM && kill -s TERM "$child" 2>/dev/null || true' TERM
+trap 'forwarded=INT && kill -s INT "$child" 2>/dev/null || true' INT
+while :; do
+    forwarded=""
+    status=0
+    wait "$child" || status=$?
+    if [[ -z $forwarded ]]; then break; fi # a forwarded signal cut the wait short: wait again
+done
+trap - TERM INT
+
+echo "$(stamp) nightly.sh[$$] exit $status: $(meaning "$status") ($((SECONDS - started)) s)" >&3
+exec 3>&-
+if ((status != 0)); then
+    tail -c +"$((log_start + 1))" "$LOG" >&2
+fi
+exit "$status"

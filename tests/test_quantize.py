@@ -1,0 +1,221 @@
+"""`batchscore quantize`: a real (small) conv net quantized on real photos, and the shipped int8."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from batchscore.cli import cli
+from batchscore.errors import ConfigError
+from batchscore.model import load_model
+from batchscore.pipeline import PipelineOptions, Scorer
+from batchscore.quantize import (
+    INT8_FILENAME,
+    REPORT_FILENAME,
+    QuantizeOptions,
+    quantize_model,
+)
+from tests.conftest import REPO, SAMPLES
+
+ARTIFACTS = REPO / "artifacts"
+CLASSES = [f"class_{i}" for i in range(10)]
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+Layer = tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]
+
+
+def _conv(name: str, x: str, c_in: int, c_out: int, stride: int, rng: np.random.Generator) -> Layer:
+    weight = rng.normal(0, (2 / (9 * c_in)) ** 0.5, (c_out, c_in, 3, 3)).astype(np.float32)
+    bias = rng.normal(0, 0.1, c_out).astype(np.float32)
+    node = helper.make_node(
+        "Conv", [x, f"{name}.w", f"{name}.b"], [f"{name}.y"], name=name,
+        pads=[1, 1, 1, 1], strides=[stride, stride],
+    )  # fmt: skip
+    relu = helper.make_node("Relu", [f"{name}.y"], [f"{name}.r"], name=f"{name}.relu")
+    inits = [
+        numpy_helper.from_array(weight, f"{name}.w"),
+        numpy_helper.from_array(bias, f"{name}.b"),
+    ]
+    return [node, relu], inits, f"{name}.r"
+
+
+def small_convnet(folder: Path, size: int = 32) -> Path:
+    """Three Conv+Relu, GlobalAveragePool, Gemm: random but fixed weights, 10 classes."""
+    rng = np.random.default_rng(7)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    x = "input"
+    layers = (("conv1", 3, 8, 1), ("conv2", 8, 16, 2), ("conv3", 16, 16, 1))
+    for name, c_in, c_out, stride in layers:
+        layer, weights, x = _conv(name, x, c_in, c_out, stride, rng)
+        nodes += layer
+        inits += weights
+    nodes += [
+        helper.make_node("GlobalAveragePool", [x], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc", transB=1),
+    ]
+    inits += [
+        numpy_helper.from_array(rng.normal(0, 0.5, (10, 16)).astype(np.float32), "fc.w"),
+        numpy_helper.from_array(np.zeros(10, np.float32), "fc.b"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "small_convnet",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    folder.mkdir(parents=True)
+    onnx.save(model, folder / "model.onnx")
+    (folder / "class_map.json").write_text(json.dumps(CLASSES))
+    preprocess = {"resize_size": 36, "crop_size": size, "mean": [0.5] * 3, "std": [0.25] * 3}
+    (folder / "preprocess.json").write_text(json.dumps(preprocess))
+    return folder
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """Real photos: the bundled samples, plus a crop and a flip of each (12 images)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for sample in sorted(SAMPLES.glob("*.jpg")):
+        image = Image.open(sample).convert("RGB")
+        image.save(folder / sample.name)
+        w, h = image.size
+        image.crop((w // 4, h // 4, w, h)).save(folder / f"crop_{sample.name}")
+        image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / f"flip_{sample.name}")
+    return folder
+
+
+def test_quantize_writes_a_model_that_scores_and_a_report(tmp_path: Path, photos: Path) -> None:
+    model_dir = small_convnet(tmp_path / "fp32")
+    out = tmp_path / "int8"
+    code, output = run(
+        "quantize",
+        "--model",
+        str(model_dir),
+        "--calibration",
+        str(photos),
+        "-o",
+        str(out),
+        "--holdout-count",
+        "4",
+    )
+    assert code == 0, output
+    assert "top-1 agreement" in output
+    for name in (INT8_FILENAME, "class_map.json", "preprocess.json", REPORT_FILENAME):
+        assert (out / name).is_file(), name
+    report = json.loads((out / REPORT_FILENAME).read_text())
+    assert report["holdout_images"] == 4
+    assert report["calibration_images"] == 8  # the rest: held-out images never calibrate
+    assert report["agreement"]["n"] == 4
+    assert 0.0 <= report["agreement"]["top1"] <= 1.0
+    assert 0.0 <= report["agreement"]["top5_overlap"] <= 1.0
+    assert report["int8_bytes"] > 0
+    assert report["speedup"] > 0
+    ops = {node.op_type for node in onnx.load(out / INT8_FILENAME).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # static QDQ, not ConvInteger
+    assert "ConvInteger" not in ops
+
+    preds = tmp_path / "preds.parquet"
+    args = ["score", str(photos), "-o", str(preds), "--workers", "0"]
+    code, output = run(*args, "--model", str(out / INT8_FILENAME))
+    assert code == 0, output
+    rows = pd.read_parquet(preds)
+    assert len(rows) == 12
+    assert (rows["status"] == "ok").all()
+    assert set(rows["pred_label"]) <= set(CLASSES)
+
+
+def test_kept_layers_stay_fp32(tmp_path: Path, photos: Path) -> None:
+    options = QuantizeOptions(keep_first_conv=True, keep_classifier=True, holdout_count=2)
+    report = quantize_model(small_convnet(tmp_path / "fp32"), [photos], tmp_path / "out", options)
+    assert report.excluded_nodes == ("conv1", "fc")
+    graph = onnx.load(tmp_path / "out" / INT8_FILENAME).graph
+    produced_by = {output: node for node in graph.node for output in node.output}
+    for node in graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            weight_source = produced_by.get(node.input[1])
+            dequantized = weight_source is not None and weight_source.op_type == "DequantizeLinear"
+            assert dequantized == (node.name not in ("conv1", "fc")), node.name
+
+
+def test_separate_holdout_source_is_used_as_given(tmp_path: Path, photos: Path) -> None:
+    options = QuantizeOptions(calibration_count=5)
+    report = quantize_model(
+        small_convnet(tmp_path / "fp32"), [photos], tmp_path / "out", options, holdout=[SAMPLES]
+    )
+    assert (report.calibration_images, report.holdout_images) == (5, 4)
+    assert report.holdout_source == str(SAMPLES)
+
+
+def test_missing_calibration_source_exits_2(tmp_path: Path) -> None:
+    code, output = run(
+        "quantize", "--calibration", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out")
+    )
+    assert code == 2
+    assert "source not found" in output
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_node_to_keep_exits_2(tmp_path: Path, photos: Path) -> None:
+    model_dir = small_convnet(tmp_path / "fp32")
+    code, output = run(
+        "quantize",
+        "--model",
+        str(model_dir),
+        "--calibration",
+        str(photos),
+        "-o",
+        str(tmp_path / "out"),
+        "--exclude-node",
+        "no_such_node",
+    )
+    assert code == 2
+    assert "no_such_node" in output
+
+
+def test_missing_onnx_says_how_to_install(
+    tmp_path: Path, photos: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'batchscore\[quantize\]'"):
+        quantize_model(None, [photos], tmp_path / "out")
+
+
+def test_shipped_int8_model_agrees_with_fp32_on_confident_samples() -> None:
+    fp32 = load_model(ARTIFACTS)
+    int8 = load_model(ARTIFACTS / INT8_FILENAME)  # class map and preprocess found beside it
+    assert int8.class_names == fp32.class_names
+    assert int8.preprocess == fp32.preprocess
+    assert (ARTIFACTS / INT8_FILENAME).stat().st_size < 6_000_000
+    samples = sorted(str(p) for p in SAMPLES.glob("*.jpg"))
+    scorer = Scorer([fp32, int8], PipelineOptions(workers=0))
+    output = scorer.score([(path, None) for path in samples])
+    assert output.errors == [None] * len(samples)
+    reference, candidate = output.scores
+    confident = reference.probs.max(axis=1) >= 0.5
+    assert confident.sum() >= 2  # coffee and cameraman
+    same = reference.topk[:, 0] == candidate.topk[:, 0]
+    assert same[confident].all()
+    report = json.loads((ARTIFACTS / REPORT_FILENAME).read_text())
+    assert report["int8_sha256"] == int8.sha256  # the report describes this very file
+    assert report["confident"]["top1"] >= 0.95

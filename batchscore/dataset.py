@@ -21,14 +21,14 @@ import json
 import os
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from batchscore.errors import LockHeld, OutputError
+from batchscore.errors import LockHeld, OutputError, WriteFailed
 from batchscore.output import AtomicParquetFile
 
 LOCK_NAME = "_batchscore.lock"
@@ -50,38 +50,41 @@ def is_dataset_path(path: str | Path) -> bool:
 @contextmanager
 def output_lock(root: Path, *, wait: bool = False) -> Iterator[None]:
     """Hold DIR's lock for the run. The kernel drops a flock when its process dies, so a lock
-    left by a killed run never blocks the next one."""
+    left by a killed run never blocks the next one. The file holds the holder's pid, written
+    unbuffered so that a full disk fails here, once, and not again at close."""
     try:
         root.mkdir(parents=True, exist_ok=True)
-        handle = (root / LOCK_NAME).open("a+")
+        fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise OutputError(f"cannot write output {root}: {exc.strerror or exc}") from exc
-    with handle:
+    try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise LockHeld(
                 f"another batchscore run (pid {holder}) is writing to {root};"
                 " it was left alone (use --wait-lock to wait for it)"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as exc:
+            raise WriteFailed(f"cannot write to {root}: {exc.strerror or exc}") from exc
         try:
             yield
         finally:
-            handle.seek(0)
-            handle.truncate()
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            with suppress(OSError):
+                os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # also releases the lock
 
 
 def remove_stale_temporaries(root: Path) -> int:
     """Delete temporaries of runs that died; call only while holding the lock."""
     removed = 0
-    for tmp in root.glob(f"{PARTITION}=*/.part-*.tmp"):
+    stale = [*root.glob(f"{PARTITION}=*/.part-*.tmp"), *root.glob(f"{RUNS_DIR}/.*.tmp")]
+    for tmp in stale:
         tmp.unlink(missing_ok=True)
         removed += 1
     return removed
@@ -121,8 +124,11 @@ class DatasetWriter:
 
     def write(self, batch: pa.RecordBatch) -> None:
         if self._current is None:
-            name = f"part-{self.run_id}-{len(self.parts):05d}.parquet"
-            self._current = AtomicParquetFile(self.partition / name, self.schema, self.metadata)
+            path = self.part_path(len(self.parts))
+            try:
+                self._current = AtomicParquetFile(path, self.schema, self.metadata)
+            except OSError as exc:
+                raise WriteFailed(f"cannot write {path}: {exc.strerror or exc}") from exc
             self._opened_at = time.monotonic()
         self._current.write(batch)
         full = self._current.rows >= self.part_rows
@@ -162,8 +168,12 @@ def write_summary(root: Path, summary: Mapping[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{summary['run_id']}.json"
     tmp = folder / f".{path.name}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise WriteFailed(f"cannot write run summary {path}: {exc.strerror or exc}") from exc
     return path
 
 
@@ -178,4 +188,5 @@ def read_summaries(root: Path) -> list[dict[str, Any]]:
             summaries.append(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError):
             summaries.append({"run_id": path.stem, "status": "unreadable summary"})
-    return summaries
+    # Run ids sort by second only; two runs in the same second are ordered by start time.
+    return sorted(summaries, key=lambda s: (str(s.get("started_at", "")), str(s["run_id"])))

@@ -135,10 +135,14 @@ def diff_outputs(
         if model_a is None or model_b is None:
             raise ConfigError("diffing one dataset needs --model-a and --model-b")
         b = a
-    data_a, data_b = _open(a), _open(b)
-    sha_a = _pick_model(a, data_a, model_a, "--model-a")
-    sha_b = _pick_model(b, data_b, model_b, "--model-b")
-    if sha_a == sha_b and Path(a).resolve() == Path(b).resolve():
+    same_output = Path(a).resolve() == Path(b).resolve()
+    data_a = _open(a)
+    data_b = data_a if same_output else _open(b)
+    rows_a = _rows_per_model(data_a)
+    rows_b = rows_a if same_output else _rows_per_model(data_b)
+    sha_a = _pick_model(a, rows_a, model_a, "--model-a")
+    sha_b = _pick_model(b, rows_b, model_b, "--model-b")
+    if sha_a == sha_b and same_output:
         raise ConfigError(f"both sides are model {sha_a} of {a}: nothing to compare")
     latest_a = _latest_rows(data_a, sha_a, with_path=False)
     latest_b = _latest_rows(data_b, sha_b, with_path=True)
@@ -247,12 +251,16 @@ def _open(output: str | Path) -> ds.Dataset:
     return dataset
 
 
-def _pick_model(output: str | Path, dataset: ds.Dataset, prefix: str | None, option: str) -> str:
-    """The one model of `output` whose SHA-256 starts with `prefix` (any, if it holds one)."""
+def _rows_per_model(dataset: ds.Dataset) -> Counter[str]:
     rows: Counter[str] = Counter()
     for batch in dataset.to_batches(columns=["model_sha256"]):
         counts = pc.value_counts(batch.column("model_sha256")).to_pylist()
         rows.update({entry["values"]: entry["counts"] for entry in counts})
+    return rows
+
+
+def _pick_model(output: str | Path, rows: Counter[str], prefix: str | None, option: str) -> str:
+    """The one model of `output` whose SHA-256 starts with `prefix` (any, if it holds one)."""
     matches = [sha for sha in rows if prefix is None or sha.startswith(prefix.lower())]
     if len(matches) == 1:
         return matches[0]

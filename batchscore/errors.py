@@ -19,6 +19,11 @@ Only the CLI turns these classes into exit codes (`batchscore.cli`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from batchscore.score import RunSummary
+
 
 class BatchscoreError(Exception):
     """Base class; its exit code (1) means an unexpected failure."""
@@ -58,6 +63,10 @@ class ErrorRateExceeded(BatchscoreError):
     """The share of error rows is above the allowed maximum (output is still written)."""
 
     exit_code = 4
+
+    def __init__(self, summary: RunSummary, message: str) -> None:
+        super().__init__(message)
+        self.summary = summary  # the run's RunSummary: the output is complete
 
 
 class LockHeld(BatchscoreError):

@@ -21,6 +21,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -43,6 +45,7 @@ from batchscore.preprocess import (
 from batchscore.sources import ImageRef
 
 IN_FLIGHT_PER_WORKER = 4
+PARENT_POLL_S = 1.0
 WORKER_DIED = "worker process died while decoding or scoring this image (crash or out-of-memory)"
 
 
@@ -206,11 +209,21 @@ class Scorer:
 _WORKER: Scorer | None = None
 
 
-def _init_worker(specs: Sequence[ModelSpec], options: PipelineOptions) -> None:
+def _init_worker(specs: Sequence[ModelSpec], options: PipelineOptions, parent: int) -> None:
     # Ctrl-C goes to the whole process group; only the parent decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # `parent` comes from the parent itself: a worker started after its parent died sees
+    # another getppid() at once and exits.
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     global _WORKER
     _WORKER = Scorer(specs, options)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent was killed (SIGKILL, OOM) must not live on holding a session."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
 
 
 def _score_in_worker(task: Task) -> ChunkOutput:
@@ -245,7 +258,7 @@ class _Pool:
             max_workers=self.options.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self.specs, self.options),
+            initargs=(self.specs, self.options, os.getpid()),
         )
 
     def submit(self, refs: list[ImageRef]) -> Future[ChunkOutput]:
@@ -268,7 +281,7 @@ class _Pool:
         for ref in refs:
             try:
                 parts.append(self.submit([ref]).result())
-            except BrokenProcessPool:
+            except BrokenProcessPool:  # this image killed a fresh worker: it is the culprit
                 self.replace()
                 parts.append(_failed_output(1, WORKER_DIED, self.specs, self.options.top_k))
         return _concat(parts)
@@ -325,14 +338,19 @@ def run_pipeline(
             yield ChunkResult(chunk, scorer.score(_task(chunk)), _now())
         return
     pool = _Pool(specs, options)
-    window: deque[tuple[list[ImageRef], Future[ChunkOutput]]] = deque()
+    window: Window = deque()
     limit = options.workers * IN_FLIGHT_PER_WORKER
     finished = False
     try:
         for chunk in chunks:
             if should_stop():
                 break
-            window.append((chunk, pool.submit(chunk)))
+            try:
+                window.append((chunk, pool.submit(chunk)))
+            except BrokenProcessPool:  # a worker died between two submits
+                window.append((chunk, None))
+                yield from _recover(window, pool)
+                continue
             if len(window) >= limit:
                 yield from _take_head(window, pool)
         while window:
@@ -342,18 +360,32 @@ def run_pipeline(
         pool.close(force=not finished)
 
 
-def _take_head(
-    window: deque[tuple[list[ImageRef], Future[ChunkOutput]]], pool: _Pool
-) -> Iterator[ChunkResult]:
-    chunk, future = window.popleft()
+Window = deque[tuple[list[ImageRef], "Future[ChunkOutput] | None"]]
+
+
+def _take_head(window: Window, pool: _Pool) -> Iterator[ChunkResult]:
+    chunk, future = window[0]
     try:
+        assert future is not None  # only _recover sees chunks that were never submitted
         output = future.result()
     except BrokenProcessPool:
-        # Every future of the broken pool fails; retry all of them in isolation, in order.
-        pending = [chunk] + [c for c, _ in window]
-        window.clear()
-        pool.replace()
-        for refs in pending:
-            yield ChunkResult(refs, pool.isolate(refs), _now())
+        yield from _recover(window, pool)
         return
+    window.popleft()
     yield ChunkResult(chunk, output, _now())
+
+
+def _recover(window: Window, pool: _Pool) -> Iterator[ChunkResult]:
+    """A worker died: keep what finished, retry the rest one image at a time, in order."""
+    pending = list(window)
+    window.clear()
+    pool.replace()
+    for refs, future in pending:
+        finished = (
+            future is not None
+            and future.done()
+            and not future.cancelled()
+            and future.exception() is None
+        )
+        output = future.result() if finished and future is not None else pool.isolate(refs)
+        yield ChunkResult(refs, output, _now())

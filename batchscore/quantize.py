@@ -9,12 +9,14 @@ orders of magnitude, accurate.
 
 Int8 is only worth shipping when it agrees with fp32, so `quantize_model` measures that on
 held-out images the calibration never saw (top-1 agreement, top-5 overlap, and both again on
-the images where fp32 is confident), and times both models in the same run. `onnx` is needed
-only here: it is imported on first use (`pip install 'batchscore[quantize]'`).
+the images where fp32 is confident), and times both models in the same run. `onnx` (and
+`sympy`, for ORT's shape inference) are needed only here: they are imported on first use
+(`pip install 'batchscore[quantize]'`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import shutil
@@ -162,6 +164,8 @@ def _api() -> _Api:
         from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
     except ImportError as exc:
         raise ConfigError(f"quantize needs the onnx package: {INSTALL_HINT} ({exc})") from exc
+    if importlib.util.find_spec("sympy") is None:  # ORT's symbolic shape inference needs it
+        raise ConfigError(f"quantize needs the sympy package: {INSTALL_HINT}")
     return _Api(onnx, quantize_static, quant_pre_process, QuantFormat, QuantType, CalibrationMethod)
 
 

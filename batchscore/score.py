@@ -12,7 +12,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +32,13 @@ from batchscore.dataset import (
     remove_stale_temporaries,
     write_summary,
 )
-from batchscore.errors import ConfigError, ErrorRateExceeded, Interrupted, OutputError
+from batchscore.errors import (
+    ConfigError,
+    ErrorRateExceeded,
+    Interrupted,
+    OutputError,
+    WriteFailed,
+)
 from batchscore.incremental import (
     FINGERPRINTS,
     DoneSet,
@@ -147,8 +153,9 @@ class RunSummary:
         if s["n_images"] == 0:
             return f"nothing new to score ({skipped} images already scored) -> {self.output}"
         already = f" ({skipped} already scored by this model, skipped)" if skipped else ""
+        noun = "image" if s["n_images"] == 1 else "images"
         return (
-            f"{s['n_images']} images: {s['n_ok']} ok, {s['n_errors']} errors{already},"
+            f"{s['n_images']} {noun}: {s['n_ok']} ok, {s['n_errors']} errors{already},"
             f" {self.images_per_s:.1f} images/s, {self.elapsed_s:.1f} s -> {self.output}"
         )
 
@@ -382,7 +389,8 @@ def _run(
     except BaseException:
         sink.abort()
         if isinstance(sink, DatasetWriter):
-            summarize("failed")
+            with suppress(WriteFailed):  # best effort: the disk may be what failed
+                summarize("failed")
         raise
     _check_error_rate(summary, settings.max_error_rate)
     return summary
@@ -435,8 +443,9 @@ def _check_error_rate(summary: RunSummary, max_error_rate: float | None) -> None
     rate = summary.stats["n_errors"] / n
     if rate > max_error_rate:
         raise ErrorRateExceeded(
+            summary,
             f"{summary.stats['n_errors']} of {n} images failed ({rate:.1%}), more than"
-            f" --max-error-rate {max_error_rate:.1%}; output written to {summary.output}"
+            f" --max-error-rate {max_error_rate:.1%}; output written to {summary.output}",
         )
 
 

@@ -116,9 +116,8 @@ def scheduler_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
             client.wait_for_workers(2, timeout=CLUSTER_START_S)
             yield str(client.scheduler.address)
     finally:
-        for process in (workers, scheduler):
+        for process in (workers, scheduler):  # workers first: they would wait for the scheduler
             process.terminate()
-        for process in (workers, scheduler):
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -156,8 +155,12 @@ def assert_same_as_local(output: Path, local: Path) -> None:
         assert metadata == reference
 
 
-def assert_summary(output: Path, *, n_images: int, status: str = "complete") -> dict[str, Any]:
-    summary = read_summaries(output)[-1]
+def assert_summary(
+    output: Path, *, n_images: int, status: str = "complete", run_id: str | None = None
+) -> dict[str, Any]:
+    """The summary of run `run_id` (of the only run when None) lists exactly its parts."""
+    summaries = read_summaries(output)
+    (summary,) = [s for s in summaries if run_id in (None, s["run_id"])]
     assert summary["status"] == status
     assert summary["n_images"] == n_images
     run_parts = [p for p in part_files(output) if summary["run_id"] in p.name]
@@ -251,7 +254,7 @@ def test_interrupted_run_resumes_without_duplicates(
     summary = score([images], output, tiny)
     assert summary.stats["n_skipped"] == first["n_images"]
     assert len(rows(output)) == N_IMAGES  # rows() also checks every image_id is there once
-    assert_summary(output, n_images=N_IMAGES - first["n_images"])
+    assert_summary(output, n_images=N_IMAGES - first["n_images"], run_id=summary.run_id)
 
 
 def test_a_retried_partition_replaces_its_part(job: tuple[Path, Path], tmp_path: Path) -> None:

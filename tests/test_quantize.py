@@ -193,10 +193,11 @@ def test_unknown_node_to_keep_exits_2(tmp_path: Path, photos: Path) -> None:
     assert "no_such_node" in output
 
 
-def test_missing_onnx_says_how_to_install(
-    tmp_path: Path, photos: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("package", ["onnx", "sympy"])
+def test_missing_optional_package_says_how_to_install(
+    tmp_path: Path, photos: Path, monkeypatch: pytest.MonkeyPatch, package: str
 ) -> None:
-    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now raises ImportError
+    monkeypatch.setitem(sys.modules, package, None)  # as if it were not installed
     with pytest.raises(ConfigError, match=r"pip install 'batchscore\[quantize\]'"):
         quantize_model(None, [photos], tmp_path / "out")
 

@@ -171,12 +171,6 @@ def test_a_signal_commits_the_work_done_and_says_how_to_resume(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    raises=AssertionError,
-    reason="BUG (pipeline.py): when the pool breaks between two submits, run_pipeline's"
-    " pool.submit() raises BrokenProcessPool, which only _take_head catches: exit 1, traceback."
-    " Timing-dependent (fails about 4 runs in 5 here), so not strict",
-)
 def test_a_killed_worker_does_not_kill_the_job(tmp_path: Path, images: Path, model: Path) -> None:
     dataset = tmp_path / "preds"
     with running(command(images, dataset, model, "--batch-size", "2")) as process:
@@ -191,12 +185,6 @@ def test_a_killed_worker_does_not_kill_the_job(tmp_path: Path, images: Path, mod
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG (pipeline.py): pool workers never notice their parent died; after kill -9 of"
-    " batchscore they and the resource tracker stay, idle, each with its ORT session in memory",
-)
 def test_workers_exit_when_batchscore_is_killed(tmp_path: Path, images: Path, model: Path) -> None:
     dataset = tmp_path / "preds"
     with running(command(images, dataset, model, "--batch-size", "2")) as process:
@@ -275,12 +263,6 @@ def _fill(disk: Path) -> None:
             handle.write(b"\0" * 4096)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG (dataset.py, score.py): a disk that is full when the lock's pid is written or"
-    " when a part is opened gives a traceback (raw OSError) and leaves hidden temporaries",
-)
 @pytest.mark.parametrize("when", ["before the run", "when a part opens"])
 def test_a_disk_full_from_the_start_is_one_line_and_leaves_no_temporary(
     tmp_path: Path, images: Path, model: Path, when: str

@@ -11,6 +11,7 @@ from batchscore.cli.options import (
     split_providers,
 )
 from batchscore.dataset import DEFAULT_PART_ROWS, DEFAULT_PART_SECONDS
+from batchscore.errors import ErrorRateExceeded
 from batchscore.incremental import FINGERPRINTS
 from batchscore.pipeline import PipelineOptions
 from batchscore.score import ENGINES, ScoreSettings, score
@@ -153,6 +154,11 @@ def score_command(
         part_rows=part_rows,
         part_seconds=part_seconds,
     )
-    summary = score(sources, output, settings)
+    try:
+        summary = score(sources, output, settings)
+    except ErrorRateExceeded as exc:  # the run finished: show its summary before the error
+        if not quiet:
+            click.echo(exc.summary.line(), err=True)
+        raise
     if not quiet:
         click.echo(summary.line(), err=True)

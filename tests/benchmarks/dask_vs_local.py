@@ -14,8 +14,10 @@ into a fresh dataset directory, timed end to end (model check and start-up inclu
 - dask warm, nanny malloc default: the same with distributed's default
   MALLOC_TRIM_THRESHOLD_=65536 left in place (the trap docs/dask.md describes).
 
-Partitions hold `--count / (4 * --workers)` images (via part_rows, for every engine alike), so
-the few images here spread over the workers as a real run's thousands of partitions do.
+Each run scores a manifest listing the `--count` files `--times` times (a few seconds of work,
+so start-up does not drown the scoring). Partitions hold `--count * --times / (4 * --workers)`
+images (via part_rows, for every engine alike), so the work spreads over the workers as a real
+run's thousands of partitions do.
 
 Run from the repository root (about a minute on 2 cores; needs the dask extra):
 
@@ -42,7 +44,7 @@ from distributed import LocalCluster
 from batchscore.dask_engine import LOOPBACK_ANY_PORT, NANNY_MALLOC_TRIM
 from batchscore.pipeline import PipelineOptions
 from batchscore.score import ScoreSettings, score
-from tests.benchmarks.bench import CORPORA, cpu_model, make_corpus
+from tests.benchmarks.bench import CORPORA, cpu_model, make_corpus, write_manifest
 
 
 def timed_run(corpus: Path, output: Path, settings: ScoreSettings) -> float:
@@ -67,7 +69,8 @@ def warm_cluster(workers: int, malloc_trim: int | None) -> LocalCluster:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=80, help="1080p JPEGs to score")
+    parser.add_argument("--count", type=int, default=80, help="1080p JPEGs to make")
+    parser.add_argument("--times", type=int, default=5, help="each run scores each file this often")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None, help="keeps the corpus between runs")
@@ -75,9 +78,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster start/stop chatter
     work = args.workdir or Path(tempfile.mkdtemp(prefix="dask-vs-local-"))
     shutil.rmtree(work / "out", ignore_errors=True)  # a dataset that exists is skipped, not timed
-    corpus_files = make_corpus(work, CORPORA["1080p-jpeg"], args.count)
-    corpus = corpus_files[0].parent
-    part_rows = max(1, math.ceil(args.count / (4 * args.workers)))
+    files = make_corpus(work, CORPORA["1080p-jpeg"], args.count)
+    corpus = write_manifest(work / "manifest.txt", files, args.times)
+    n_images = args.count * args.times
+    part_rows = max(1, math.ceil(n_images / (4 * args.workers)))
     base = ScoreSettings(pipeline=PipelineOptions(workers=args.workers), part_rows=part_rows)
     warm = warm_cluster(args.workers, None)
     trimmed = warm_cluster(args.workers, 65536)
@@ -100,13 +104,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         trimmed.close()
     local = statistics.median(times["local"])
     print(
-        f"{args.count} x 1080p JPEG, {args.workers} workers, {part_rows} images per partition,"
-        f" median of {args.repeats}; {cpu_model()}"
+        f"{args.count} 1080p JPEGs x {args.times} = {n_images} images, {args.workers} workers,"
+        f" {part_rows} images per partition, median of {args.repeats}; {cpu_model()}"
     )
     for name, values in times.items():
         median = statistics.median(values)
         print(
-            f"  {name:33s} {median:6.2f} s  {args.count / median:6.1f} img/s"
+            f"  {name:33s} {median:6.2f} s  {n_images / median:6.1f} img/s"
             f"  x{median / local:.2f} of local  (runs: {', '.join(f'{v:.2f}' for v in values)})"
         )
 

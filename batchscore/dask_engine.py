@@ -5,9 +5,10 @@
 How a run flows (docs/dask.md has the whole story):
 
 - The parent reads the sources and the dataset's state exactly as the local engine does, cuts
-  the refs into partitions of `PARTITION_IMAGES` images (fewer with a smaller `--part-rows`)
-  and keeps at most `IN_FLIGHT_PER_THREAD` partitions per worker thread submitted: no task
-  graph is built up front, so memory stays flat for millions of images.
+  the refs into partitions of `PARTITION_IMAGES` images (fewer with a smaller `--part-rows`;
+  a small run is spread evenly over the workers instead) and keeps at most
+  `IN_FLIGHT_PER_THREAD` partitions per worker thread submitted: no task graph is built up
+  front, so memory stays flat for millions of images.
 - `RunPlugin` travels once to every worker. Each worker thread lazily builds its own `Scorer`
   (one ORT session per model with `threads_per_worker` intra-op threads, 1 by default; ORT
   ignores OMP_NUM_THREADS), so Dask threads x ORT threads = cores and nothing oversubscribes.
@@ -15,6 +16,9 @@ How a run flows (docs/dask.md has the whole story):
   name fixed by (run_id, partition index): when Dask retries a partition (its worker died) the
   retry replaces that part and never adds rows. Only the four columns the run's counts need go
   back to the parent; probabilities stay on disk.
+- A partition that keeps killing its workers (a decoder crash, an out-of-memory kill) is scored
+  again one image per task, one task at a time: as in the local engine, only an image that
+  kills its worker again is lost, as an error row, and the run goes on.
 - Workers write straight into the dataset directory, so inputs and output must be on storage
   every worker mounts at the same path. `RunPlugin.setup` checks that on every worker (a token
   file the parent wrote must be readable, the partition folder writable, the first input
@@ -23,11 +27,12 @@ How a run flows (docs/dask.md has the whole story):
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from itertools import chain, islice
@@ -37,17 +42,33 @@ from typing import Any, cast
 import dask
 import onnxruntime as ort
 import pyarrow as pa
-from distributed import Client, LocalCluster, Worker, as_completed, get_worker
+from distributed import (
+    Client,
+    Future,
+    KilledWorker,
+    LocalCluster,
+    Worker,
+    as_completed,
+    get_worker,
+)
 from distributed.comm.addressing import parse_address
 from distributed.comm.registry import get_backend
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from batchscore import __version__
 from batchscore.dataset import DatasetWriter, remove_stale_temporaries
-from batchscore.errors import ConfigError, OutputError
+from batchscore.errors import BatchscoreError, ConfigError, OutputError, WriteFailed
 from batchscore.model import ModelSpec
 from batchscore.output import AtomicParquetFile, OutputLayout, chunk_to_batch
-from batchscore.pipeline import ChunkResult, PipelineOptions, Scorer
+from batchscore.pipeline import (
+    WORKER_DIED,
+    ChunkOutput,
+    ChunkResult,
+    PipelineOptions,
+    Scorer,
+    concat_outputs,
+    failed_output,
+)
 from batchscore.score import RunContext
 from batchscore.sources import ImageRef
 
@@ -58,7 +79,8 @@ WORKER_WAIT_S = 120.0  # a fresh cluster's workers may still be starting
 LOOPBACK_ANY_PORT = "127.0.0.1:0"
 STATS_COLUMNS = ["status", "error", "pred_label", "pred_prob"]  # what RunStats.add reads
 # The nanny sets MALLOC_TRIM_THRESHOLD_=65536 in every worker; setting it at all turns off
-# glibc's dynamic mmap threshold, so each decoded image is a fresh mmap (decode ~1.7x slower).
+# glibc's dynamic mmap threshold, so every decoded image is a fresh mmap and page faults
+# (decode up to ~1.7x slower; docs/dask.md has the figures).
 NANNY_MALLOC_TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 
 
@@ -95,33 +117,51 @@ class RunPlugin(WorkerPlugin):
         self.problem = storage_problem(self.partition, self.token, self.probe, self.metadata)
 
     def scorer(self) -> Scorer:
-        """This thread's scorer: ORT sessions are not shared between concurrent runs."""
+        """This thread's scorer: Dask runs one task per thread at once, and a session is never
+        shared by two tasks running together."""
         scorer: Scorer | None = getattr(self._local, "scorer", None)
         if scorer is None:
             scorer = self._local.scorer = Scorer(self.specs, self.options)
         return scorer
 
-    def score_partition(self, path: Path, refs: Sequence[ImageRef]) -> pa.RecordBatch:
-        """Score `refs` in input order into the part at `path`; return the counted columns."""
+    def score(self, refs: Sequence[ImageRef]) -> ChunkOutput:
+        """Score `refs` as one batch on this thread's sessions."""
         if self.problem is not None:
             raise OutputError(f"this Dask worker cannot use the run's files: {self.problem}")
-        scorer = self.scorer()
-        part = AtomicParquetFile(path, self.schema, self.metadata)
+        return self.scorer().score([(ref.path, ref.problem) for ref in refs])
+
+    def score_partition(self, path: Path, refs: Sequence[ImageRef]) -> pa.RecordBatch:
+        """Score `refs` in input order, batch by batch, into the part at `path`."""
+        size = self.options.batch_size
+        chunks = (list(refs[start : start + size]) for start in range(0, len(refs), size))
+        return self.write_part(path, (_result(chunk, self.score(chunk)) for chunk in chunks))
+
+    def write_part(self, path: Path, results: Iterable[ChunkResult]) -> pa.RecordBatch:
+        """Write `results` as one committed part; return the columns the run's counts need."""
+        try:
+            part = AtomicParquetFile(path, self.schema, self.metadata)
+        except OSError as exc:  # as DatasetWriter.write: one line, exit 1, not a traceback
+            raise WriteFailed(f"cannot write {path}: {exc.strerror or exc}") from exc
         counted = []
         try:
-            for start in range(0, len(refs), self.options.batch_size):
-                chunk = list(refs[start : start + self.options.batch_size])
-                output = scorer.score([(ref.path, ref.problem) for ref in chunk])
-                result = ChunkResult(chunk, output, datetime.now(timezone.utc))
+            for result in results:
                 batch = chunk_to_batch(result, self.specs, self.schema, self.layout, self.run_id)
                 part.write(batch)
                 counted.append(batch.select(STATS_COLUMNS))
+            if not os.path.exists(self.token[0]):
+                # The client is gone and the next run has removed its token: that run may have
+                # read the dataset already, so committing now could write rows twice.
+                raise BatchscoreError(f"run {self.run_id} is over; partition not committed")
             part.commit({"part_rows": part.rows})
         except BaseException:
             part.abort()
             raise
         batches: list[pa.RecordBatch] = pa.Table.from_batches(counted).combine_chunks().to_batches()
         return batches[0]
+
+
+def _result(refs: list[ImageRef], output: ChunkOutput) -> ChunkResult:
+    return ChunkResult(refs, output, datetime.now(timezone.utc))
 
 
 def storage_problem(
@@ -158,8 +198,16 @@ def storage_problem(
 
 def score_partition(plugin_name: str, path: str, refs: Sequence[ImageRef]) -> pa.RecordBatch:
     """The task: a module-level function, so workers unpickle it by reference."""
-    plugin = cast(RunPlugin, get_worker().plugins[plugin_name])
-    return plugin.score_partition(Path(path), refs)
+    return _plugin(plugin_name).score_partition(Path(path), refs)
+
+
+def score_images(plugin_name: str, refs: Sequence[ImageRef]) -> ChunkOutput:
+    """The task that scores images of a partition that killed its workers, without writing."""
+    return _plugin(plugin_name).score(refs)
+
+
+def _plugin(plugin_name: str) -> RunPlugin:
+    return cast(RunPlugin, get_worker().plugins[plugin_name])
 
 
 def _plugin_problem(plugin_name: str, dask_worker: Worker) -> str | None:
@@ -184,8 +232,6 @@ def score_on_dask(
     if first is None:
         return  # nothing left to score: no cluster to start
     settings = context.settings
-    size = min(PARTITION_IMAGES, settings.part_rows)
-    partitions = enumerate(_chunks(chain([first], refs), size))
     readable = first.path is not None and os.access(first.path, os.R_OK)
     with (
         _connect(settings.dask_address, settings.pipeline.workers) as client,
@@ -202,16 +248,35 @@ def score_on_dask(
         client.register_plugin(plugin, name=plugin.name)
         try:
             _check_workers(client, plugin.name)
-            yield from _stream(client, plugin.name, partitions, sink, stop)
+            size = min(PARTITION_IMAGES, settings.part_rows)
+            partitions = _partitions(chain([first], refs), size, _slots(client))
+            yield from _stream(client, plugin, partitions, sink, stop)
             remove_stale_temporaries(sink.root)  # of parts whose worker died mid-write
         finally:
             with suppress(OSError):  # a lost scheduler must not hide the run's own error
                 client.unregister_worker_plugin(plugin.name)
 
 
+def _partitions(
+    refs: Iterator[ImageRef], size: int, slots: int
+) -> Iterator[tuple[int, list[ImageRef]]]:
+    """Numbered partitions of `size` refs. A run smaller than `slots` full partitions is spread
+    evenly over the slots instead: 80 images must not all go to one worker."""
+    head = list(islice(refs, size * slots))
+    if len(head) < size * slots:
+        size = max(1, math.ceil(len(head) / slots))
+    return enumerate(_chunks(chain(head, refs), size))
+
+
 def _chunks(refs: Iterator[ImageRef], size: int) -> Iterator[list[ImageRef]]:
     while chunk := list(islice(refs, size)):
         yield chunk
+
+
+def _slots(client: Client) -> int:
+    """How many partitions to keep submitted: `IN_FLIGHT_PER_THREAD` per worker thread."""
+    threads: dict[str, int] = client.nthreads()
+    return IN_FLIGHT_PER_THREAD * max(sum(threads.values()), 1)
 
 
 @contextmanager
@@ -291,46 +356,77 @@ def _check_workers(client: Client, plugin_name: str) -> None:
 
 def _stream(
     client: Client,
-    plugin_name: str,
+    plugin: RunPlugin,
     partitions: Iterator[tuple[int, list[ImageRef]]],
     sink: DatasetWriter,
     stop: Callable[[], bool],
 ) -> Iterator[pa.RecordBatch]:
     """Keep a bounded window of partitions in flight; yield each one's counts as it lands."""
     completed = as_completed(loop=client.loop)
-    parts: dict[str, Path] = {}
+    in_flight: dict[str, tuple[int, list[ImageRef]]] = {}
 
     def submit_more() -> None:
-        limit = IN_FLIGHT_PER_THREAD * max(sum(client.nthreads().values()), 1)
+        limit = _slots(client)  # again each time: workers may come and go
         while completed.count() < limit and not stop():
             item = next(partitions, None)
             if item is None:
                 return
             index, chunk = item
-            path = sink.part_path(index)
             future = client.submit(
                 score_partition,
-                plugin_name,
-                os.path.abspath(path),
+                plugin.name,
+                os.path.abspath(sink.part_path(index)),
                 chunk,
-                key=f"{plugin_name}-part-{index:05d}",
+                key=f"{plugin.name}-part-{index:05d}",
                 retries=TASK_RETRIES,
             )
-            parts[str(future.key)] = path
+            in_flight[str(future.key)] = item
             completed.add(future)
 
     failure: Exception | None = None
     submit_more()
     for future in completed:
-        path = parts.pop(str(future.key))
+        index, chunk = in_flight.pop(str(future.key))
         try:
-            batch = future.result()
+            batch = _counts(future, client, plugin, chunk, sink.part_path(index))
         except Exception as exc:  # drain what is running first, so its parts are recorded
             failure = failure or exc
             continue
-        sink.add_part(path)
+        sink.add_part(sink.part_path(index))
         yield batch
         if failure is None:
             submit_more()
     if failure is not None:
         raise failure
+
+
+def _counts(
+    future: Future[pa.RecordBatch],
+    client: Client,
+    plugin: RunPlugin,
+    chunk: list[ImageRef],
+    path: Path,
+) -> pa.RecordBatch:
+    """A partition's counts, once its part is committed."""
+    try:
+        batch: pa.RecordBatch = future.result()
+    except KilledWorker:
+        return _isolate(client, plugin, chunk, path)
+    return batch
+
+
+def _isolate(
+    client: Client, plugin: RunPlugin, chunk: list[ImageRef], path: Path
+) -> pa.RecordBatch:
+    """A partition killed the workers that ran it (a decoder crash, an out-of-memory kill), or
+    was queued on them when another one did. Score its images one task at a time, so a worker
+    that dies then held no other image of it: only an image that kills its worker again is
+    lost, as an error row like the local engine's. The part is written from here."""
+    outputs = []
+    for i, ref in enumerate(chunk):
+        future = client.submit(score_images, plugin.name, [ref], key=f"{path.stem}-image-{i}")
+        try:
+            outputs.append(future.result())
+        except KilledWorker:
+            outputs.append(failed_output(1, WORKER_DIED, plugin.specs, plugin.options.top_k))
+    return plugin.write_part(path, [_result(chunk, concat_outputs(outputs))])

@@ -283,11 +283,11 @@ class _Pool:
                 parts.append(self.submit([ref]).result())
             except BrokenProcessPool:  # this image killed a fresh worker: it is the culprit
                 self.replace()
-                parts.append(_failed_output(1, WORKER_DIED, self.specs, self.options.top_k))
-        return _concat(parts)
+                parts.append(failed_output(1, WORKER_DIED, self.specs, self.options.top_k))
+        return concat_outputs(parts)
 
 
-def _failed_output(n: int, reason: str, specs: Sequence[ModelSpec], k: int) -> ChunkOutput:
+def failed_output(n: int, reason: str, specs: Sequence[ModelSpec], k: int) -> ChunkOutput:
     return ChunkOutput(
         errors=[reason] * n,
         widths=[None] * n,
@@ -302,7 +302,7 @@ def _failed_output(n: int, reason: str, specs: Sequence[ModelSpec], k: int) -> C
     )
 
 
-def _concat(parts: list[ChunkOutput]) -> ChunkOutput:
+def concat_outputs(parts: list[ChunkOutput]) -> ChunkOutput:
     n_models = len(parts[0].scores)
     return ChunkOutput(
         errors=[e for p in parts for e in p.errors],

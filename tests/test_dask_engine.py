@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 distributed = pytest.importorskip("distributed")  # the optional extra; CI installs it
 
@@ -28,15 +29,20 @@ import dask  # noqa: E402
 
 from batchscore import score as score_module  # noqa: E402
 from batchscore.cli import cli  # noqa: E402
-from batchscore.dask_engine import RunPlugin, _shared_token  # noqa: E402
+from batchscore.dask_engine import (  # noqa: E402
+    PARTITION_IMAGES,
+    RunPlugin,
+    _partitions,
+    _shared_token,
+)
 from batchscore.dataset import DatasetWriter, part_files, read_summaries  # noqa: E402
-from batchscore.errors import Interrupted  # noqa: E402
+from batchscore.errors import BatchscoreError, Interrupted, WriteFailed  # noqa: E402
 from batchscore.incremental import with_fingerprints  # noqa: E402
 from batchscore.model import load_model  # noqa: E402
 from batchscore.output import OutputLayout, output_schema, read_metadata  # noqa: E402
-from batchscore.pipeline import PipelineOptions  # noqa: E402
+from batchscore.pipeline import WORKER_DIED, PipelineOptions  # noqa: E402
 from batchscore.score import RunContext, ScoreSettings, run_metadata, score  # noqa: E402
-from batchscore.sources import iter_refs, open_sources  # noqa: E402
+from batchscore.sources import ImageRef, iter_refs, open_sources  # noqa: E402
 from tests.conftest import COLORS, noisy  # noqa: E402
 from tests.models import color_model  # noqa: E402
 
@@ -257,9 +263,45 @@ def test_interrupted_run_resumes_without_duplicates(
     assert_summary(output, n_images=N_IMAGES - first["n_images"], run_id=summary.run_id)
 
 
-def test_a_retried_partition_replaces_its_part(job: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_an_image_that_kills_its_worker_becomes_an_error_row(
+    job: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """How workers die in real life: out of memory. A 100-megapixel PNG (300 MB decoded) on
+    workers allowed 400 MB gets its worker killed by the nanny; Dask gives up on the partition
+    (allowed-failures 0 keeps this quick), its images are scored one task each, and only the
+    killer is lost, as an error row. The run completes."""
+    images, model = job
+    (tmp_path / "bomb").mkdir()
+    Image.new("RGB", (10_000, 10_000), COLORS["red"]).save(tmp_path / "bomb" / "big.png")
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        cluster = distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            memory_limit="400MB",
+            host="127.0.0.1",
+            dashboard_address=None,
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        )
+    output = tmp_path / "preds"
+    with cluster:
+        address = cluster.scheduler_address
+        on_cluster = settings(model, engine="dask", dask_address=address)
+        summary = score([tmp_path / "bomb", images], output, on_cluster)
+    assert summary.stats["n_errors"] == 3
+    found = rows(output)
+    assert len(found) == N_IMAGES + 1
+    assert found.loc[str(tmp_path / "bomb" / "big.png"), "error"] == WORKER_DIED
+    assert (found["status"] == "ok").sum() == N_IMAGES - 2
+    assert_summary(output, n_images=N_IMAGES + 1)
+
+
+def test_a_partition_commits_once_under_its_own_name(
+    job: tuple[Path, Path], tmp_path: Path
+) -> None:
     """What a worker does when Dask runs a partition twice (its first worker died): the same
-    part name, so the second attempt replaces the first and no row is written twice."""
+    part name, so the second attempt replaces the first and no row is written twice. And a
+    partition that outlives its run does not commit at all."""
     images, model = job
     specs = [load_model(model)]
     layout = OutputLayout(extra_columns={}, has_label=False)
@@ -277,11 +319,37 @@ def test_a_retried_partition_replaces_its_part(job: tuple[Path, Path], tmp_path:
         plugin.setup(worker=None)
         assert plugin.problem is None
         counts = [plugin.score_partition(sink.part_path(3), refs) for _ in range(2)]
+        with pytest.raises(WriteFailed, match="cannot write"):  # one line for the CLI, exit 1
+            plugin.score_partition(sink.partition / "gone" / "part.parquet", refs)
     assert counts[0].equals(counts[1])
     assert counts[0].schema.names == ["status", "error", "pred_label", "pred_prob"]
     assert [p.name for p in part_files(sink.root)] == ["part-run-1-00003.parquet"]
     assert pq.read_table(sink.part_path(3))["image_id"].to_pylist() == [r.image_id for r in refs]
     assert not list(sink.partition.glob(".*"))
+
+    # A partition still running when its client died, finishing after the next run has
+    # started (which removes the dead run's token): it must not commit.
+    with pytest.raises(BatchscoreError, match="partition not committed"):
+        plugin.score_partition(sink.part_path(4), refs)
+    assert [p.name for p in part_files(sink.root)] == ["part-run-1-00003.parquet"]
+    assert not list(sink.partition.glob(".*"))
+
+
+@pytest.mark.parametrize(
+    ("n_refs", "sizes"),
+    [
+        (1, [1]),
+        (10, [3, 3, 3, 1]),  # a small run: spread over the 4 slots
+        (80, [20, 20, 20, 20]),
+        (1100, [256, 256, 256, 256, 76]),  # a big one: full partitions, in input order
+    ],
+)
+def test_partitions(n_refs: int, sizes: list[int]) -> None:
+    refs = [ImageRef(path=f"/{i}.png", image_id=str(i)) for i in range(n_refs)]
+    partitions = list(_partitions(iter(refs), PARTITION_IMAGES, slots=4))
+    assert [index for index, _ in partitions] == list(range(len(sizes)))
+    assert [len(chunk) for _, chunk in partitions] == sizes
+    assert [ref for _, chunk in partitions for ref in chunk] == refs
 
 
 def test_unreachable_scheduler_is_a_config_error(job: tuple[Path, Path], tmp_path: Path) -> None:

@@ -29,6 +29,11 @@ Run from the repository root (a few minutes on 2 cores):
 
     python -m tests.benchmarks.bench
     python -m tests.benchmarks.bench --workdir /tmp/bench --count 40 --json bench.json
+    python -m tests.benchmarks.bench --model artifacts/model_int8.onnx --corpora 1080p-jpeg
+
+`--sweep SOURCE` instead finds the fastest --workers / --batch-size on your own images:
+
+    python -m tests.benchmarks.bench --sweep photos/ --sweep-batch-sizes 1,4,8,16
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from batchscore.model import ModelSpec, bundled_model_dir, create_session, load_
 from batchscore.pipeline import PipelineOptions, Scorer, default_workers
 from batchscore.preprocess import load_image
 from batchscore.score import ScoreSettings, score
+from batchscore.sources import iter_refs, open_sources
 
 SAMPLES = bundled_model_dir() / "samples"
 NAIVE_BATCH = 32
@@ -212,10 +218,10 @@ def wait_for_idle(limit_s: float, threshold: float = 0.15) -> float:
             return share
 
 
-def batchscore_run(manifest: Path, output: Path) -> Usage:
-    """One library call with default settings (pool start-up included)."""
+def batchscore_run(manifest: Path, output: Path, settings: ScoreSettings) -> Usage:
+    """One library call (pool start-up included)."""
     cpu, busy, start = _tree_cpu_seconds(), _machine_busy_seconds(), time.perf_counter()
-    summary = score([manifest], output, ScoreSettings())
+    summary = score([manifest], output, settings)
     wall = time.perf_counter() - start
     usage = Usage(wall, _tree_cpu_seconds() - cpu, _machine_busy_seconds() - busy)
     if summary.stats["n_errors"]:
@@ -315,24 +321,37 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def steady_rate(
+    paths: Sequence[Path], work: Path, settings: ScoreSettings, passes: int
+) -> tuple[float, Usage]:
+    """Images/s with start-up excluded: (K-1)*N / (time of K passes - time of one pass)."""
+    once = write_manifest(work / "steady-x1.txt", paths, 1)
+    many = write_manifest(work / f"steady-x{passes}.txt", paths, passes)
+    small = batchscore_run(once, work / "steady.parquet", settings)
+    big = batchscore_run(many, work / "steady.parquet", settings)
+    span = big.wall - small.wall
+    return ((passes - 1) * len(paths) / span if span > 0 else math.nan), big
+
+
 def bench_corpus(
-    paths: list[Path], spec: ModelSpec, work: Path, repeats: int, passes: int, idle_s: float
+    paths: list[Path],
+    spec: ModelSpec,
+    work: Path,
+    repeats: int,
+    passes: int,
+    idle_s: float,
 ) -> dict[str, Any]:
     name = paths[0].parent.name
-    once = write_manifest(work / f"{name}-x1.txt", paths, 1)
-    many = write_manifest(work / f"{name}-x{passes}.txt", paths, passes)
-    output = work / f"{name}.parquet"
+    settings = ScoreSettings(model=spec.path)  # default settings, this model
     n = len(paths)
     cores = default_workers()
     naive, steady, end_to_end, ratios, others, cpu_use = [], [], [], [], [], []
-    batchscore_run(once, output)  # warm the page cache and the model file
+    steady_rate(paths[:1], work, settings, 2)  # warm the model file and the code
     for _ in range(repeats):
         wait_for_idle(idle_s)
         naive.append(naive_rate(paths, spec))
         wait_for_idle(idle_s)
-        small = batchscore_run(once, output)
-        big = batchscore_run(many, output)
-        rate = (passes - 1) * n / (big.wall - small.wall) if big.wall > small.wall else math.nan
+        rate, big = steady_rate(paths, work, settings, passes)
         steady.append(rate)
         end_to_end.append(passes * n / big.wall)
         ratios.append(rate / naive[-1])
@@ -363,12 +382,12 @@ def bench_corpus(
     }
 
 
-def bench_memory(paths: list[Path], work: Path) -> dict[str, Any]:
+def bench_memory(paths: list[Path], work: Path, model: list[str]) -> dict[str, Any]:
     peaks = {}
     for times in (1, 10):
         manifest = write_manifest(work / f"rss-x{times}.txt", paths, times)
         _, peaks[times] = cli_run(
-            ["score", str(manifest), "-o", str(work / "rss.parquet"), "-q"], rss=True
+            ["score", str(manifest), "-o", str(work / "rss.parquet"), "-q", *model], rss=True
         )
     return {
         "corpus": paths[0].parent.name,
@@ -379,8 +398,8 @@ def bench_memory(paths: list[Path], work: Path) -> dict[str, Any]:
     }
 
 
-def bench_startup(image: Path, work: Path, repeats: int) -> dict[str, Any]:
-    args = ["score", str(image), "-o", str(work / "one.parquet"), "-q"]
+def bench_startup(image: Path, work: Path, repeats: int, model: list[str]) -> dict[str, Any]:
+    args = ["score", str(image), "-o", str(work / "one.parquet"), "-q", *model]
     cli_run(args)  # warm the page cache
     times = [cli_run(args)[0] for _ in range(repeats)]
     return {"command": " ".join([*cli_command(), *args]), "median_s": median(times), "runs": times}
@@ -460,12 +479,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="before each timed run, wait up to this many seconds for other processes to"
         " leave the CPUs (shared machines); 0: do not wait",
     )
+    parser.add_argument(
+        "--sweep",
+        type=Path,
+        metavar="SOURCE",
+        help="instead: steady images/s of your own images (a folder or manifest) for each"
+        " --sweep-workers x --sweep-batch-sizes",
+    )
+    parser.add_argument("--sweep-workers", default=None, help="e.g. 1,2,3 (default: 1..cores)")
+    parser.add_argument("--sweep-batch-sizes", default="1,4,8,16,32", help="comma-separated")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="batchscore-bench-") as temp:
         work = args.workdir or Path(temp)
         work.mkdir(parents=True, exist_ok=True)
         spec = load_model(args.model)
+        model_args = ["--model", args.model] if args.model else []
+        if args.sweep:
+            return sweep(args, work)
         kinds = [CORPORA[name.strip()] for name in args.corpora.split(",") if name.strip()]
         corpora = {kind.name: make_corpus(work / "corpus", kind, args.count) for kind in kinds}
         load_before = os.getloadavg()[0]
@@ -482,10 +513,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         first = next(iter(corpora.values()))
         if not args.no_memory:
             wait_for_idle(args.wait_idle)
-            report["memory"] = bench_memory(first, work)
+            report["memory"] = bench_memory(first, work, model_args)
         if not args.no_startup:
             wait_for_idle(args.wait_idle)
-            report["startup"] = bench_startup(first[0], work, max(5, args.repeats))
+            report["startup"] = bench_startup(first[0], work, max(5, args.repeats), model_args)
         report["machine"] = {
             "cpu": cpu_model(),
             "cores": default_workers(),
@@ -499,6 +530,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def sweep(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Steady rate per (workers, batch size) on the user's own images, best first."""
+    refs = iter_refs(open_sources([args.sweep]))
+    paths = [Path(r.path) for r in refs if r.path and not r.problem][: args.count]
+    cores = default_workers()
+    workers = _ints(args.sweep_workers) if args.sweep_workers else list(range(1, cores + 1))
+    rows = []
+    for w in workers:
+        for b in _ints(args.sweep_batch_sizes):
+            options = PipelineOptions(workers=w, batch_size=b)
+            settings = ScoreSettings(model=args.model, pipeline=options)
+            rates = []
+            for _ in range(args.repeats):
+                wait_for_idle(args.wait_idle)
+                rates.append(steady_rate(paths, work, settings, args.passes)[0])
+            rows.append({"workers": w, "batch_size": b, "img_s": median(rates)})
+            print(f"--workers {w} --batch-size {b}: {rows[-1]['img_s']:.1f} images/s", flush=True)
+    rows.sort(key=lambda row: -row["img_s"])
+    best = rows[0]
+    print(
+        f"best on {len(paths)} images from {args.sweep}: --workers {best['workers']}"
+        f" --batch-size {best['batch_size']} ({best['img_s']:.1f} images/s, medians of"
+        f" {args.repeats})"
+    )
+    return {"sweep": rows}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def _defaults() -> str:

@@ -15,9 +15,7 @@ into a fresh dataset directory, timed end to end (model check and start-up inclu
   MALLOC_TRIM_THRESHOLD_=65536 left in place (the trap docs/dask.md describes).
 
 Each run scores a manifest listing the `--count` files `--times` times (a few seconds of work,
-so start-up does not drown the scoring). Partitions hold `--count * --times / (4 * --workers)`
-images (via part_rows, for every engine alike), so the work spreads over the workers as a real
-run's thousands of partitions do.
+so start-up does not drown the scoring), with default settings otherwise.
 
 Run from the repository root (about a minute on 2 cores; needs the dask extra):
 
@@ -29,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import shutil
 import statistics
 import tempfile
@@ -81,8 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     files = make_corpus(work, CORPORA["1080p-jpeg"], args.count)
     corpus = write_manifest(work / "manifest.txt", files, args.times)
     n_images = args.count * args.times
-    part_rows = max(1, math.ceil(n_images / (4 * args.workers)))
-    base = ScoreSettings(pipeline=PipelineOptions(workers=args.workers), part_rows=part_rows)
+    base = ScoreSettings(pipeline=PipelineOptions(workers=args.workers))
     warm = warm_cluster(args.workers, None)
     trimmed = warm_cluster(args.workers, 65536)
     engines: dict[str, Callable[[Path], float]] = {
@@ -105,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     local = statistics.median(times["local"])
     print(
         f"{args.count} 1080p JPEGs x {args.times} = {n_images} images, {args.workers} workers,"
-        f" {part_rows} images per partition, median of {args.repeats}; {cpu_model()}"
+        f" median of {args.repeats}; {cpu_model()}"
     )
     for name, values in times.items():
         median = statistics.median(values)

@@ -237,9 +237,13 @@ def markdown(result: CanaryResult) -> str:
     else:
         lines += ["Every image decoded.", ""]
 
-    lines += [f"## Excluded labels ({result.n_excluded} images)", ""]
+    lines += ["## Excluded labels", ""]
     if result.n_excluded:
-        lines += ["Left out of the metrics: the model cannot predict these labels.", ""]
+        lines += [
+            f"{result.n_excluded} images left out of the metrics: the model cannot predict"
+            " their labels.",
+            "",
+        ]
         rows = [[label, n] for label, n in result.excluded_labels.items()]
         if result.n_unlabelled:
             rows.append(["(no label)", result.n_unlabelled])

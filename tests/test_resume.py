@@ -139,11 +139,16 @@ def test_kill_9_at_any_moment_then_the_same_command_finishes(
             process.wait()
         check_dataset(dataset, complete=False)
     before = len(check_dataset(dataset, complete=False))
-    assert 0 < before < N_IMAGES
+    assert 0 < before <= N_IMAGES  # on an idle machine a late kill may land after the end
 
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-    assert f"({before} already scored by this model, skipped)" in done.stderr
+    expected = (
+        f"({before} already scored by this model, skipped)"
+        if before < N_IMAGES
+        else f"nothing new to score ({before} images already scored)"
+    )
+    assert expected in done.stderr
     check_dataset(dataset, complete=True)
 
 

@@ -8,13 +8,11 @@ import click
 
 from batchscore.canary import CanaryResult, CanarySettings, run_canary
 from batchscore.cli.options import (
+    common_settings,
     model_options,
     pipeline_options,
-    preprocess_overrides,
-    split_providers,
 )
 from batchscore.errors import GateFailed
-from batchscore.pipeline import PipelineOptions
 from batchscore.report import terminal_table
 from batchscore.score import ScoreSettings
 
@@ -124,20 +122,22 @@ def canary_command(
     """
     settings = CanarySettings(
         score=ScoreSettings(
-            model=model,
-            baseline_model=baseline,
-            preprocess_overrides=preprocess_overrides(
-                resize_size, crop_size, interpolation, mean, std
-            ),
-            model_sha256=model_sha256,
-            providers=split_providers(providers),
-            pipeline=PipelineOptions(
+            **common_settings(
+                model=model,
+                model_sha256=model_sha256,
+                providers=providers,
+                resize_size=resize_size,
+                crop_size=crop_size,
+                interpolation=interpolation,
+                mean=mean,
+                std=std,
                 workers=workers,
                 batch_size=batch_size,
                 top_k=top_k,
                 fast_jpeg=fast_jpeg,
                 max_pixels=max_pixels,
             ),
+            baseline_model=baseline,
             progress=not quiet,
         ),
         report_dir=report_dir,

@@ -136,3 +136,37 @@ def preprocess_overrides(
 
 def split_providers(text: str | None) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip()) if text else ()
+
+
+def common_settings(
+    *,
+    model: str | None,
+    model_sha256: str | None,
+    providers: str | None,
+    resize_size: str | None,
+    crop_size: str | None,
+    interpolation: str | None,
+    mean: str | None,
+    std: str | None,
+    workers: int,
+    batch_size: int,
+    top_k: int,
+    fast_jpeg: bool,
+    max_pixels: int,
+) -> dict[str, Any]:
+    """`ScoreSettings` fields from `model_options` and `pipeline_options`, the same everywhere."""
+    return {
+        "model": model,
+        "preprocess_overrides": preprocess_overrides(
+            resize_size, crop_size, interpolation, mean, std
+        ),
+        "model_sha256": model_sha256,
+        "providers": split_providers(providers),
+        "pipeline": PipelineOptions(
+            workers=workers,
+            batch_size=batch_size,
+            top_k=top_k,
+            fast_jpeg=fast_jpeg,
+            max_pixels=max_pixels,
+        ),
+    }

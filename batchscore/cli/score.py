@@ -5,15 +5,13 @@ from __future__ import annotations
 import click
 
 from batchscore.cli.options import (
+    common_settings,
     model_options,
     pipeline_options,
-    preprocess_overrides,
-    split_providers,
 )
 from batchscore.dataset import DEFAULT_PART_ROWS, DEFAULT_PART_SECONDS
 from batchscore.errors import ErrorRateExceeded
 from batchscore.incremental import FINGERPRINTS
-from batchscore.pipeline import PipelineOptions
 from batchscore.score import ENGINES, ScoreSettings, score
 
 
@@ -131,11 +129,15 @@ def score_command(
         batchscore score /data/uploads/ -o /data/preds/ --incremental
     """
     settings = ScoreSettings(
-        model=model,
-        preprocess_overrides=preprocess_overrides(resize_size, crop_size, interpolation, mean, std),
-        model_sha256=model_sha256,
-        providers=split_providers(providers),
-        pipeline=PipelineOptions(
+        **common_settings(
+            model=model,
+            model_sha256=model_sha256,
+            providers=providers,
+            resize_size=resize_size,
+            crop_size=crop_size,
+            interpolation=interpolation,
+            mean=mean,
+            std=std,
             workers=workers,
             batch_size=batch_size,
             top_k=top_k,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from batchscore.canary import CanaryResult, CanarySettings, run_canary
 from batchscore.cli.options import (
-    common_settings,
-    model_options,
-    pipeline_options,
+    scoring_options,
 )
 from batchscore.errors import GateFailed
 from batchscore.report import terminal_table
@@ -72,8 +71,7 @@ SHARE = click.FloatRange(0, 1)
     is_flag=True,
     help="Images that fail to decode count as wrong (accuracy, recall) instead of left out.",
 )
-@model_options
-@pipeline_options
+@scoring_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def canary_command(
     sources: tuple[str, ...],
@@ -86,19 +84,7 @@ def canary_command(
     min_class_recall: float | None,
     min_support: int,
     errors_count_as_wrong: bool,
-    model: str | None,
-    model_sha256: str | None,
-    providers: str | None,
-    resize_size: str | None,
-    crop_size: str | None,
-    interpolation: str | None,
-    mean: str | None,
-    std: str | None,
-    workers: int,
-    batch_size: int,
-    top_k: int,
-    fast_jpeg: bool,
-    max_pixels: int,
+    scoring: dict[str, Any],
     quiet: bool,
 ) -> None:
     """Bless or block a model: score a labelled canary set and gate on its metrics.
@@ -122,21 +108,7 @@ def canary_command(
     """
     settings = CanarySettings(
         score=ScoreSettings(
-            **common_settings(
-                model=model,
-                model_sha256=model_sha256,
-                providers=providers,
-                resize_size=resize_size,
-                crop_size=crop_size,
-                interpolation=interpolation,
-                mean=mean,
-                std=std,
-                workers=workers,
-                batch_size=batch_size,
-                top_k=top_k,
-                fast_jpeg=fast_jpeg,
-                max_pixels=max_pixels,
-            ),
+            **scoring,
             baseline_model=baseline,
             progress=not quiet,
         ),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -138,35 +139,49 @@ def split_providers(text: str | None) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip()) if text else ()
 
 
-def common_settings(
-    *,
-    model: str | None,
-    model_sha256: str | None,
-    providers: str | None,
-    resize_size: str | None,
-    crop_size: str | None,
-    interpolation: str | None,
-    mean: str | None,
-    std: str | None,
-    workers: int,
-    batch_size: int,
-    top_k: int,
-    fast_jpeg: bool,
-    max_pixels: int,
-) -> dict[str, Any]:
-    """`ScoreSettings` fields from `model_options` and `pipeline_options`, the same everywhere."""
-    return {
-        "model": model,
-        "preprocess_overrides": preprocess_overrides(
-            resize_size, crop_size, interpolation, mean, std
-        ),
-        "model_sha256": model_sha256,
-        "providers": split_providers(providers),
-        "pipeline": PipelineOptions(
-            workers=workers,
-            batch_size=batch_size,
-            top_k=top_k,
-            fast_jpeg=fast_jpeg,
-            max_pixels=max_pixels,
-        ),
-    }
+_SCORING_KEYS = (
+    "model",
+    "model_sha256",
+    "providers",
+    "resize_size",
+    "crop_size",
+    "interpolation",
+    "mean",
+    "std",
+    "workers",
+    "batch_size",
+    "top_k",
+    "fast_jpeg",
+    "max_pixels",
+)
+
+
+def scoring_options(func: F) -> F:
+    """`model_options` and `pipeline_options`, handed to the command as one `scoring` dict of
+    `ScoreSettings` fields, so every command turns them into settings the same way."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = {key: kwargs.pop(key) for key in _SCORING_KEYS}
+        scoring = {
+            "model": values["model"],
+            "preprocess_overrides": preprocess_overrides(
+                values["resize_size"],
+                values["crop_size"],
+                values["interpolation"],
+                values["mean"],
+                values["std"],
+            ),
+            "model_sha256": values["model_sha256"],
+            "providers": split_providers(values["providers"]),
+            "pipeline": PipelineOptions(
+                workers=values["workers"],
+                batch_size=values["batch_size"],
+                top_k=values["top_k"],
+                fast_jpeg=values["fast_jpeg"],
+                max_pixels=values["max_pixels"],
+            ),
+        }
+        return func(*args, scoring=scoring, **kwargs)
+
+    return model_options(pipeline_options(cast(F, wrapper)))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from batchscore.cli.options import (
-    common_settings,
-    model_options,
-    pipeline_options,
+    scoring_options,
 )
 from batchscore.dataset import DEFAULT_PART_ROWS, DEFAULT_PART_SECONDS
 from batchscore.errors import ErrorRateExceeded
@@ -73,8 +73,7 @@ from batchscore.score import ENGINES, ScoreSettings, score
     show_default=True,
     help="Dataset output: commit a part at least this often.",
 )
-@model_options
-@pipeline_options
+@scoring_options
 @click.option("--no-probs", is_flag=True, help="Leave out the full probability vectors.")
 @click.option(
     "--max-error-rate",
@@ -94,19 +93,7 @@ def score_command(
     dask_address: str | None,
     part_rows: int,
     part_seconds: float,
-    model: str | None,
-    model_sha256: str | None,
-    providers: str | None,
-    resize_size: str | None,
-    crop_size: str | None,
-    interpolation: str | None,
-    mean: str | None,
-    std: str | None,
-    workers: int,
-    batch_size: int,
-    top_k: int,
-    fast_jpeg: bool,
-    max_pixels: int,
+    scoring: dict[str, Any],
     no_probs: bool,
     max_error_rate: float | None,
     quiet: bool,
@@ -129,21 +116,7 @@ def score_command(
         batchscore score /data/uploads/ -o /data/preds/ --incremental
     """
     settings = ScoreSettings(
-        **common_settings(
-            model=model,
-            model_sha256=model_sha256,
-            providers=providers,
-            resize_size=resize_size,
-            crop_size=crop_size,
-            interpolation=interpolation,
-            mean=mean,
-            std=std,
-            workers=workers,
-            batch_size=batch_size,
-            top_k=top_k,
-            fast_jpeg=fast_jpeg,
-            max_pixels=max_pixels,
-        ),
+        **scoring,
         keep_probs=not no_probs,
         max_error_rate=max_error_rate,
         progress=not quiet,

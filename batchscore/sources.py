@@ -9,6 +9,7 @@ dropping them, so nothing is lost silently.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -204,20 +205,27 @@ class JsonlSource(ManifestSource):
                     continue
                 yield line_no, row, None
 
-    def extra_columns(self) -> dict[str, pa.DataType]:
+    @functools.cached_property
+    def _scan(self) -> tuple[list[str], int]:
+        """All keys in first-seen order and the row count: one pass over the file, however
+        often the columns, labels and count are asked for."""
         keys: dict[str, None] = {}
+        rows = 0
         for _, row, _ in self._rows():
-            for key in row or ():
-                if key not in RESERVED_COLUMNS:
-                    keys.setdefault(key)
-        return dict.fromkeys(keys, pa.string())
+            rows += 1
+            keys.update(dict.fromkeys(row or ()))
+        return list(keys), rows
+
+    def extra_columns(self) -> dict[str, pa.DataType]:
+        keys = self._scan[0]
+        return {key: pa.string() for key in keys if key not in RESERVED_COLUMNS}
 
     @property
     def has_labels(self) -> bool:
-        return any(row is not None and "label" in row for _, row, _ in self._rows())
+        return "label" in self._scan[0]
 
     def count(self) -> int:
-        return sum(1 for _ in self._rows())
+        return self._scan[1]
 
     def __iter__(self) -> Iterator[ImageRef]:
         for line_no, row, problem in self._rows():

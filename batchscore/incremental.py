@@ -1,97 +1,160 @@
 """What a dataset already holds, so a run scores only what is missing.
 
-The key of a scored image is (image_id, model SHA-256) and, with `--incremental`, its content
-fingerprint too:
+A scored row's key is (image_id, the exact bytes of its path, model SHA-256) and, with
+`--incremental`, its content fingerprint too. Keys count: a manifest that lists the same
+(id, path) twice gets two rows, and a resumed run skips exactly as many as the dataset holds,
+so a kill at any moment followed by a rerun leaves what an uninterrupted run leaves. Two rows
+that share an `id` but name different files are two different images.
+
+Fingerprints:
 
 - `size-mtime` (default): file size and modification time in nanoseconds, from one stat() per
   file. A file replaced or rewritten in place gets a new mtime, so it is rescored.
 - `sha256`: the SHA-256 of the bytes. Survives copies that reset mtimes, costs a full read.
+  Only regular files are hashed (a FIFO or a device gets no fingerprint and fails as an
+  image), never more bytes than stat() reported, and the read stops when the run is told to.
 
-Reading the state touches only four columns of the dataset (image_id, fingerprint, status,
-model_sha256) with a filter pushed into the Parquet scan, and keeps one 64-bit hash per done
-image in a sorted NumPy array: 8 bytes per row, about 8 MB for a million images.
+Reading the state touches only a few columns of the dataset with a filter pushed into the
+Parquet scan, and keeps one 64-bit hash and one count per done key in sorted NumPy arrays:
+about 16 MB for a million images.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+import stat
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from batchscore.dataset import part_files
+from batchscore.names import readable
 from batchscore.sources import ImageRef
 
 FINGERPRINTS = ("size-mtime", "sha256")
 _CHUNK = 4096
+_READ_BLOCK = 1 << 20
 
 
-def fingerprint(path: str | None, kind: str) -> str | None:
+def fingerprint(
+    path: str | None, kind: str, should_stop: Callable[[], bool] = lambda: False
+) -> str | None:
     """The content fingerprint of a file, or None when it cannot be read (it will fail)."""
     if path is None:
         return None
     try:
         if kind == "sha256":
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            return f"sha256:{digest.hexdigest()}"
+            return _sha256(path, should_stop)
         info = os.stat(path)
-    except OSError:
+    except (OSError, ValueError, UnicodeEncodeError):  # ValueError: a NUL byte in the path
         return None
     return f"{info.st_size}-{info.st_mtime_ns}"
 
 
-def _keys(image_ids: Iterable[object], fingerprints: Iterable[object] | None) -> np.ndarray:
-    ids = np.asarray(list(image_ids), dtype=object)
+def _sha256(path: str, should_stop: Callable[[], bool]) -> str | None:
+    # O_NONBLOCK: opening a FIFO must not wait for a writer that never comes.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        digest = hashlib.sha256()
+        left = info.st_size  # a file that grows while it is read is hashed as stat() saw it
+        while left > 0:
+            if should_stop():
+                return None
+            block = handle.read(min(_READ_BLOCK, left))
+            if not block:
+                break
+            digest.update(block)
+            left -= len(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _keys(
+    image_ids: Iterable[str | None],
+    paths: Iterable[bytes | None],
+    fingerprints: Iterable[str | None] | None,
+) -> np.ndarray:
+    """One 64-bit hash per row of (image_id as written, path bytes[, fingerprint])."""
+    parts = [
+        # latin-1 maps each byte to one character: lossless, and always valid text
+        f"{readable(image_id or '')}\x00{(path or b'').decode('latin-1')}"
+        for image_id, path in zip(image_ids, paths, strict=True)
+    ]
     if fingerprints is not None:
-        prints = np.asarray([str(f) for f in fingerprints], dtype=object)
-        ids = ids.astype(str) + "\x00" + prints
-    if len(ids) == 0:
+        parts = [f"{key}\x00{print_}" for key, print_ in zip(parts, fingerprints, strict=True)]
+    if not parts:
         return np.empty(0, dtype=np.uint64)
-    return np.asarray(pd.util.hash_array(ids.astype(object)), dtype=np.uint64)
+    return np.asarray(pd.util.hash_array(np.asarray(parts, dtype=object)), dtype=np.uint64)
 
 
 class DoneSet:
-    """Hashes of the images a dataset already holds for one model."""
+    """How many rows of each key a dataset already holds for one model."""
 
     def __init__(self, hashes: np.ndarray, use_fingerprint: bool) -> None:
-        self.hashes = np.unique(hashes)
+        self.hashes, counts = np.unique(hashes, return_counts=True)
+        self.remaining = counts.astype(np.int64)
         self.use_fingerprint = use_fingerprint
 
     def __len__(self) -> int:
         return len(self.hashes)
 
-    def contains(self, refs: list[ImageRef]) -> np.ndarray:
+    def take(self, refs: list[ImageRef]) -> np.ndarray:
+        """Which refs are already done; each one found uses up one stored row of its key."""
         prints = [ref.fingerprint for ref in refs] if self.use_fingerprint else None
-        keys = _keys([ref.image_id for ref in refs], prints)
-        return np.isin(keys, self.hashes)
+        keys = _keys([ref.image_id for ref in refs], [ref.path_bytes for ref in refs], prints)
+        index = np.searchsorted(self.hashes, keys)
+        index[index == len(self.hashes)] = 0
+        done: np.ndarray = self.hashes[index] == keys
+        rows = np.flatnonzero(done)
+        slots = index[rows]
+        # The n-th ref of a key in this chunk is done while the key has n rows left.
+        order = np.argsort(slots, kind="stable")
+        ordered = slots[order]
+        new_group = np.r_[True, ordered[1:] != ordered[:-1]]
+        starts = np.flatnonzero(new_group)
+        rank = np.empty(len(rows), dtype=np.int64)
+        rank[order] = np.arange(len(rows)) - starts[np.cumsum(new_group) - 1]
+        kept = rank < self.remaining[slots]
+        done[rows[~kept]] = False
+        np.subtract.at(self.remaining, slots[kept], 1)
+        return done
 
 
 def load_done(
     root: Path, model_sha256: str, *, use_fingerprint: bool, include_errors: bool
 ) -> DoneSet:
-    """Images of this model already in the dataset (ok rows; error rows too if asked)."""
+    """Rows of this model already in the dataset (ok rows; error rows too if asked)."""
     files = part_files(root)
     if not files:
         return DoneSet(np.empty(0, dtype=np.uint64), use_fingerprint)
-    dataset = ds.dataset([str(f) for f in files], format="parquet")
     condition = pc.field("model_sha256") == model_sha256
     if not include_errors:
         condition = condition & (pc.field("status") == "ok")
-    columns = ["image_id", "fingerprint"] if use_fingerprint else ["image_id"]
     parts = []
-    for batch in dataset.to_batches(columns=columns, filter=condition):
-        prints = batch.column("fingerprint").to_pylist() if use_fingerprint else None
-        parts.append(_keys(batch.column("image_id").to_pylist(), prints))
+    for fragment in ds.dataset([str(f) for f in files], format="parquet").get_fragments():
+        # Parts written before `path_bytes` existed hold only UTF-8 paths: those bytes.
+        has_bytes = "path_bytes" in fragment.physical_schema.names
+        columns = ["image_id", "path_bytes" if has_bytes else "path"]
+        if use_fingerprint:
+            columns.append("fingerprint")
+        for batch in fragment.to_batches(
+            columns=columns, filter=condition, schema=fragment.physical_schema
+        ):
+            paths = batch.column(1)
+            if not has_bytes:
+                paths = pc.cast(paths, pa.binary())
+            prints = batch.column("fingerprint").to_pylist() if use_fingerprint else None
+            parts.append(_keys(batch.column(0).to_pylist(), paths.to_pylist(), prints))
     hashes = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
     return DoneSet(hashes, use_fingerprint)
 
@@ -103,9 +166,11 @@ class SkipCounter:
         self.skipped = 0
 
 
-def with_fingerprints(refs: Iterable[ImageRef], kind: str) -> Iterator[ImageRef]:
+def with_fingerprints(
+    refs: Iterable[ImageRef], kind: str, should_stop: Callable[[], bool] = lambda: False
+) -> Iterator[ImageRef]:
     for ref in refs:
-        yield replace(ref, fingerprint=fingerprint(ref.path, kind))
+        yield replace(ref, fingerprint=fingerprint(ref.path, kind, should_stop))
 
 
 def skip_done(refs: Iterable[ImageRef], done: DoneSet, counter: SkipCounter) -> Iterator[ImageRef]:
@@ -115,6 +180,6 @@ def skip_done(refs: Iterable[ImageRef], done: DoneSet, counter: SkipCounter) -> 
         if not len(done):
             yield from chunk
             continue
-        seen = done.contains(chunk)
+        seen = done.take(chunk)
         counter.skipped += int(seen.sum())
         yield from (ref for ref, is_done in zip(chunk, seen, strict=True) if not is_done)

@@ -8,6 +8,7 @@ name, and readers never see one.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import uuid
@@ -23,12 +24,16 @@ import pyarrow.parquet as pq
 
 from batchscore.errors import WriteFailed
 from batchscore.model import ModelSpec
+from batchscore.names import readable, readable_or_none
 from batchscore.pipeline import ChunkResult, ModelScores
 
 METADATA_PREFIX = "batchscore."
 ROW_GROUP_ROWS = 2048
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+# Never a column: a dataset's partition key (readers add it from the folder name) and the
+# column pandas keeps its index in.
+RESERVED_NAMES = ("run_date", "__index_level_0__")
 
 
 @dataclass(frozen=True)
@@ -57,9 +62,11 @@ def prediction_fields(prefix: str, keep_probs: bool) -> list[pa.Field]:
 def output_schema(layout: OutputLayout) -> pa.Schema:
     fields = [
         pa.field("path", pa.string()),
+        pa.field("path_bytes", pa.binary()),
         pa.field("image_id", pa.string()),
         pa.field("status", pa.string()),
         pa.field("error", pa.string()),
+        pa.field("warning", pa.string()),
     ]
     for prefix in layout.prefixes:
         fields += prediction_fields(prefix, layout.keep_probs)
@@ -71,9 +78,11 @@ def output_schema(layout: OutputLayout) -> pa.Schema:
     if layout.has_label:
         fields.append(pa.field("label", pa.string()))
         fields += [pa.field(f"{prefix}correct", pa.bool_()) for prefix in layout.prefixes]
-    reserved = {f.name for f in fields} | {"model_sha256", "run_id", "scored_at"}
+    taken = {f.name for f in fields} | {"model_sha256", "run_id", "scored_at", *RESERVED_NAMES}
     for name, dtype in layout.extra_columns.items():
-        fields.append(pa.field(passthrough_name(name, reserved), dtype))
+        unique = passthrough_name(name, taken)
+        taken.add(unique)
+        fields.append(pa.field(unique, dtype))
     fields += [
         pa.field("model_sha256", pa.string()),
         pa.field("run_id", pa.string()),
@@ -82,9 +91,12 @@ def output_schema(layout: OutputLayout) -> pa.Schema:
     return pa.schema(fields)
 
 
-def passthrough_name(name: str, reserved: set[str]) -> str:
-    """A manifest column named like an output column is kept as `manifest_<name>`."""
-    return f"manifest_{name}" if name in reserved else name
+def passthrough_name(name: str, taken: set[str]) -> str:
+    """A manifest column named like a column already taken is kept as `manifest_<name>`
+    (`manifest_manifest_<name>` if that is taken too, and so on), so names stay unique."""
+    while name in taken:
+        name = f"manifest_{name}"
+    return name
 
 
 def _list_array(flat: np.ndarray, valid: np.ndarray, dtype: pa.DataType) -> pa.Array:
@@ -129,10 +141,15 @@ def chunk_to_batch(
     n = len(refs)
     valid = np.array([error is None for error in output.errors], dtype=bool)
     columns: list[pa.Array] = [
-        pa.array([ref.path for ref in refs], type=pa.string()),
-        pa.array([ref.image_id for ref in refs], type=pa.string()),
+        pa.array([readable_or_none(ref.path) for ref in refs], type=pa.string()),
+        pa.array([ref.path_bytes for ref in refs], type=pa.binary()),
+        pa.array([readable(ref.image_id) for ref in refs], type=pa.string()),
         pa.array([STATUS_OK if ok else STATUS_ERROR for ok in valid], type=pa.string()),
-        pa.array(output.errors, type=pa.string()),
+        pa.array([readable_or_none(e) for e in output.errors], type=pa.string()),
+        pa.array(
+            [_joined(ref.warning, w) for ref, w in zip(refs, output.warnings, strict=True)],
+            type=pa.string(),
+        ),
     ]
     for spec, scores in zip(specs, output.scores, strict=True):
         columns += prediction_columns(scores, spec, valid, layout.keep_probs)
@@ -142,7 +159,7 @@ def chunk_to_batch(
         pa.array([ref.fingerprint for ref in refs], type=pa.string()),
     ]
     if layout.has_label:
-        labels = np.array([ref.label for ref in refs], dtype=object)
+        labels = np.array([readable_or_none(ref.label) for ref in refs], dtype=object)
         columns.append(pa.array(labels, type=pa.string()))
         for spec, scores in zip(specs, output.scores, strict=True):
             predicted = np.asarray(spec.class_names, dtype=object)[scores.topk[:, 0]]
@@ -160,8 +177,13 @@ def chunk_to_batch(
 
 def _extra_column(values: list[Any], dtype: pa.DataType) -> pa.Array:
     if pa.types.is_string(dtype):
-        values = [v if v is None or isinstance(v, str) else str(v) for v in values]
+        values = [v if v is None else readable(v if isinstance(v, str) else str(v)) for v in values]
     return pa.array(values, type=dtype)
+
+
+def _joined(*warnings: str | None) -> str | None:
+    found = [readable(w) for w in warnings if w]
+    return "; ".join(found) if found else None
 
 
 def file_metadata(values: Mapping[str, Any]) -> dict[bytes, bytes]:
@@ -195,7 +217,7 @@ class AtomicParquetFile:
 
     def __init__(self, path: Path, schema: pa.Schema, metadata: Mapping[str, Any]) -> None:
         self.path = path
-        self.tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        self.tmp_path = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         self.schema = schema.with_metadata(file_metadata(metadata))
         self.rows = 0
         self._pending: list[pa.RecordBatch] = []
@@ -238,6 +260,30 @@ class AtomicParquetFile:
             pass  # the file is being thrown away; a close error changes nothing
         finally:
             self.tmp_path.unlink(missing_ok=True)
+
+
+def remove_stale_file_temporaries(path: Path) -> int:
+    """Delete temporaries of `path` left by killed runs: those whose writer's pid is gone.
+
+    The pid is in the temporary's name, so a run writing the same file right now keeps its
+    own (a pid reused by an unrelated process only delays the clean-up to a later run)."""
+    removed = 0
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name.removeprefix(f".{path.name}.").split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager

@@ -11,6 +11,10 @@ models, and pickling tensors between processes cost 2-3 ms per image.
 Memory stays flat: at most `workers * IN_FLIGHT_PER_WORKER` chunks are submitted and not yet
 consumed, however many images the sources hold. Results are yielded in input order.
 
+What a decoder prints is not the user's business at 3 a.m.: Pillow's Python warnings and the
+C libraries' messages on file descriptor 2 (libtiff writes there) are caught around each image
+and land in that image's `warning` column, never on the terminal or in cron mail.
+
 A worker that dies (segfault in a decoder, OOM kill) breaks the pool. The pool is replaced and
 the chunks it held are retried one image at a time in a fresh pool; an image that kills its
 worker again becomes an error row. Nothing is dropped and the run goes on.
@@ -18,15 +22,18 @@ worker again becomes an error row. Nothing is dropped and the run goes on.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
@@ -39,6 +46,7 @@ from batchscore.preprocess import (
     DEFAULT_MAX_PIXELS,
     ImageError,
     PreprocessConfig,
+    init_pillow,
     load_image,
     normalization_lut,
 )
@@ -81,6 +89,7 @@ class ChunkOutput:
     widths: list[int | None]
     heights: list[int | None]
     scores: list[ModelScores]
+    warnings: list[str | None]
 
 
 @dataclass
@@ -116,28 +125,32 @@ class Scorer:
         self.options = options
         self.sessions = [create_session(spec, options.threads_per_worker) for spec in specs]
         self.luts = {spec.preprocess: normalization_lut(spec.preprocess) for spec in specs}
+        init_pillow()
 
     def score(self, task: Task) -> ChunkOutput:
         n = len(task)
         errors: list[str | None] = [problem for _, problem in task]
         widths: list[int | None] = [None] * n
         heights: list[int | None] = [None] * n
+        notes: list[list[str]] = [[] for _ in range(n)]
         pixels: dict[PreprocessConfig, list[np.ndarray | None]] = {}
         for config in self.luts:  # decode once per distinct preprocessing, not per model
             pixels[config] = [None] * n
             for i, (path, _) in enumerate(task):
                 if errors[i] is not None or path is None:
                     continue
-                try:
-                    decoded = load_image(
-                        path,
-                        config,
-                        max_pixels=self.options.max_pixels,
-                        fast_jpeg=self.options.fast_jpeg,
-                    )
-                except ImageError as exc:
-                    errors[i] = str(exc)
-                    continue
+                with c_stderr_into(notes[i]):
+                    try:
+                        decoded = load_image(
+                            path,
+                            config,
+                            max_pixels=self.options.max_pixels,
+                            fast_jpeg=self.options.fast_jpeg,
+                        )
+                    except ImageError as exc:
+                        errors[i] = str(exc)
+                        continue
+                notes[i] += decoded.warnings
                 pixels[config][i] = decoded.pixels
                 widths[i], heights[i] = decoded.width, decoded.height
         all_probs = [
@@ -151,7 +164,11 @@ class Scorer:
                     probs[i] = 0.0
         k = self.options.top_k
         scores = [ModelScores(probs=probs, topk=top_k_indices(probs, k)) for probs in all_probs]
-        return ChunkOutput(errors=errors, widths=widths, heights=heights, scores=scores)
+        warnings = [
+            "; ".join(dict.fromkeys(found)) if found and error is None else None
+            for found, error in zip(notes, errors, strict=True)
+        ]
+        return ChunkOutput(errors, widths, heights, scores, warnings)
 
     def _infer(
         self,
@@ -204,6 +221,25 @@ class Scorer:
             out = session.run(None, {spec.input_name: piece})[0]
             pieces.append(np.asarray(out, dtype=np.float32)[: min(size, len(batch) - start)])
         return np.concatenate(pieces)
+
+
+@contextmanager
+def c_stderr_into(notes: list[str]) -> Iterator[None]:
+    """Catch what C code writes to file descriptor 2 meanwhile, and add it to `notes`.
+
+    The descriptor points at an anonymous temporary file for the duration and is restored
+    after, so a decoder's message lands in its image's row, not on the terminal."""
+    with tempfile.TemporaryFile() as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read(4096).decode("utf-8", "replace")
+            notes += [line.strip() for line in text.splitlines() if line.strip()]
 
 
 _WORKER: Scorer | None = None
@@ -267,6 +303,7 @@ class _Pool:
     def replace(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.executor = self._new()
+        gc.collect()  # frees the broken pool's queues, and with them their semaphores
 
     def close(self, *, force: bool = False) -> None:
         """Wait for the workers to exit; with `force`, terminate them first (they may hang)."""
@@ -292,6 +329,7 @@ def failed_output(n: int, reason: str, specs: Sequence[ModelSpec], k: int) -> Ch
         errors=[reason] * n,
         widths=[None] * n,
         heights=[None] * n,
+        warnings=[None] * n,
         scores=[
             ModelScores(
                 probs=np.zeros((n, spec.num_classes), dtype=np.float32),
@@ -308,6 +346,7 @@ def concat_outputs(parts: list[ChunkOutput]) -> ChunkOutput:
         errors=[e for p in parts for e in p.errors],
         widths=[w for p in parts for w in p.widths],
         heights=[h for p in parts for h in p.heights],
+        warnings=[w for p in parts for w in p.warnings],
         scores=[
             ModelScores(
                 probs=np.concatenate([p.scores[m].probs for p in parts]),

@@ -10,6 +10,13 @@ less than 1/255 on average; `fast_jpeg=False` turns it off.
 
 The preprocessing config is data that travels with the model (`preprocess.json` or the ONNX
 file's metadata); `resolve_preprocess` is the one place that decides which value wins.
+
+Hostile files are this module's daily bread. Every decode starts from the same Pillow state
+(all plugins registered in one fixed order, so what a file opens as never depends on what was
+opened before), `--max-pixels` is the one pixel limit (Pillow's own is switched off: it would
+cap the option and warn on its own), a resize whose intermediate image would be huge (a 1x40000
+strip resized to a shorter side of 256) resamples only the region the centre crop keeps, and
+Pillow's warnings about a file are returned with it instead of going to the terminal.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -46,8 +54,11 @@ INTERPOLATIONS = {
 }
 OUTPUT_KINDS = ("logits", "probabilities")
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as viewers do
-_ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _EXIF_ORIENTATION = 0x0112
+# Above this many pixels, the resized image is not made whole: only the part the centre crop
+# keeps is resampled. Ordinary photos stay far below it and take torchvision's exact path.
+MAX_INTERMEDIATE_PIXELS = 16_000_000
+_ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 Size = int | tuple[int, int]
 
@@ -208,9 +219,36 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def init_pillow() -> None:
+    """Put Pillow in the same state in every process before it opens anything.
+
+    Pillow imports a format's plugin lazily, by file extension, and tries plugins in the
+    order they were imported, so without this a file could open as another format after some
+    other file was read in the same process. Its own pixel limit is switched off because
+    `--max-pixels` is checked from the header before decoding.
+    """
+    Image.preinit()
+    Image.init()
+    Image.MAX_IMAGE_PIXELS = None
+
+
 def _describe(exc: BaseException, path: str) -> str:
     if isinstance(exc, ImageError):
         return str(exc)
+    text = str(exc) or type(exc).__name__
+    if "Ghostscript" in text:
+        return (
+            "needs Ghostscript: EPS images are rendered by the 'gs' program, which is not"
+            " installed here"
+        )
+    if text.startswith("cannot find loader for this"):
+        kind = text.removeprefix("cannot find loader for this").split()[0]
+        return (
+            f"unsupported format: {kind} is recognised, but Pillow cannot decode it on this"
+            " machine (no handler installed)"
+        )
+    if isinstance(exc, NotImplementedError):
+        return f"unsupported image feature: {text}"
     if isinstance(exc, FileNotFoundError):
         if os.path.islink(path):
             return "broken symbolic link"
@@ -223,7 +261,6 @@ def _describe(exc: BaseException, path: str) -> str:
         return "not a recognised image format"
     if isinstance(exc, Image.DecompressionBombError):
         return f"decompression bomb: {exc}"
-    text = str(exc) or type(exc).__name__
     if isinstance(exc, (OSError, SyntaxError, ValueError, EOFError)):
         return f"corrupt or truncated image: {text}"
     return f"{type(exc).__name__}: {text}"
@@ -231,11 +268,13 @@ def _describe(exc: BaseException, path: str) -> str:
 
 @dataclass(frozen=True)
 class Decoded:
-    """An image ready for the model: HxWx3 uint8 pixels and the size it was decoded at."""
+    """An image ready for the model: HxWx3 uint8 pixels, its upright size, and what Pillow
+    warned about while decoding it."""
 
     pixels: np.ndarray
     width: int
     height: int
+    warnings: tuple[str, ...] = ()
 
 
 def load_image(
@@ -246,8 +285,15 @@ def load_image(
     fast_jpeg: bool = True,
 ) -> Decoded:
     """Decode, orient, convert, resize and crop one file; raises ImageError with a reason."""
+    init_pillow()
     try:
-        return _load_image(path, config, max_pixels=max_pixels, fast_jpeg=fast_jpeg)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            decoded = _load_image(path, config, max_pixels=max_pixels, fast_jpeg=fast_jpeg)
+        if caught:
+            messages = tuple(dict.fromkeys(str(w.message) for w in caught))
+            decoded = Decoded(decoded.pixels, decoded.width, decoded.height, messages)
+        return decoded
     except ImageError:
         raise
     except MemoryError:
@@ -274,21 +320,52 @@ def _load_image(
                 f" the limit of {max_pixels} (--max-pixels)"
             )
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-        if orientation in _ROTATED_ORIENTATIONS:
-            width, height = height, width
         if fast_jpeg and image.format == "JPEG":
-            target = _draft_target(config, width, height)
+            upright = (height, width) if orientation in _ROTATED_ORIENTATIONS else (width, height)
+            target = _draft_target(config, *upright)
             image.draft(None, (target, target))
+        before = image.size
         # In place: a copy of an upright image costs ~5 ms for a 1080p PNG, 7% of its decode.
         ImageOps.exif_transpose(image, in_place=True)
+        # Some decoders (libtiff) turn the image upright themselves and report the upright
+        # size in the header: only a turn made here swaps the header's sides.
+        if image.size != before and image.size == before[::-1]:
+            width, height = height, width
         rgb = to_rgb(image)
-    new_size = resized_size(rgb.width, rgb.height, config.resize_size)
-    if new_size != rgb.size:
-        rgb = rgb.resize(new_size, INTERPOLATIONS[config.interpolation])
-    pixels = np.asarray(rgb)
+    pixels = resize_and_crop(rgb, config)
+    return Decoded(pixels=pixels, width=width, height=height)
+
+
+def resize_and_crop(rgb: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """torchvision `Resize` then `CenterCrop`, with memory bounded for any aspect ratio.
+
+    When the resized image would exceed MAX_INTERMEDIATE_PIXELS, only the window the crop
+    keeps is resampled (Pillow's `box`): same scale, same filter centres, a crop-sized result.
+    """
+    new_w, new_h = resized_size(rgb.width, rgb.height, config.resize_size)
+    resample = INTERPOLATIONS[config.interpolation]
+    if config.crop_size is None or new_w * new_h <= MAX_INTERMEDIATE_PIXELS:
+        if (new_w, new_h) != rgb.size:
+            rgb = rgb.resize((new_w, new_h), resample)
+        pixels = np.asarray(rgb)
+    else:
+        crop_h, crop_w = _pair(config.crop_size)
+        left, right = _kept(new_w, crop_w)
+        top, bottom = _kept(new_h, crop_h)
+        scale_x, scale_y = rgb.width / new_w, rgb.height / new_h
+        box = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
+        pixels = np.asarray(rgb.resize((right - left, bottom - top), resample, box=box))
     if config.crop_size is not None:
         pixels = center_crop(pixels, config.crop_size)
-    return Decoded(pixels=pixels, width=width, height=height)
+    return pixels
+
+
+def _kept(size: int, crop: int) -> tuple[int, int]:
+    """The [start, end) range of one axis of a resized image that `center_crop` keeps."""
+    if crop >= size:
+        return 0, size
+    start = round((size - crop) / 2.0)
+    return start, start + crop
 
 
 def _draft_target(config: PreprocessConfig, width: int, height: int) -> int:

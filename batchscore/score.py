@@ -54,6 +54,7 @@ from batchscore.output import (
     OutputLayout,
     chunk_to_batch,
     output_schema,
+    remove_stale_file_temporaries,
 )
 from batchscore.pipeline import PipelineOptions, run_pipeline
 from batchscore.sources import ImageRef, Source, iter_refs, merged_extra_columns, open_sources
@@ -278,19 +279,29 @@ def score(
     """
     settings = settings or ScoreSettings()
     check_settings(settings)
-    dataset = is_dataset_path(output)
+    dataset = check_output(output)
     if settings.incremental and not dataset:
         raise ConfigError("--incremental needs a dataset directory as output (-o DIR/)")
+    if settings.fingerprint == "sha256" and not settings.incremental:
+        raise ConfigError(
+            "--fingerprint sha256 only tells --incremental how to spot changed files:"
+            " add --incremental (and a dataset output), or leave it out"
+        )
     if settings.engine not in ENGINES:
         raise ConfigError(f"engine must be one of {ENGINES}")
     if settings.engine == "dask" and not dataset:
         raise ConfigError("--engine dask writes one part per partition: -o must be a directory")
-    opened = open_sources(sources, labelled_folders=settings.labelled_folders)
-    specs = load_models(settings)
     if not dataset:
+        opened = open_sources(sources, labelled_folders=settings.labelled_folders)
+        specs = load_models(settings)
+        remove_stale_file_temporaries(Path(output))
         return _run(opened, Path(output), specs, settings, done=None)
     root = Path(output)
+    # The lock comes first: a second run of a nightly job must leave at once, before it
+    # spends seconds loading and test-running the model.
     with output_lock(root, wait=settings.wait_lock):
+        opened = open_sources(sources, labelled_folders=settings.labelled_folders)
+        specs = load_models(settings)
         remove_stale_temporaries(root)
         done = load_done(
             root,
@@ -299,6 +310,21 @@ def score(
             include_errors=not settings.retry_errors,
         )
         return _run(opened, root, specs, settings, done=done)
+
+
+def check_output(output: str | Path) -> bool:
+    """Whether `output` is a dataset directory; raises OutputError when it is neither that
+    nor a `.parquet` file name."""
+    if not str(output).strip():
+        raise OutputError("empty output path: give a .parquet file or a dataset directory")
+    if is_dataset_path(output):
+        return True
+    if Path(output).suffix.lower() != ".parquet":
+        raise OutputError(
+            f"output {output} is neither a .parquet file name nor a directory:"
+            " batchscore writes Parquet, to FILE.parquet or DIR/"
+        )
+    return False
 
 
 def _run(
@@ -338,7 +364,7 @@ def _run(
     stop = StopFlag()
     started_at = datetime.now(timezone.utc)
     started = time.perf_counter()
-    refs = with_fingerprints(iter_refs(opened), settings.fingerprint)
+    refs = with_fingerprints(iter_refs(opened), settings.fingerprint, stop)
     if done is not None:
         refs = skip_done(refs, done, skips)
 

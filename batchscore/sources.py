@@ -2,8 +2,13 @@
 
 A source yields `ImageRef`s one at a time, so a manifest of millions of rows is never held
 in memory. Every entry becomes exactly one ref, even a broken one (a manifest line that is
-not JSON, a row without a path): the pipeline turns those into error rows instead of
-dropping them, so nothing is lost silently.
+not JSON, a row without a path, a path with a NUL byte): the pipeline turns those into error
+rows instead of dropping them, so nothing is lost silently.
+
+Manifests are read as UTF-8, and a byte that is not UTF-8 never stops a run: it is kept as
+`os.fsdecode` keeps it (see `batchscore.names`). In a path it is part of the file name, so a
+manifest written by `find` on a disk with non-UTF-8 names still finds its files; in any other
+field it is written as `\\xNN` and the row gets a warning saying so.
 """
 
 from __future__ import annotations
@@ -13,15 +18,17 @@ import functools
 import json
 import math
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchscore.errors import SourceError
+from batchscore.names import has_surrogates, name_bytes, path_problem, readable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet", ".txt")
@@ -39,6 +46,12 @@ class ImageRef:
     extras: dict[str, Any] = field(default_factory=dict)
     problem: str | None = None
     fingerprint: str | None = None  # content fingerprint, see batchscore.incremental
+    warning: str | None = None  # something the row's reader should know (not an error)
+
+    @property
+    def path_bytes(self) -> bytes | None:
+        """The exact bytes of the file name (see `batchscore.names`)."""
+        return None if self.path is None else name_bytes(self.path)
 
 
 class Source:
@@ -138,57 +151,121 @@ class ManifestSource(Source):
     def _resolve(self, raw: object) -> str | None:
         if raw is None or (isinstance(raw, float) and math.isnan(raw)):
             return None
-        text = str(raw).strip()
+        text = _text(raw).strip()
         if not text:
             return None
-        return os.path.abspath(self.location.parent / text)
+        return os.path.abspath(os.path.join(os.fsdecode(self.location.parent), text))
 
     def _ref(self, row: dict[str, Any], where: str) -> ImageRef:
         path = self._resolve(row.get("path"))
         raw_id = row.get("id")
-        image_id = str(raw_id) if raw_id not in (None, "") else (path or where)
+        image_id = _text(raw_id) if raw_id not in (None, "", b"") else (path or where)
         raw_label = row.get("label")
-        label = str(raw_label) if raw_label not in (None, "") else None
-        extras = {key: value for key, value in row.items() if key not in RESERVED_COLUMNS}
-        problem = None if path else f"{where}: empty or missing 'path'"
-        return ImageRef(path=path, image_id=image_id, label=label, extras=extras, problem=problem)
+        label = _text(raw_label) if raw_label not in (None, "", b"") else None
+        extras = {
+            readable(key): value
+            for key, value in row.items()
+            if isinstance(key, str) and key not in RESERVED_COLUMNS
+        }
+        if path is None:
+            problem: str | None = f"{where}: empty or missing 'path'"
+        else:
+            reason = path_problem(path)
+            problem = f"{where}: {reason}" if reason else None
+        not_utf8 = [
+            name
+            for name, value in (("id", raw_id), ("label", raw_label), *extras.items())
+            if isinstance(value, str) and has_surrogates(value)
+        ]
+        warning = (
+            f"{where}: bytes that are not UTF-8 in {', '.join(not_utf8)}, written as \\xNN"
+            if not_utf8
+            else None
+        )
+        return ImageRef(
+            path=path,
+            image_id=image_id,
+            label=label,
+            extras=extras,
+            problem=problem,
+            warning=warning,
+        )
+
+
+def _text(value: object) -> str:
+    """A manifest value as text; bytes (a Parquet binary column) decode like file names."""
+    return os.fsdecode(value) if isinstance(value, bytes) else str(value)
+
+
+def _check_regular(location: Path) -> None:
+    """A FIFO or device named like a manifest would block the run before it starts."""
+    try:
+        mode = location.stat().st_mode
+    except OSError as exc:
+        raise SourceError(f"cannot read manifest {location}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(mode):
+        raise SourceError(f"manifest {location} is not a regular file")
 
 
 class CsvSource(ManifestSource):
-    """A CSV manifest with a header row. Extra columns pass through as strings."""
+    """A CSV manifest with a header row. Extra columns pass through as strings.
 
+    A row the csv module cannot parse (a field over its size limit, say) becomes an error row
+    of its own; the rows after it are still read."""
+
+    def _open(self) -> TextIO:
+        return self.location.open(newline="", encoding="utf-8-sig", errors="surrogateescape")
+
+    @functools.cached_property
     def _header(self) -> list[str]:
+        _check_regular(self.location)
         try:
-            with self.location.open(newline="", encoding="utf-8-sig") as handle:
+            with self._open() as handle:
                 header = next(csv.reader(handle), None)
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        except (OSError, csv.Error) as exc:
             raise SourceError(f"cannot read manifest {self.location}: {exc}") from exc
         if not header or "path" not in header:
-            raise SourceError(f"manifest {self.location} has no 'path' column (header: {header})")
+            shown = [readable(name) for name in header or []]
+            raise SourceError(f"manifest {self.location} has no 'path' column (header: {shown})")
         return header
 
     def extra_columns(self) -> dict[str, pa.DataType]:
-        return {name: pa.string() for name in self._header() if name not in RESERVED_COLUMNS}
+        return {
+            readable(name): pa.string() for name in self._header if name not in RESERVED_COLUMNS
+        }
 
     @property
     def has_labels(self) -> bool:
-        return "label" in self._header()
+        return "label" in self._header
 
     def __iter__(self) -> Iterator[ImageRef]:
-        self._header()
-        with self.location.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            for line_no, row in enumerate(reader, start=2):
-                clean = {key: (value if value != "" else None) for key, value in row.items()}
-                yield self._ref(clean, f"{self.location.name} line {line_no}")
+        header = self._header
+        with self._open() as handle:
+            reader = csv.reader(handle)
+            next(reader, None)
+            while True:
+                try:
+                    values = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    where = f"{self.location.name} line {reader.line_num}"
+                    yield ImageRef(None, where, problem=f"{where}: unreadable CSV row ({exc})")
+                    continue
+                if not values:
+                    continue  # a blank line, as csv.DictReader skips it
+                row: dict[str, Any] = dict.fromkeys(header)
+                row.update((k, v or None) for k, v in zip(header, values, strict=False))
+                yield self._ref(row, f"{self.location.name} line {reader.line_num}")
 
 
 class JsonlSource(ManifestSource):
     """A JSON-lines manifest. Extra keys pass through as strings (non-strings JSON-encoded)."""
 
     def _rows(self) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+        _check_regular(self.location)
         try:
-            handle = self.location.open(encoding="utf-8")
+            handle = self.location.open(encoding="utf-8", errors="surrogateescape")
         except OSError as exc:
             raise SourceError(f"cannot read manifest {self.location}: {exc}") from exc
         with handle:
@@ -241,31 +318,37 @@ class JsonlSource(ManifestSource):
 
 
 class TextSource(ManifestSource):
-    """One path per line; blank lines and lines starting with '#' are skipped."""
+    """One path per line; blank lines and lines starting with '#' are skipped.
 
-    def _lines(self) -> Iterator[str]:
+    Lines are read as bytes and decoded like file names, so any name a disk holds can be listed.
+    """
+
+    def _lines(self) -> Iterator[tuple[int, str]]:
+        _check_regular(self.location)
         try:
-            handle = self.location.open(encoding="utf-8")
+            handle = self.location.open("rb")
         except OSError as exc:
             raise SourceError(f"cannot read manifest {self.location}: {exc}") from exc
         with handle:
-            for line in handle:
-                text = line.strip()
+            for line_no, line in enumerate(handle, start=1):
+                raw = line.removeprefix(b"\xef\xbb\xbf") if line_no == 1 else line
+                text = os.fsdecode(raw.strip())
                 if text and not text.startswith("#"):
-                    yield text
+                    yield line_no, text
 
     def count(self) -> int:
         return sum(1 for _ in self._lines())
 
     def __iter__(self) -> Iterator[ImageRef]:
-        for text in self._lines():
-            yield self._ref({"path": text}, self.location.name)
+        for line_no, text in self._lines():
+            yield self._ref({"path": text}, f"{self.location.name} line {line_no}")
 
 
 class ParquetSource(ManifestSource):
     """A Parquet manifest, read in record batches; extra columns keep their types."""
 
     def _file(self) -> pq.ParquetFile:
+        _check_regular(self.location)
         try:
             parquet = pq.ParquetFile(self.location)
         except (OSError, pa.ArrowException) as exc:
@@ -310,6 +393,8 @@ def open_source(location: str | Path, *, labelled_folders: bool = False) -> Sour
 
     With `labelled_folders`, a folder is read in ImageFolder layout (label = sub-folder).
     """
+    if not str(location).strip():
+        raise SourceError("empty source path: pass an image folder, an image or a manifest")
     path = Path(location)
     if path.is_dir():
         directory = ImageFolderSource(path) if labelled_folders else DirectorySource(path)

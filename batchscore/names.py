@@ -1,0 +1,61 @@
+"""File names are bytes on Linux; Parquet strings are UTF-8. How batchscore keeps both.
+
+Inside batchscore a path is a `str` made by `os.fsdecode`: a byte that is not UTF-8 becomes a
+lone surrogate (PEP 383), so the string still opens the same file. Such a string cannot be
+written to a Parquet string column, so the output holds a path twice:
+
+- `path`: readable text, each byte that is not UTF-8 shown as `\\xNN`;
+- `path_bytes`: the exact bytes of the name; `os.fsdecode(path_bytes)` opens the file.
+
+Every other text written to the output (ids, labels, reasons, manifest fields) goes through
+`readable` too, so no row can ever make the writer fail.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def has_surrogates(text: str) -> bool:
+    """Whether `text` holds characters that UTF-8 cannot encode (undecoded bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def readable(text: str) -> str:
+    """`text` as valid UTF-8: each undecodable byte (or stray surrogate) shown as \\xNN."""
+    if not has_surrogates(text):
+        return text
+    out = []
+    for char in text:
+        if 0xDC80 <= ord(char) <= 0xDCFF:  # a byte os.fsdecode could not decode
+            out.append(f"\\x{ord(char) - 0xDC00:02x}")
+        elif 0xD800 <= ord(char) <= 0xDFFF:  # any other lone surrogate (from a JSON escape)
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def readable_or_none(text: str | None) -> str | None:
+    return None if text is None else readable(text)
+
+
+def name_bytes(path: str) -> bytes | None:
+    """The exact bytes of a file name, or None when no file can have this name."""
+    try:
+        return os.fsencode(path)
+    except UnicodeEncodeError:
+        return None
+
+
+def path_problem(path: str) -> str | None:
+    """Why `path` cannot name a file, or None when it can."""
+    if "\x00" in path:
+        return "path contains a NUL byte, which no file name can hold"
+    if name_bytes(path) is None:
+        return f"path {readable(path)!r} holds characters that no file name can hold"
+    return None

@@ -222,7 +222,11 @@ class AtomicParquetFile:
         self.rows = 0
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
-        self._writer = pq.ParquetWriter(self.tmp_path, self.schema, compression="zstd")
+        try:
+            self._writer = pq.ParquetWriter(self.tmp_path, self.schema, compression="zstd")
+        except BaseException:  # a full disk can fail the header: leave no temporary behind
+            self.tmp_path.unlink(missing_ok=True)
+            raise
 
     def write(self, batch: pa.RecordBatch) -> None:
         with _write_errors(self.path):

@@ -13,10 +13,11 @@ file's metadata); `resolve_preprocess` is the one place that decides which value
 
 Hostile files are this module's daily bread. Every decode starts from the same Pillow state
 (all plugins registered in one fixed order, so what a file opens as never depends on what was
-opened before), `--max-pixels` is the one pixel limit (Pillow's own is switched off: it would
-cap the option and warn on its own), a resize whose intermediate image would be huge (a 1x40000
-strip resized to a shorter side of 256) resamples only the region the centre crop keeps, and
-Pillow's warnings about a file are returned with it instead of going to the terminal.
+opened before). `--max-pixels` is the one pixel limit: Pillow's own is set to match it, so that
+it also guards images nested inside a file (an ICNS icon's PNG, say). A resize whose
+intermediate image would be huge (a 1x40000 strip resized to a shorter side of 256) resamples
+only the region the centre crop keeps. Pillow's warnings about a file are returned with it
+instead of going to the terminal.
 """
 
 from __future__ import annotations
@@ -224,12 +225,15 @@ def init_pillow() -> None:
 
     Pillow imports a format's plugin lazily, by file extension, and tries plugins in the
     order they were imported, so without this a file could open as another format after some
-    other file was read in the same process. Its own pixel limit is switched off because
-    `--max-pixels` is checked from the header before decoding.
+    other file was read in the same process.
     """
     Image.preinit()
     Image.init()
-    Image.MAX_IMAGE_PIXELS = None
+
+
+def _pillow_pixel_limit(max_pixels: int | None) -> None:
+    """Set Pillow's own bomb check, an error above twice MAX_IMAGE_PIXELS (None: off)."""
+    Image.MAX_IMAGE_PIXELS = None if max_pixels is None else (max_pixels + 1) // 2
 
 
 def _describe(exc: BaseException, path: str) -> str:
@@ -289,6 +293,8 @@ def load_image(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            # Pillow warns from half its limit on; the limit that counts is --max-pixels.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             decoded = _load_image(path, config, max_pixels=max_pixels, fast_jpeg=fast_jpeg)
         if caught:
             messages = tuple(dict.fromkeys(str(w.message) for w in caught))
@@ -312,6 +318,7 @@ def _load_image(
         raise ImageError("not a regular file")
     if info.st_size == 0:
         raise ImageError("empty file (0 bytes)")
+    _pillow_pixel_limit(None)  # the file's own size is checked here, with a clearer reason
     with Image.open(path) as image:  # reads the header only
         width, height = image.size
         if width * height > max_pixels:
@@ -319,6 +326,7 @@ def _load_image(
                 f"decompression bomb: {width}x{height} = {width * height} pixels is more than"
                 f" the limit of {max_pixels} (--max-pixels)"
             )
+        _pillow_pixel_limit(max_pixels)  # Pillow's check guards images nested in this one
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         if fast_jpeg and image.format == "JPEG":
             upright = (height, width) if orientation in _ROTATED_ORIENTATIONS else (width, height)

@@ -244,7 +244,7 @@ def test_an_unwritable_dataset_directory_exits_2(tmp_path: Path, images: Path, m
 def test_a_full_disk_mid_run_exits_1_and_leaves_nothing_half_written(
     tmp_path: Path, images: Path, model: Path
 ) -> None:
-    with mounted_tmpfs(tmp_path / "disk", "size=64k") as disk:
+    with mounted_tmpfs(tmp_path / "disk", "size=96k") as disk:
         dataset = disk / "preds"
         argv = command(images, dataset, model)
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
@@ -274,7 +274,7 @@ def _fill(disk: Path) -> None:
 def test_a_disk_full_from_the_start_is_one_line_and_leaves_no_temporary(
     tmp_path: Path, images: Path, model: Path, when: str
 ) -> None:
-    with mounted_tmpfs(tmp_path / "disk", "size=64k") as disk:
+    with mounted_tmpfs(tmp_path / "disk", "size=96k") as disk:
         dataset = disk / "preds"
         if when == "when a part opens":  # the lock file keeps its page for the pid
             argv = command(images / "img_0000.png", dataset, model, "--workers", "0")

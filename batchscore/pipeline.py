@@ -22,7 +22,6 @@ worker again becomes an error row. Nothing is dropped and the run goes on.
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import os
 import signal
@@ -303,7 +302,6 @@ class _Pool:
     def replace(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.executor = self._new()
-        gc.collect()  # frees the broken pool's queues, and with them their semaphores
 
     def close(self, *, force: bool = False) -> None:
         """Wait for the workers to exit; with `force`, terminate them first (they may hang)."""

@@ -72,3 +72,30 @@ def test_first_readme_command_prints_the_top_predictions(tmp_path: Path) -> None
     assert "espresso" in done.stdout and "tripod" in done.stdout
     assert "4 images: 4 ok, 0 errors" in done.stderr
     assert len(pd.read_parquet(tmp_path / "preds.parquet")) == 4
+
+
+def test_the_hostile_input_page_runs_as_written(tmp_path: Path) -> None:
+    """docs/hostile-input.md's example: a Latin-1 file name is scored and round-trips."""
+    page = (REPO / "docs" / "hostile-input.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", page, re.S)
+    assert block is not None
+    (tmp_path / "artifacts").symlink_to(REPO / "artifacts")
+    bindir = Path(sys.executable).parent
+    script = block.group(1).replace("python -c", f"{sys.executable} -c")
+    if shutil.which("batchscore", path=f"{bindir}{os.pathsep}{os.environ['PATH']}") is None:
+        script = script.replace("batchscore score", f"{sys.executable} -m batchscore score")
+    done = subprocess.run(
+        ["bash", "-c", script],
+        check=False,
+        cwd=tmp_path,
+        env={**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("1 image: 1 ok, 0 errors")
+    path, label, exists = done.stdout.strip().split(" | ")
+    assert path == f"{tmp_path}/uploads/caf\\xe9.jpg"
+    assert (label, exists) == ("Egyptian cat", "True")
+    assert "\\xNN" in page and "path_bytes" in README

@@ -187,6 +187,9 @@ def test_a_killed_worker_does_not_kill_the_job(tmp_path: Path, images: Path, mod
         _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     check_dataset(dataset, complete=True)  # the dead worker's images were retried, all ok
+    # Only the summary line: no "leaked semaphore" or other noise from the broken pool.
+    [line] = stderr.strip().splitlines()
+    assert line.startswith(f"{N_IMAGES} images: {N_IMAGES} ok, 0 errors"), stderr
 
 
 @pytest.mark.slow

@@ -153,6 +153,45 @@ def test_kill_9_at_any_moment_then_the_same_command_finishes(
 
 
 @pytest.mark.slow
+def test_kill_9_with_duplicate_ids_then_rerun_leaves_each_row_exactly_once(
+    tmp_path: Path, images: Path, model: Path
+) -> None:
+    """Ids repeat (two files per id), and one (id, path) is listed twice: after kills and a
+    rerun, the rows are exactly those of one uninterrupted run."""
+    files = sorted(images.glob("*.png"))
+    rows = [(f"id{i // 2}", path) for i, path in enumerate(files)] + [("id0", files[0])]
+    manifest = tmp_path / "uploads.csv"
+    manifest.write_text("id,path\n" + "".join(f"{i},{p}\n" for i, p in rows))
+    expected = sorted((i, str(p)) for i, p in rows)
+
+    def rows_of(dataset: Path) -> list[tuple[str, str]]:
+        table = pd.read_parquet(dataset, columns=["image_id", "path", "status"])
+        assert (table["status"] == "ok").all()
+        return sorted(zip(table["image_id"], table["path"], strict=True))
+
+    uninterrupted = tmp_path / "uninterrupted"
+    argv = command(manifest, uninterrupted, model)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert rows_of(uninterrupted) == expected
+
+    dataset = tmp_path / "preds"
+    argv = command(manifest, dataset, model, "--batch-size", "1", "--workers", "1")
+    committed = []
+    for delay in (0.0, 0.05, 0.1):  # soon after a commit: the run is still going
+        with running(argv) as process:
+            wait_for_first_part(dataset, process)
+            time.sleep(delay)
+            process.kill()
+            process.wait()
+        committed.append(len(pd.read_parquet(dataset, columns=["image_id"])))
+    assert committed[0] < len(rows), "the first kill came after the end: nothing tested"
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert rows_of(dataset) == expected
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_commits_the_work_done_and_says_how_to_resume(
     tmp_path: Path, images: Path, model: Path, signum: int, code: int

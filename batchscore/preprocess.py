@@ -261,6 +261,8 @@ def _describe(exc: BaseException, path: str) -> str:
         return "is a directory, not an image file"
     if isinstance(exc, PermissionError):
         return "permission denied"
+    if isinstance(exc, OSError) and exc.errno is not None and exc.filename is not None:
+        return f"cannot read file: {exc.strerror}"  # the system's error, not the image's
     if isinstance(exc, UnidentifiedImageError):
         return "not a recognised image format"
     if isinstance(exc, Image.DecompressionBombError):

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -48,6 +49,7 @@ from batchscore.incremental import (
     with_fingerprints,
 )
 from batchscore.model import ModelSpec, load_model
+from batchscore.names import has_surrogates, readable
 from batchscore.output import (
     STATUS_OK,
     AtomicParquetFile,
@@ -317,6 +319,11 @@ def check_output(output: str | Path) -> bool:
     nor a `.parquet` file name."""
     if not str(output).strip():
         raise OutputError("empty output path: give a .parquet file or a dataset directory")
+    if has_surrogates(os.path.abspath(output)):
+        raise OutputError(
+            f"output path {readable(os.path.abspath(output))!r} is not valid UTF-8, which"
+            " Parquet writers cannot open: choose a UTF-8 name (inputs may have any name)"
+        )
     if is_dataset_path(output):
         return True
     if Path(output).suffix.lower() != ".parquet":

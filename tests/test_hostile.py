@@ -318,20 +318,23 @@ def test_manifests_with_bytes_that_are_not_utf8_never_crash(
         assert pd.isna(rows["warning"][1])
 
 
-def test_a_nul_byte_in_a_manifest_path_is_an_error_row(
+def test_a_nul_byte_or_an_oversized_csv_field_is_an_error_row_and_the_rest_is_read(
     tmp_path: Path, color_model_dir: Path
 ) -> None:
     good = tmp_path / "good.png"
     noisy(COLORS["blue"], (20, 20)).save(good)
     manifest = tmp_path / "list.csv"
-    manifest.write_bytes(b"path\nbad\x00name.png\n" + os.fsencode(good) + b"\n")
+    huge = b"x" * 200_000  # over the csv module's field limit
+    rows = [b"path", b"bad\x00name.png", huge + b".png", os.fsencode(good)]
+    manifest.write_bytes(b"\n".join(rows) + b"\n")
     output = tmp_path / "ds"
     args = ["score", str(manifest), "-o", f"{output}/", "--incremental"]
     result = CliRunner().invoke(cli, [*args, "--model", str(color_model_dir), "--workers", "0"])
     assert result.exit_code == 0, result.output
-    rows = pd.read_parquet(output)
-    assert list(rows["status"]) == ["error", "ok"]
-    assert "NUL byte" in rows["error"][0]
+    table = pd.read_parquet(output)
+    assert list(table["status"]) == ["error", "error", "ok"]
+    assert "NUL byte" in table["error"][0]
+    assert "unreadable CSV row (field larger than field limit" in table["error"][1]
 
 
 @pytest.mark.parametrize("split", [0, 1, 2, 3, 4, 5])
@@ -419,6 +422,34 @@ def test_an_empty_source_or_a_non_parquet_output_is_one_line_exit_2(
     result = CliRunner().invoke(cli, argv)
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["color_model", "red.png"]
+
+
+def test_a_name_too_long_or_a_symlink_loop_says_so(tmp_path: Path, color_model_dir: Path) -> None:
+    os.symlink(tmp_path / "loop.png", tmp_path / "loop.png")
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"{tmp_path / 'loop.png'}\n{tmp_path / ('x' * 300)}.png\n")
+    output = tmp_path / "out.parquet"
+    args = ["score", str(manifest), "-o", str(output), "--model", str(color_model_dir)]
+    assert CliRunner().invoke(cli, [*args, "--workers", "0"]).exit_code == 0
+    reasons = list(pd.read_parquet(output)["error"])
+    assert reasons == [
+        "cannot read file: Too many levels of symbolic links",
+        "cannot read file: File name too long",
+    ]
+
+
+def test_an_output_path_that_is_not_utf8_is_one_line_exit_2(
+    tmp_path: Path, color_model_dir: Path
+) -> None:
+    image = tmp_path / "red.png"
+    noisy(COLORS["red"], (20, 20)).save(image)
+    for name in (b"out\xff.parquet", b"ds\xff/"):
+        output = os.fsdecode(os.fsencode(tmp_path) + b"/" + name)
+        args = ["score", str(image), "-o", output, "--model", str(color_model_dir)]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, result.output
+        assert "is not valid UTF-8" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["color_model", "red.png"]
 
 

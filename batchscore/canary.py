@@ -29,7 +29,8 @@ from batchscore.errors import ConfigError, OutputError, SourceError
 from batchscore.model import load_model
 from batchscore.output import STATUS_OK, read_metadata
 from batchscore.report import write_report
-from batchscore.score import BASELINE_PREFIX, ScoreSettings, score
+from batchscore.score import score
+from batchscore.settings import BASELINE_PREFIX, ScoreSettings
 from batchscore.sources import open_sources
 
 PREDICTIONS_FILE = "predictions.parquet"

@@ -64,12 +64,12 @@ from batchscore.pipeline import (
     WORKER_DIED,
     ChunkOutput,
     ChunkResult,
-    PipelineOptions,
     Scorer,
     concat_outputs,
     failed_output,
 )
 from batchscore.score import RunContext
+from batchscore.settings import PipelineOptions
 from batchscore.sources import ImageRef
 
 PARTITION_IMAGES = 256  # big enough to amortise a task (~ms), small enough to retry cheaply

@@ -30,12 +30,11 @@ import pyarrow as pa
 
 from batchscore.errors import LockHeld, OutputError, WriteFailed
 from batchscore.output import AtomicParquetFile
+from batchscore.settings import DEFAULT_PART_ROWS, DEFAULT_PART_SECONDS
 
 LOCK_NAME = "_batchscore.lock"
 RUNS_DIR = "_runs"
 PARTITION = "run_date"
-DEFAULT_PART_ROWS = 10_000
-DEFAULT_PART_SECONDS = 60.0
 
 
 def is_dataset_path(path: str | Path) -> bool:

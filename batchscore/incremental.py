@@ -39,7 +39,6 @@ from batchscore.dataset import part_files
 from batchscore.names import readable
 from batchscore.sources import ImageRef
 
-FINGERPRINTS = ("size-mtime", "sha256")
 _CHUNK = 4096
 _READ_BLOCK = 1 << 20
 

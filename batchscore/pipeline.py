@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import islice
 
@@ -42,34 +42,18 @@ import onnxruntime as ort
 
 from batchscore.model import ModelSpec, create_session, first_line
 from batchscore.preprocess import (
-    DEFAULT_MAX_PIXELS,
     ImageError,
     PreprocessConfig,
     init_pillow,
     load_image,
     normalization_lut,
 )
+from batchscore.settings import PipelineOptions
 from batchscore.sources import ImageRef
 
 IN_FLIGHT_PER_WORKER = 4
 PARENT_POLL_S = 1.0
 WORKER_DIED = "worker process died while decoding or scoring this image (crash or out-of-memory)"
-
-
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-@dataclass(frozen=True)
-class PipelineOptions:
-    """How to run: `workers=0` scores in this process (no pool; handy for debugging)."""
-
-    workers: int = field(default_factory=default_workers)
-    batch_size: int = 8
-    top_k: int = 5
-    fast_jpeg: bool = True
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    threads_per_worker: int = 1
 
 
 @dataclass

@@ -34,6 +34,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from batchscore.errors import ModelError
+from batchscore.settings import DEFAULT_MAX_PIXELS, OUTPUT_KINDS
+from batchscore.settings import INTERPOLATIONS as INTERPOLATION_NAMES
 
 # The seeds' training recipe: used when neither the model nor the command line says otherwise.
 DEFAULT_PREPROCESS: dict[str, Any] = {
@@ -44,7 +46,6 @@ DEFAULT_PREPROCESS: dict[str, Any] = {
     "std": [0.229, 0.224, 0.225],
     "output": "logits",
 }
-DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb error threshold
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -53,7 +54,7 @@ INTERPOLATIONS = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-OUTPUT_KINDS = ("logits", "probabilities")
+assert set(INTERPOLATIONS) == set(INTERPOLATION_NAMES), "settings and Pillow names must agree"
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as viewers do
 _EXIF_ORIENTATION = 0x0112
 # Above this many pixels, the resized image is not made whole: only the part the centre crop

@@ -43,29 +43,15 @@ from batchscore.model import (
 )
 from batchscore.pipeline import softmax, top_k_indices
 from batchscore.preprocess import ImageError, load_image, normalization_lut
+from batchscore.settings import CALIBRATION_METHODS, QuantizeOptions
 from batchscore.sources import iter_refs, open_sources
 
 INT8_FILENAME = "model_int8.onnx"
 REPORT_FILENAME = "model_int8.report.json"
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 CONFIDENT = 0.5  # fp32 top-1 probability from which an image counts as confident
 TOP_K = 5
 SPEED_BATCH = 8  # batchscore's default batch size, one thread: what a worker runs
 INSTALL_HINT = "pip install 'batchscore[quantize]'"
-
-
-@dataclass(frozen=True)
-class QuantizeOptions:
-    """How to quantize and evaluate. Counts are upper bounds; held-out images never calibrate."""
-
-    calibration_count: int = 200
-    holdout_count: int = 200  # used only when no separate held-out source is given
-    keep_first_conv: bool = False
-    keep_classifier: bool = False
-    exclude_nodes: tuple[str, ...] = ()
-    method: str = "minmax"
-    seed: int = 0
-    speed_repeats: int = 20
 
 
 @dataclass(frozen=True)

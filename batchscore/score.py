@@ -25,8 +25,6 @@ from tqdm import tqdm
 
 from batchscore import __version__
 from batchscore.dataset import (
-    DEFAULT_PART_ROWS,
-    DEFAULT_PART_SECONDS,
     DatasetWriter,
     is_dataset_path,
     output_lock,
@@ -41,7 +39,6 @@ from batchscore.errors import (
     WriteFailed,
 )
 from batchscore.incremental import (
-    FINGERPRINTS,
     DoneSet,
     SkipCounter,
     load_done,
@@ -58,37 +55,11 @@ from batchscore.output import (
     output_schema,
     remove_stale_file_temporaries,
 )
-from batchscore.pipeline import PipelineOptions, run_pipeline
+from batchscore.pipeline import run_pipeline
+from batchscore.settings import BASELINE_PREFIX, ENGINES, FINGERPRINTS, ScoreSettings
 from batchscore.sources import ImageRef, Source, iter_refs, merged_extra_columns, open_sources
 
-BASELINE_PREFIX = "baseline_"
-ENGINES = ("local", "dask")
 LOW_CONFIDENCE = 0.5  # top-1 probability below this counts as low-confidence (drift signal)
-
-
-@dataclass(frozen=True)
-class ScoreSettings:
-    """Everything a scoring run can be told; defaults are what `batchscore score` uses."""
-
-    model: str | Path | None = None
-    baseline_model: str | Path | None = None  # scored on the same decoded images
-    labelled_folders: bool = False  # read folders in ImageFolder layout (label = sub-folder)
-    preprocess_overrides: Mapping[str, Any] = field(default_factory=dict)
-    model_sha256: str | None = None
-    providers: Sequence[str] = ()
-    pipeline: PipelineOptions = field(default_factory=PipelineOptions)
-    keep_probs: bool = True
-    max_error_rate: float | None = None
-    progress: bool = False
-    run_id: str | None = None
-    incremental: bool = False  # dataset output: also rescore images whose content changed
-    fingerprint: str = "size-mtime"
-    retry_errors: bool = True  # dataset output: images that failed before are tried again
-    wait_lock: bool = False
-    engine: str = "local"  # "local" process pool, or "dask" (optional extra)
-    dask_address: str | None = None  # None: start a LocalCluster sized to this machine
-    part_rows: int = DEFAULT_PART_ROWS
-    part_seconds: float = DEFAULT_PART_SECONDS
 
 
 @dataclass

@@ -30,9 +30,8 @@ from batchscore.canary import (
     wilson_interval,
 )
 from batchscore.cli import cli
-from batchscore.pipeline import PipelineOptions
 from batchscore.report import confusion_svg
-from batchscore.score import ScoreSettings
+from batchscore.settings import PipelineOptions, ScoreSettings
 from tests.conftest import COLORS, SAMPLES, noisy
 from tests.models import color_model
 

@@ -40,8 +40,9 @@ from batchscore.errors import BatchscoreError, Interrupted, WriteFailed  # noqa:
 from batchscore.incremental import with_fingerprints  # noqa: E402
 from batchscore.model import load_model  # noqa: E402
 from batchscore.output import OutputLayout, output_schema, read_metadata  # noqa: E402
-from batchscore.pipeline import WORKER_DIED, PipelineOptions  # noqa: E402
-from batchscore.score import RunContext, ScoreSettings, run_metadata, score  # noqa: E402
+from batchscore.pipeline import WORKER_DIED  # noqa: E402
+from batchscore.score import RunContext, run_metadata, score  # noqa: E402
+from batchscore.settings import PipelineOptions, ScoreSettings  # noqa: E402
 from batchscore.sources import ImageRef, iter_refs, open_sources  # noqa: E402
 from tests.conftest import COLORS, noisy  # noqa: E402
 from tests.models import color_model  # noqa: E402

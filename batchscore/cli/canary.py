@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from batchscore.canary import CanaryResult, CanarySettings, run_canary
 from batchscore.cli.options import (
     scoring_options,
 )
 from batchscore.errors import GateFailed
-from batchscore.report import terminal_table
-from batchscore.score import ScoreSettings
+from batchscore.settings import ScoreSettings
+
+if TYPE_CHECKING:
+    from batchscore.canary import CanaryResult
 
 SHARE = click.FloatRange(0, 1)
 
@@ -106,6 +107,9 @@ def canary_command(
         batchscore canary canary_set/ --min-accuracy 0.55 --report reports/canary
         batchscore canary labels.csv --model new/ --baseline current/ --max-drop 0.01
     """
+    from batchscore.canary import CanarySettings, run_canary  # noqa: PLC0415 (heavy)
+    from batchscore.report import terminal_table  # noqa: PLC0415
+
     settings = CanarySettings(
         score=ScoreSettings(
             **scoring,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 
-from batchscore.diff import DiffReport, Side, check_changed_share, diff_outputs, write_changed
+if TYPE_CHECKING:
+    from batchscore.diff import DiffReport, Side
 
 
 def _side_line(name: str, side: Side) -> str:
@@ -110,6 +112,8 @@ def diff_command(
 
         batchscore diff old.parquet new.parquet --max-changed-share 0.05
     """
+    from batchscore.diff import check_changed_share, diff_outputs, write_changed  # noqa: PLC0415
+
     report = diff_outputs(a, b, model_a=model_a, model_b=model_b)
     if as_json:
         click.echo(json.dumps(report.as_dict(top=top), indent=2, sort_keys=True))

@@ -8,8 +8,12 @@ from typing import Any, TypeVar, cast
 
 import click
 
-from batchscore.pipeline import PipelineOptions, default_workers
-from batchscore.preprocess import DEFAULT_MAX_PIXELS, INTERPOLATIONS
+from batchscore.settings import (
+    DEFAULT_MAX_PIXELS,
+    INTERPOLATIONS,
+    PipelineOptions,
+    default_workers,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from batchscore.quantize import CALIBRATION_METHODS, QuantizeOptions, quantize_model
+from batchscore.settings import CALIBRATION_METHODS, QuantizeOptions
 
 _DEFAULTS = QuantizeOptions()
 
@@ -107,6 +107,8 @@ def quantize_command(
         batchscore quantize --calibration calib/ --holdout holdout/ -o int8/ --keep-first-conv
         batchscore score photos/ -o preds.parquet --model models/v3-int8/model_int8.onnx
     """
+    from batchscore.quantize import quantize_model  # noqa: PLC0415 (heavy: onnx, onnxruntime)
+
     options = QuantizeOptions(
         calibration_count=calibration_count,
         holdout_count=holdout_count,

@@ -8,8 +8,6 @@ from typing import Any
 
 import click
 
-from batchscore.dataset import read_summaries
-
 COLUMNS = (
     ("run_id", "run"),
     ("status", "status"),
@@ -58,6 +56,8 @@ def runs_command(dataset: str, as_json: bool) -> None:
 
         batchscore runs /data/preds/
     """
+    from batchscore.dataset import read_summaries  # noqa: PLC0415 (pyarrow)
+
     summaries = read_summaries(Path(dataset))
     if as_json:
         for summary in summaries:

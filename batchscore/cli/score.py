@@ -9,10 +9,14 @@ import click
 from batchscore.cli.options import (
     scoring_options,
 )
-from batchscore.dataset import DEFAULT_PART_ROWS, DEFAULT_PART_SECONDS
 from batchscore.errors import ErrorRateExceeded
-from batchscore.incremental import FINGERPRINTS
-from batchscore.score import ENGINES, ScoreSettings, score
+from batchscore.settings import (
+    DEFAULT_PART_ROWS,
+    DEFAULT_PART_SECONDS,
+    ENGINES,
+    FINGERPRINTS,
+    ScoreSettings,
+)
 
 
 @click.command("score")
@@ -115,6 +119,8 @@ def score_command(
 
         batchscore score /data/uploads/ -o /data/preds/ --incremental
     """
+    from batchscore.score import score  # noqa: PLC0415 (the heavy stack, only when scoring)
+
     settings = ScoreSettings(
         **scoring,
         keep_probs=not no_probs,

@@ -39,8 +39,8 @@ import dask
 from distributed import LocalCluster
 
 from batchscore.dask_engine import LOOPBACK_ANY_PORT, NANNY_MALLOC_TRIM
-from batchscore.pipeline import PipelineOptions
-from batchscore.score import ScoreSettings, score
+from batchscore.score import score
+from batchscore.settings import PipelineOptions, ScoreSettings
 from tests.benchmarks.bench import CORPORA, cpu_model, make_corpus, write_manifest
 
 

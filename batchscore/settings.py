@@ -1,0 +1,78 @@
+"""What a run can be told, and the defaults: plain data that imports nothing heavy.
+
+The CLI builds its options from this module alone, so `batchscore --help` starts without
+loading ONNX Runtime, NumPy, Pillow or Arrow. Library users build the same dataclasses.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENGINES = ("local", "dask")  # batchscore.engines.<name>
+FINGERPRINTS = ("size-mtime", "sha256")  # see batchscore.incremental
+INTERPOLATIONS = ("bilinear", "bicubic", "box", "hamming", "lanczos", "nearest")
+OUTPUT_KINDS = ("logits", "probabilities")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # batchscore quantize
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default decompression-bomb error threshold
+DEFAULT_PART_ROWS = 10_000
+DEFAULT_PART_SECONDS = 60.0
+BASELINE_PREFIX = "baseline_"  # column prefix of the baseline model scored beside the main one
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How to run: `workers=0` scores in this process (no pool; handy for debugging)."""
+
+    workers: int = field(default_factory=default_workers)
+    batch_size: int = 8
+    top_k: int = 5
+    fast_jpeg: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    threads_per_worker: int = 1
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """Everything a scoring run can be told; defaults are what `batchscore score` uses."""
+
+    model: str | Path | None = None
+    baseline_model: str | Path | None = None  # scored on the same decoded images
+    labelled_folders: bool = False  # read folders in ImageFolder layout (label = sub-folder)
+    preprocess_overrides: Mapping[str, Any] = field(default_factory=dict)
+    model_sha256: str | None = None
+    providers: Sequence[str] = ()
+    pipeline: PipelineOptions = field(default_factory=PipelineOptions)
+    keep_probs: bool = True
+    max_error_rate: float | None = None
+    progress: bool = False
+    run_id: str | None = None
+    incremental: bool = False  # dataset output: also rescore images whose content changed
+    fingerprint: str = "size-mtime"
+    retry_errors: bool = True  # dataset output: images that failed before are tried again
+    wait_lock: bool = False
+    engine: str = "local"  # "local" process pool, or "dask" (optional extra)
+    dask_address: str | None = None  # None: start a LocalCluster sized to this machine
+    part_rows: int = DEFAULT_PART_ROWS
+    part_seconds: float = DEFAULT_PART_SECONDS
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """How to quantize and evaluate. Counts are upper bounds; held-out images never calibrate."""
+
+    calibration_count: int = 200
+    holdout_count: int = 200  # used only when no separate held-out source is given
+    keep_first_conv: bool = False
+    keep_classifier: bool = False
+    exclude_nodes: tuple[str, ...] = ()
+    method: str = "minmax"
+    seed: int = 0
+    speed_repeats: int = 20

@@ -1,0 +1,35 @@
+"""The CLI starts without the heavy stack: help and version answer before any model work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("onnxruntime", "numpy", "pandas", "pyarrow", "PIL", "tqdm", "onnx", "dask")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["--version"],
+        *([name, "--help"] for name in ("score", "canary", "diff", "quantize", "runs")),
+    ],
+)
+def test_help_and_version_import_nothing_heavy(argv: list[str]) -> None:
+    code = (
+        "import json, sys\n"
+        "from batchscore.cli import cli\n"
+        "try:\n"
+        f"    cli.main({argv!r}, standalone_mode=False)\n"
+        "finally:\n"
+        f"    print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 
 from batchscore.errors import LockHeld, OutputError, WriteFailed
-from batchscore.output import AtomicParquetFile
+from batchscore.output import AtomicParquetFile, output_errors
 from batchscore.settings import DEFAULT_PART_ROWS, DEFAULT_PART_SECONDS
 
 LOCK_NAME = "_batchscore.lock"
@@ -51,11 +51,9 @@ def output_lock(root: Path, *, wait: bool = False) -> Iterator[None]:
     """Hold DIR's lock for the run. The kernel drops a flock when its process dies, so a lock
     left by a killed run never blocks the next one. The file holds the holder's pid, written
     unbuffered so that a full disk fails here, once, and not again at close."""
-    try:
+    with output_errors(root):
         root.mkdir(parents=True, exist_ok=True)
         fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise OutputError(f"cannot write output {root}: {exc.strerror or exc}") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -94,7 +92,7 @@ def part_files(root: Path) -> list[Path]:
 
 
 class DatasetWriter:
-    """Streams record batches into committed parts of one run (same interface as a file)."""
+    """A run written into a dataset directory: parts committed as they fill (a `Sink`)."""
 
     def __init__(
         self,
@@ -116,10 +114,8 @@ class DatasetWriter:
         self.parts: list[str] = []
         self._current: AtomicParquetFile | None = None
         self._opened_at = 0.0
-        try:
+        with output_errors(root):
             self.partition.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot write output {root}: {exc.strerror or exc}") from exc
 
     def write(self, batch: pa.RecordBatch) -> None:
         if self._current is None:
@@ -140,16 +136,29 @@ class DatasetWriter:
             self.parts.append(str(self._current.path.relative_to(self.root)))
             self._current = None
 
-    def commit(self, final_metadata: Mapping[str, Any]) -> None:
-        """Commit the last part; the run's totals go to its summary, not into the parts."""
-        del final_metadata  # parts are committed before the totals are known
+    def finish(self, record: Mapping[str, Any]) -> None:
+        """Commit the last part, then the run's summary (its totals are not in the parts)."""
         self._commit_part()
+        self._write_summary(record)
 
-    def abort(self) -> None:
+    def stop(self, record: Mapping[str, Any]) -> str:
+        """Commit what was written: the next run resumes after it."""
+        self._commit_part()
+        self._write_summary(record)
+        return f"{record['n_images']} images scored and committed"
+
+    def abort(self, record: Mapping[str, Any]) -> None:
         """Drop the part being written; parts committed earlier stay valid and are kept."""
         if self._current is not None:
             self._current.abort()
             self._current = None
+        with suppress(WriteFailed):  # best effort: the disk may be what failed
+            self._write_summary(record)
+
+    def _write_summary(self, record: Mapping[str, Any]) -> None:
+        summary = {**self.metadata, **record, "parts": self.parts}
+        summary.pop("class_map", None)  # in every part already; keeps summaries small
+        write_summary(self.root, summary)
 
     def part_path(self, index: int) -> Path:
         """Where part `index` of this run goes. The name depends only on (run_id, index), so an

@@ -27,7 +27,7 @@ import pyarrow.dataset as ds
 
 from batchscore.errors import ConfigError, GateFailed, OutputError
 from batchscore.output import STATUS_OK, AtomicParquetFile
-from batchscore.score import reason_kind
+from batchscore.summary import reason_kind
 
 REQUIRED_COLUMNS = ("image_id", "status", "error", "pred_label", "pred_prob", "model_sha256")
 CHANGED_COLUMNS = (

@@ -19,10 +19,13 @@ Only the CLI turns these classes into exit codes (`batchscore.cli`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from batchscore.score import RunSummary
+
+class Summary(Protocol):
+    """What an error that ends a finished run carries: the run's summary, printable."""
+
+    def line(self) -> str: ...
 
 
 class BatchscoreError(Exception):
@@ -64,9 +67,9 @@ class ErrorRateExceeded(BatchscoreError):
 
     exit_code = 4
 
-    def __init__(self, summary: RunSummary, message: str) -> None:
+    def __init__(self, summary: Summary, message: str) -> None:
         super().__init__(message)
-        self.summary = summary  # the run's RunSummary: the output is complete
+        self.summary = summary  # the run's summary: the output is complete
 
 
 class LockHeld(BatchscoreError):

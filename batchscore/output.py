@@ -16,16 +16,18 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchscore.errors import WriteFailed
-from batchscore.model import ModelSpec
+from batchscore.errors import OutputError, WriteFailed
 from batchscore.names import readable, readable_or_none
-from batchscore.pipeline import ChunkResult, ModelScores
+
+if TYPE_CHECKING:
+    from batchscore.model import ModelSpec
+    from batchscore.scorer import ChunkResult, ModelScores
 
 METADATA_PREFIX = "batchscore."
 ROW_GROUP_ROWS = 2048
@@ -210,6 +212,62 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         except json.JSONDecodeError:
             decoded[name[len(METADATA_PREFIX) :]] = text
     return decoded
+
+
+class Sink(Protocol):
+    """Where a run's rows go, whichever engine scores them: one file, or a dataset directory.
+
+    `record` is the run's summary so far (counts, status, times): a sink keeps what it can of it.
+    """
+
+    schema: pa.Schema
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        """Add rows, in input order."""
+
+    def finish(self, record: Mapping[str, Any]) -> None:
+        """The run is complete: make every row durable and visible."""
+
+    def stop(self, record: Mapping[str, Any]) -> str:
+        """The run was interrupted: keep what can be kept; say what happened to the rows."""
+
+    def abort(self, record: Mapping[str, Any]) -> None:
+        """The run failed: leave nothing half-written (best effort, the disk may be gone)."""
+
+
+class FileSink:
+    """A run written to one Parquet file, visible only once complete (see `AtomicParquetFile`)."""
+
+    def __init__(self, path: Path, schema: pa.Schema, metadata: Mapping[str, Any]) -> None:
+        remove_stale_file_temporaries(path)
+        with output_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = AtomicParquetFile(path, schema, metadata)
+        self.schema = self.file.schema
+        self.metadata = metadata
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self.file.write(batch)
+
+    def finish(self, record: Mapping[str, Any]) -> None:
+        self.file.commit({k: v for k, v in record.items() if k not in self.metadata})
+
+    def stop(self, record: Mapping[str, Any]) -> str:
+        self.file.abort()
+        return f"partial output discarded after {record['n_images']} images"
+
+    def abort(self, record: Mapping[str, Any]) -> None:
+        del record  # a file that never completes leaves no trace to record it in
+        self.file.abort()
+
+
+@contextmanager
+def output_errors(path: Path) -> Iterator[None]:
+    """An output that cannot be created is a configuration error: one line, exit 2."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"cannot write output {path}: {exc.strerror or exc}") from exc
 
 
 class AtomicParquetFile:

@@ -41,8 +41,8 @@ from batchscore.model import (
     first_line,
     load_model,
 )
-from batchscore.pipeline import softmax, top_k_indices
 from batchscore.preprocess import ImageError, load_image, normalization_lut
+from batchscore.scorer import softmax, top_k_indices
 from batchscore.settings import CALIBRATION_METHODS, QuantizeOptions
 from batchscore.sources import iter_refs, open_sources
 

@@ -29,19 +29,20 @@ import dask  # noqa: E402
 
 from batchscore import score as score_module  # noqa: E402
 from batchscore.cli import cli  # noqa: E402
-from batchscore.dask_engine import (  # noqa: E402
+from batchscore.dataset import DatasetWriter, part_files, read_summaries  # noqa: E402
+from batchscore.engines import RunContext  # noqa: E402
+from batchscore.engines.dask import (  # noqa: E402
     PARTITION_IMAGES,
     RunPlugin,
     _partitions,
     _shared_token,
 )
-from batchscore.dataset import DatasetWriter, part_files, read_summaries  # noqa: E402
 from batchscore.errors import BatchscoreError, Interrupted, WriteFailed  # noqa: E402
 from batchscore.incremental import with_fingerprints  # noqa: E402
 from batchscore.model import load_model  # noqa: E402
 from batchscore.output import OutputLayout, output_schema, read_metadata  # noqa: E402
-from batchscore.pipeline import WORKER_DIED  # noqa: E402
-from batchscore.score import RunContext, run_metadata, score  # noqa: E402
+from batchscore.score import run_metadata, score  # noqa: E402
+from batchscore.scorer import WORKER_DIED  # noqa: E402
 from batchscore.settings import PipelineOptions, ScoreSettings  # noqa: E402
 from batchscore.sources import ImageRef, iter_refs, open_sources  # noqa: E402
 from tests.conftest import COLORS, noisy  # noqa: E402
@@ -310,7 +311,7 @@ def test_a_partition_commits_once_under_its_own_name(
     sink = DatasetWriter(
         tmp_path / "preds",
         output_schema(layout),
-        run_metadata(specs[0], [], "run-1", run_settings),
+        run_metadata(specs, [], "run-1", run_settings),
         run_id="run-1",
     )
     refs = list(with_fingerprints(iter_refs(open_sources([images])), "size-mtime"))

@@ -17,13 +17,13 @@ from PIL import Image
 from batchscore.cli import cli
 from batchscore.errors import ConfigError
 from batchscore.model import load_model
-from batchscore.pipeline import Scorer
 from batchscore.quantize import (
     INT8_FILENAME,
     REPORT_FILENAME,
     QuantizeOptions,
     quantize_model,
 )
+from batchscore.scorer import Scorer
 from batchscore.settings import PipelineOptions
 from tests.conftest import REPO, SAMPLES
 

@@ -64,9 +64,9 @@ import PIL
 from PIL import Image
 
 from batchscore.model import ModelSpec, bundled_model_dir, create_session, load_model
-from batchscore.pipeline import Scorer
 from batchscore.preprocess import load_image
 from batchscore.score import score
+from batchscore.scorer import Scorer
 from batchscore.settings import PipelineOptions, ScoreSettings, default_workers
 from batchscore.sources import iter_refs, open_sources
 

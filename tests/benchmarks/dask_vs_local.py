@@ -38,7 +38,7 @@ from pathlib import Path
 import dask
 from distributed import LocalCluster
 
-from batchscore.dask_engine import LOOPBACK_ANY_PORT, NANNY_MALLOC_TRIM
+from batchscore.engines.dask import LOOPBACK_ANY_PORT, NANNY_MALLOC_TRIM
 from batchscore.score import score
 from batchscore.settings import PipelineOptions, ScoreSettings
 from tests.benchmarks.bench import CORPORA, cpu_model, make_corpus, write_manifest

@@ -28,8 +28,8 @@ import onnxruntime as ort
 from PIL import Image
 
 from batchscore.model import bundled_model_dir, load_model
-from batchscore.pipeline import Scorer
 from batchscore.preprocess import load_image
+from batchscore.scorer import Scorer
 from batchscore.settings import PipelineOptions
 from tests.benchmarks.bench import CORPORA, make_corpus, wait_for_idle
 

@@ -57,10 +57,11 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from batchscore import __version__
 from batchscore.dataset import DatasetWriter, remove_stale_temporaries
+from batchscore.engines import RunContext
 from batchscore.errors import BatchscoreError, ConfigError, OutputError, WriteFailed
 from batchscore.model import ModelSpec
-from batchscore.output import AtomicParquetFile, OutputLayout, chunk_to_batch
-from batchscore.pipeline import (
+from batchscore.output import AtomicParquetFile, OutputLayout, Sink, chunk_to_batch
+from batchscore.scorer import (
     WORKER_DIED,
     ChunkOutput,
     ChunkResult,
@@ -68,16 +69,15 @@ from batchscore.pipeline import (
     concat_outputs,
     failed_output,
 )
-from batchscore.score import RunContext
 from batchscore.settings import PipelineOptions
 from batchscore.sources import ImageRef
+from batchscore.summary import STATS_COLUMNS
 
 PARTITION_IMAGES = 256  # big enough to amortise a task (~ms), small enough to retry cheaply
 IN_FLIGHT_PER_THREAD = 2  # one running, one queued per worker thread: no idle gaps
 TASK_RETRIES = 2  # a shared-filesystem hiccup on one worker should not fail a long run
 WORKER_WAIT_S = 120.0  # a fresh cluster's workers may still be starting
 LOOPBACK_ANY_PORT = "127.0.0.1:0"
-STATS_COLUMNS = ["status", "error", "pred_label", "pred_prob"]  # what RunStats.add reads
 # The nanny sets MALLOC_TRIM_THRESHOLD_=65536 in every worker; setting it at all turns off
 # glibc's dynamic mmap threshold, so every decoded image is a fresh mmap and page faults
 # (decode up to ~1.7x slower; docs/dask.md has the figures).
@@ -147,7 +147,7 @@ class RunPlugin(WorkerPlugin):
             for result in results:
                 batch = chunk_to_batch(result, self.specs, self.schema, self.layout, self.run_id)
                 part.write(batch)
-                counted.append(batch.select(STATS_COLUMNS))
+                counted.append(batch.select(list(STATS_COLUMNS)))
             if not os.path.exists(self.token[0]):
                 # The client is gone and the next run has removed its token: that run may have
                 # read the dataset already, so committing now could write rows twice.
@@ -215,10 +215,10 @@ def _plugin_problem(plugin_name: str, dask_worker: Worker) -> str | None:
     return None if plugin is None else plugin.problem
 
 
-def score_on_dask(
+def score(
     refs: Iterator[ImageRef],
     context: RunContext,
-    sink: DatasetWriter,
+    sink: Sink,
     stop: Callable[[], bool],
 ) -> Iterator[pa.RecordBatch]:
     """Score `refs` on a Dask cluster into `sink`'s dataset, yielding each partition's counts.
@@ -228,6 +228,8 @@ def score_on_dask(
     running finish and are committed. A failed partition stops submission the same way, then
     its error is raised, so every committed part is in `sink.parts` either way.
     """
+    if not isinstance(sink, DatasetWriter):
+        raise ConfigError("--engine dask writes one part per partition: -o must be a directory")
     first = next(refs, None)
     if first is None:
         return  # nothing left to score: no cluster to start

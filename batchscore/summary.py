@@ -1,0 +1,92 @@
+"""What a run adds up to: counts gathered while rows stream past, and the one-line summary.
+
+`RunStats.add` reads only `STATS_COLUMNS` of each written batch, so an engine that scores
+elsewhere (Dask) sends back just those columns.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from batchscore.output import STATUS_OK
+
+STATS_COLUMNS = ("status", "error", "pred_label", "pred_prob")
+LOW_CONFIDENCE = 0.5  # top-1 probability below this counts as low-confidence (drift signal)
+
+
+@dataclass
+class RunStats:
+    """Counts gathered while streaming; everything the summary needs, nothing per row."""
+
+    n_ok: int = 0
+    n_errors: int = 0
+    error_reasons: Counter[str] = field(default_factory=Counter)
+    classes: Counter[str] = field(default_factory=Counter)
+    top1_prob_sum: float = 0.0
+    n_low_confidence: int = 0
+
+    @property
+    def n_images(self) -> int:
+        return self.n_ok + self.n_errors
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        """Count a written batch; reads `STATS_COLUMNS` and nothing else."""
+        batch = batch.select(STATS_COLUMNS)
+        status = batch.column("status").to_numpy(zero_copy_only=False)
+        ok = status == STATUS_OK
+        self.n_ok += int(ok.sum())
+        self.n_errors += int((~ok).sum())
+        for reason in batch.column("error").drop_null().to_pylist():
+            self.error_reasons[reason_kind(reason)] += 1
+        if ok.any():
+            labels = batch.column("pred_label").drop_null().to_pylist()
+            self.classes.update(labels)
+            probs = batch.column("pred_prob").drop_null().to_numpy()
+            self.top1_prob_sum += float(probs.sum())
+            self.n_low_confidence += int((probs < LOW_CONFIDENCE).sum())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "n_images": self.n_images,
+            "n_ok": self.n_ok,
+            "n_errors": self.n_errors,
+            "error_reasons": dict(self.error_reasons.most_common()),
+            "mean_top1_prob": self.top1_prob_sum / self.n_ok if self.n_ok else None,
+            "low_confidence_share": self.n_low_confidence / self.n_ok if self.n_ok else None,
+            "low_confidence_threshold": LOW_CONFIDENCE,
+            "class_distribution": dict(self.classes.most_common()),
+        }
+
+
+def reason_kind(reason: str) -> str:
+    """Group error reasons by kind: 'corrupt or truncated image: <details>' -> its prefix."""
+    return reason.split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    output: str
+    model_sha256: str
+    stats: dict[str, Any]
+    elapsed_s: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.stats["n_images"] / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def line(self) -> str:
+        s = self.stats
+        skipped = s.get("n_skipped", 0)
+        if s["n_images"] == 0:
+            return f"nothing new to score ({skipped} images already scored) -> {self.output}"
+        already = f" ({skipped} already scored by this model, skipped)" if skipped else ""
+        noun = "image" if s["n_images"] == 1 else "images"
+        return (
+            f"{s['n_images']} {noun}: {s['n_ok']} ok, {s['n_errors']} errors{already},"
+            f" {self.images_per_s:.1f} images/s, {self.elapsed_s:.1f} s -> {self.output}"
+        )

@@ -1,23 +1,19 @@
 """The canary gate: score a labelled set, measure the model, bless or block it.
 
 Scoring is the ordinary job (`batchscore.score.score`, same sources, preprocessing, pipeline
-and Parquet output); this module reads back only the columns it needs and computes the metrics
-with numpy. The metric functions are pure, take class-index arrays, and match scikit-learn's
-`accuracy_score`, `precision_recall_fscore_support(zero_division=0)` and `confusion_matrix`
-(which stays a test oracle: batchscore never imports it).
+and Parquet output); this module reads back only the columns it needs, measures with
+`batchscore.metrics` and applies the gate. Showing the result (terminal table, canary.json,
+report.md, heatmap) is `batchscore.report`'s job, called by whoever runs the canary.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from fractions import Fraction
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -26,185 +22,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchscore.errors import ConfigError, OutputError, SourceError
-from batchscore.model import load_model
+from batchscore.metrics import (
+    NO_PREDICTION,
+    Metrics,
+    PairedComparison,
+    classification_metrics,
+    paired_comparison,
+    wilson_interval,
+)
 from batchscore.output import STATUS_OK, read_metadata
-from batchscore.report import write_report
 from batchscore.score import score
 from batchscore.settings import BASELINE_PREFIX, ScoreSettings
 from batchscore.sources import open_sources
 
 PREDICTIONS_FILE = "predictions.parquet"
 LISTED_CLASSES = 10  # a failed class-recall check names at most this many classes
-NO_PREDICTION = -1  # y_pred of an image that failed to decode, when errors count as wrong
-
-
-# --- pure metrics -------------------------------------------------------------------------
-
-
-def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """Element-wise ratio, 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
-    out = np.zeros(len(numerator), dtype=np.float64)
-    np.divide(numerator, denominator, out=out, where=denominator > 0)
-    return out
-
-
-@dataclass(frozen=True)
-class Metrics:
-    """Classification metrics over the classes present in the labels or the predictions.
-
-    `classes` holds class-map indices in class-map order; every per-class array and both axes
-    of `confusion` (rows true, columns predicted) follow it.
-    """
-
-    classes: np.ndarray
-    confusion: np.ndarray
-    support: np.ndarray
-    precision: np.ndarray
-    recall: np.ndarray
-    f1: np.ndarray
-    n: int
-    n_correct: int
-
-    @property
-    def accuracy(self) -> float:
-        return self.n_correct / self.n
-
-    def macro_avg(self) -> dict[str, float]:
-        return {
-            "precision": float(np.average(self.precision)),
-            "recall": float(np.average(self.recall)),
-            "f1": float(np.average(self.f1)),
-        }
-
-    def weighted_avg(self) -> dict[str, float]:
-        weights = self.support
-        return {
-            "precision": float(np.average(self.precision, weights=weights)),
-            "recall": float(np.average(self.recall, weights=weights)),
-            "f1": float(np.average(self.f1, weights=weights)),
-        }
-
-
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> Metrics:
-    """Accuracy, per-class precision/recall/F1/support and the confusion matrix.
-
-    `y_true` holds class indices (>= 0); `y_pred` too, or NO_PREDICTION for an image that
-    counts as wrong without predicting any class: it lowers accuracy and its true class's
-    recall, but no class's precision, and has no cell in the confusion matrix.
-    """
-    y_true = np.asarray(y_true, dtype=np.int64)
-    y_pred = np.asarray(y_pred, dtype=np.int64)
-    if y_true.shape != y_pred.shape or y_true.ndim != 1 or len(y_true) == 0:
-        raise ValueError("y_true and y_pred must be non-empty 1-d arrays of the same length")
-    if (y_true < 0).any() or (y_pred < NO_PREDICTION).any():
-        raise ValueError("class indices must be >= 0 (y_pred: or NO_PREDICTION)")
-    predicted = y_pred != NO_PREDICTION
-    classes = np.union1d(y_true, y_pred[predicted])
-    rows = np.searchsorted(classes, y_true)
-    cols = np.searchsorted(classes, y_pred[predicted])
-    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    np.add.at(confusion, (rows[predicted], cols), 1)
-    true_positives = np.diagonal(confusion)
-    support = np.bincount(rows, minlength=len(classes))
-    predicted_sum = confusion.sum(axis=0)
-    return Metrics(
-        classes=classes,
-        confusion=confusion,
-        support=support,
-        precision=_divide(true_positives, predicted_sum),
-        recall=_divide(true_positives, support),
-        f1=_divide(2 * true_positives, support + predicted_sum),
-        n=len(y_true),
-        n_correct=int((y_true == y_pred).sum()),
-    )
-
-
-def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a proportion: sane at 0 and 1 and for small n, unlike
-    the normal approximation."""
-    if n == 0:
-        return (0.0, 1.0)
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = successes / n
-    z2n = z * z / n
-    centre = (p + z2n / 2) / (1 + z2n)
-    half = z * math.sqrt(p * (1 - p) / n + z2n / (4 * n)) / (1 + z2n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def mcnemar_exact_p(only_candidate_right: int, only_baseline_right: int) -> float:
-    """Exact McNemar test: two-sided binomial test (p = 1/2) on the discordant pairs.
-
-    Summed in integers, so it is exact for any count (no scipy needed): C(n, k) from math.comb,
-    then each smaller coefficient from the one above, C(n, i-1) = C(n, i) * i / (n - i + 1),
-    which keeps tens of thousands of discordant pairs fast.
-    """
-    n = only_candidate_right + only_baseline_right
-    if n == 0:
-        return 1.0
-    k = min(only_candidate_right, only_baseline_right)
-    term = tail = math.comb(n, k)
-    for i in range(k, 0, -1):
-        term = term * i // (n - i + 1)
-        tail += term
-    return min(1.0, float(Fraction(2 * tail, 2**n)))
-
-
-@dataclass(frozen=True)
-class PairedComparison:
-    """The candidate against the baseline on the same images."""
-
-    both_right: int
-    only_candidate_right: int
-    only_baseline_right: int
-    both_wrong: int
-    n_top1_changed: int  # among the images both models scored, whatever their label
-    n_compared: int
-
-    @property
-    def mcnemar_p(self) -> float:
-        return mcnemar_exact_p(self.only_candidate_right, self.only_baseline_right)
-
-    @property
-    def top1_changed_share(self) -> float:
-        return self.n_top1_changed / self.n_compared if self.n_compared else 0.0
-
-    @property
-    def accuracy_drop(self) -> float:
-        """Baseline accuracy minus candidate accuracy, as one exactly rounded ratio."""
-        n = self.both_right + self.only_candidate_right + self.only_baseline_right
-        n += self.both_wrong
-        return (self.only_baseline_right - self.only_candidate_right) / n
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "both_right": self.both_right,
-            "only_candidate_right": self.only_candidate_right,
-            "only_baseline_right": self.only_baseline_right,
-            "both_wrong": self.both_wrong,
-            "accuracy_drop": self.accuracy_drop,
-            "mcnemar_p": self.mcnemar_p,
-            "top1_changed": self.n_top1_changed,
-            "top1_changed_share": self.top1_changed_share,
-        }
-
-
-def paired_comparison(
-    candidate_correct: np.ndarray, baseline_correct: np.ndarray, n_top1_changed: int, n: int
-) -> PairedComparison:
-    cand = np.asarray(candidate_correct, dtype=bool)
-    base = np.asarray(baseline_correct, dtype=bool)
-    return PairedComparison(
-        both_right=int((cand & base).sum()),
-        only_candidate_right=int((cand & ~base).sum()),
-        only_baseline_right=int((~cand & base).sum()),
-        both_wrong=int((~cand & ~base).sum()),
-        n_top1_changed=n_top1_changed,
-        n_compared=n,
-    )
-
-
-# --- one model's evaluation and the gate --------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -402,7 +234,7 @@ def _class_recall_check(
 
 
 @dataclass(frozen=True)
-class ImageError:
+class FailedImage:
     """An image that failed to decode, with its label and the reason."""
 
     path: str | None
@@ -421,7 +253,7 @@ class CanaryResult:
     n_images: int
     excluded_labels: dict[str, int]  # label -> images, for labels the class map lacks
     n_unlabelled: int  # images without any label (also excluded)
-    errors: list[ImageError]
+    errors: list[FailedImage]
     errors_count_as_wrong: bool
     report_dir: Path | None = None
 
@@ -473,10 +305,11 @@ def run_canary(
     """Score a labelled canary set with the ordinary job, then measure and gate the model.
 
     Folders are read in ImageFolder layout (label = first sub-folder); manifests need a
-    `label` column. With `report_dir`, predictions.parquet, canary.json, report.md and the
-    confusion-matrix SVG are written there, whatever the verdict. Raises ConfigError before
-    scoring for contradictory settings or a set without labels, and after scoring when no
-    image could be measured. A failed gate is not an exception here: see `result.passed`.
+    `label` column. With `report_dir`, predictions.parquet is kept there (the caller writes
+    the report beside it: `batchscore.report.write_report`), whatever the verdict. Raises
+    ConfigError before scoring for contradictory settings or a set without labels, and after
+    scoring when no image could be measured. A failed gate is not an exception here: see
+    `result.passed`.
     """
     settings = settings or CanarySettings()
     check_canary_settings(settings)
@@ -489,17 +322,9 @@ def run_canary(
     with _predictions_folder(settings.report_dir) as folder:
         predictions = folder / PREDICTIONS_FILE
         score(sources, predictions, score_settings)
-        baseline_names = None
-        if score_settings.baseline_model is not None:
-            baseline_names = load_model(
-                score_settings.baseline_model,
-                preprocess_overrides=score_settings.preprocess_overrides,
-                providers=score_settings.providers,
-            ).class_names
-        result = evaluate_predictions(predictions, settings, baseline_names)
+        result = evaluate_predictions(predictions, settings)
     if settings.report_dir is not None:
         result = replace(result, report_dir=settings.report_dir)
-        write_report(result, settings.report_dir)
     return result
 
 
@@ -516,12 +341,9 @@ def _predictions_folder(report_dir: Path | None) -> Iterator[Path]:
     yield report_dir
 
 
-def evaluate_predictions(
-    predictions: Path,
-    settings: CanarySettings,
-    baseline_class_names: Sequence[str] | None = None,
-) -> CanaryResult:
-    """Metrics and gate from a predictions file written by `score` with labels.
+def evaluate_predictions(predictions: Path, settings: CanarySettings) -> CanaryResult:
+    """Metrics and gate from a predictions file written by `score` with labels (and, when it
+    has `baseline_` columns, the baseline's class names in its metadata).
 
     An image counts when its label is in the class map (with a baseline: in both class maps,
     so both models are measured on exactly the same images) and it decoded, or when
@@ -529,8 +351,8 @@ def evaluate_predictions(
     """
     meta = read_metadata(predictions)
     models = [("", tuple(meta["class_map"]))]
-    if baseline_class_names is not None:
-        models.append((BASELINE_PREFIX, tuple(baseline_class_names)))
+    if "baseline_class_map" in meta:
+        models.append((BASELINE_PREFIX, tuple(meta["baseline_class_map"])))
     columns = ["path", "status", "error", "label"]
     for prefix, _ in models:
         columns += [f"{prefix}pred_index", f"{prefix}pred_label", f"{prefix}topk_labels"]
@@ -548,7 +370,7 @@ def evaluate_predictions(
     )
     paths = table.column("path").to_pylist()
     reasons = table.column("error").to_pylist()
-    errors = [ImageError(paths[i], labels[i], reasons[i]) for i in np.flatnonzero(~ok).tolist()]
+    errors = [FailedImage(paths[i], labels[i], reasons[i]) for i in np.flatnonzero(~ok).tolist()]
     counted = known & (ok | settings.errors_count_as_wrong)
     if not counted.any():
         raise ConfigError(

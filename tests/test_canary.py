@@ -21,15 +21,9 @@ from hypothesis import strategies as st
 from scipy.stats import binomtest
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from batchscore.canary import (
-    NO_PREDICTION,
-    CanarySettings,
-    classification_metrics,
-    mcnemar_exact_p,
-    run_canary,
-    wilson_interval,
-)
+from batchscore.canary import NO_PREDICTION, CanarySettings, run_canary
 from batchscore.cli import cli
+from batchscore.metrics import classification_metrics, mcnemar_exact_p, wilson_interval
 from batchscore.report import confusion_svg
 from batchscore.settings import PipelineOptions, ScoreSettings
 from tests.conftest import COLORS, SAMPLES, noisy

@@ -108,7 +108,7 @@ def canary_command(
         batchscore canary labels.csv --model new/ --baseline current/ --max-drop 0.01
     """
     from batchscore.canary import CanarySettings, run_canary  # noqa: PLC0415 (heavy)
-    from batchscore.report import terminal_table  # noqa: PLC0415
+    from batchscore.report import terminal_table, write_report  # noqa: PLC0415
 
     settings = CanarySettings(
         score=ScoreSettings(
@@ -126,6 +126,8 @@ def canary_command(
         errors_count_as_wrong=errors_count_as_wrong,
     )
     result = run_canary(sources, settings)
+    if report_dir is not None:
+        write_report(result, report_dir)
     _warn(result)
     click.echo(terminal_table(result))
     if not result.passed:

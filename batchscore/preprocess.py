@@ -22,6 +22,7 @@ instead of going to the terminal.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import stat
@@ -168,12 +169,28 @@ def resolve_preprocess(
     )
 
 
+@functools.lru_cache(maxsize=16)
 def normalization_lut(config: PreprocessConfig) -> np.ndarray:
     """Per-channel table uint8 -> float32, computed with ToTensor/Normalize's float32 math."""
     values = np.arange(256, dtype=np.float32) / np.float32(255)
     mean = np.asarray(config.mean, dtype=np.float32)[:, None]
     std = np.asarray(config.std, dtype=np.float32)[:, None]
     return ((values[None, :] - mean) / std).astype(np.float32)
+
+
+def tensor_batch(images: list[np.ndarray], config: PreprocessConfig, dtype: str) -> np.ndarray:
+    """HxWx3 uint8 images as the NCHW batch a model takes: normalised float32 through the
+    per-channel table, or raw uint8 for a model that normalises inside its graph."""
+    height, width = config.input_size
+    batch = np.empty((len(images), 3, height, width), dtype=dtype)
+    lut = normalization_lut(config)
+    for row, pixels in enumerate(images):
+        for channel in range(3):
+            if dtype == "uint8":
+                batch[row, channel] = pixels[:, :, channel]
+            else:
+                np.take(lut[channel], pixels[:, :, channel], out=batch[row, channel])
+    return batch
 
 
 def resized_size(width: int, height: int, resize: Size) -> tuple[int, int]:

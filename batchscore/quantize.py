@@ -41,8 +41,8 @@ from batchscore.model import (
     first_line,
     load_model,
 )
-from batchscore.preprocess import ImageError, load_image, normalization_lut
-from batchscore.scorer import softmax, top_k_indices
+from batchscore.preprocess import ImageError, load_image, tensor_batch
+from batchscore.scorer import probabilities, run_model, top_k_indices
 from batchscore.settings import CALIBRATION_METHODS, QuantizeOptions
 from batchscore.sources import iter_refs, open_sources
 
@@ -158,7 +158,10 @@ def _api() -> _Api:
 class _Reader:
     """Feeds calibration batches to ORT's calibrator (duck-types CalibrationDataReader)."""
 
-    def __init__(self, name: str, tensors: np.ndarray, batch: int = SPEED_BATCH) -> None:
+    def __init__(self, name: str, tensors: np.ndarray, batch: int, *, fixed: bool) -> None:
+        if fixed:  # a fixed batch axis takes only full batches: wrap around the images
+            full = -(-len(tensors) // batch) * batch
+            tensors = np.resize(tensors, (full, *tensors.shape[1:]))
         self._batches = iter([tensors[i : i + batch] for i in range(0, len(tensors), batch)])
         self._name = name
 
@@ -231,7 +234,12 @@ def quantize_model(
             api.quantize_static(
                 str(prepared),
                 str(quantized),
-                _Reader(spec.input_name, calib),
+                _Reader(
+                    spec.input_name,
+                    calib,
+                    spec.fixed_batch or SPEED_BATCH,
+                    fixed=spec.fixed_batch is not None,
+                ),
                 quant_format=api.QuantFormat.QDQ,
                 per_channel=True,
                 activation_type=api.QuantType.QUInt8,
@@ -309,17 +317,8 @@ def _decode(
 
 
 def _tensors(spec: ModelSpec, images: list[np.ndarray]) -> np.ndarray:
-    """The batch `batchscore score` would feed: normalised by the same per-channel table."""
-    height, width = spec.preprocess.input_size
-    batch = np.empty((len(images), 3, height, width), dtype=spec.input_dtype)
-    lut = normalization_lut(spec.preprocess)
-    for row, pixels in enumerate(images):
-        for channel in range(3):
-            if spec.input_dtype == "uint8":
-                batch[row, channel] = pixels[:, :, channel]
-            else:
-                np.take(lut[channel], pixels[:, :, channel], out=batch[row, channel])
-    return batch
+    """The batch `batchscore score` would feed."""
+    return tensor_batch(images, spec.preprocess, spec.input_dtype)
 
 
 def _method(api: _Api, name: str) -> Any:
@@ -393,12 +392,8 @@ def _batches(tensors: np.ndarray) -> Iterator[np.ndarray]:
 
 
 def _probs(spec: ModelSpec, session: ort.InferenceSession, tensors: np.ndarray) -> np.ndarray:
-    outputs = [
-        np.asarray(session.run(None, {spec.input_name: batch})[0], dtype=np.float32)
-        for batch in _batches(tensors)
-    ]
-    stacked = np.concatenate(outputs)
-    return softmax(stacked) if spec.preprocess.output == "logits" else stacked
+    outputs = [run_model(spec, session, batch) for batch in _batches(tensors)]
+    return probabilities(spec, np.concatenate(outputs))
 
 
 def _speed(
@@ -409,12 +404,12 @@ def _speed(
     batch = np.resize(tensors, (SPEED_BATCH, *tensors.shape[1:]))  # repeats images if too few
     sessions = [create_session(fp32), create_session(int8)]
     for session, spec in zip(sessions, (fp32, int8), strict=True):
-        session.run(None, {spec.input_name: batch})  # warm-up
+        run_model(spec, session, batch)  # warm-up
     times: list[list[float]] = [[], []]
     for _ in range(repeats):
         for i, (session, spec) in enumerate(zip(sessions, (fp32, int8), strict=True)):
             start = time.process_time()
-            session.run(None, {spec.input_name: batch})
+            run_model(spec, session, batch)
             times[i].append((time.process_time() - start) * 1e3 / SPEED_BATCH)
     ratios = [a / b for a, b in zip(times[0], times[1], strict=True) if b > 0]
     return (

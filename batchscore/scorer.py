@@ -27,7 +27,7 @@ from batchscore.preprocess import (
     PreprocessConfig,
     init_pillow,
     load_image,
-    normalization_lut,
+    tensor_batch,
 )
 from batchscore.settings import PipelineOptions
 from batchscore.sources import ImageRef
@@ -86,7 +86,7 @@ class Scorer:
         self.specs = list(specs)
         self.options = options
         self.sessions = [create_session(spec, options.threads_per_worker) for spec in specs]
-        self.luts = {spec.preprocess: normalization_lut(spec.preprocess) for spec in specs}
+        self.configs = list(dict.fromkeys(spec.preprocess for spec in specs))
         init_pillow()
 
     def score(self, task: Task) -> ChunkOutput:
@@ -96,7 +96,7 @@ class Scorer:
         heights: list[int | None] = [None] * n
         notes: list[list[str]] = [[] for _ in range(n)]
         pixels: dict[PreprocessConfig, list[np.ndarray | None]] = {}
-        for config in self.luts:  # decode once per distinct preprocessing, not per model
+        for config in self.configs:  # decode once per distinct preprocessing, not per model
             pixels[config] = [None] * n
             for i, (path, _) in enumerate(task):
                 if errors[i] is not None or path is None:
@@ -143,46 +143,41 @@ class Scorer:
         ok = [i for i, image in enumerate(images) if image is not None and errors[i] is None]
         if not ok:
             return probs
-        batch = self._batch(spec, [images[i] for i in ok])  # type: ignore[misc]
+        pixels = [images[i] for i in ok]
+        batch = tensor_batch(pixels, spec.preprocess, spec.input_dtype)  # type: ignore[arg-type]
         try:
-            outputs = self._run(spec, session, batch)
+            outputs = run_model(spec, session, batch)
         except Exception:  # isolate the image ORT rejects instead of failing the chunk
             outputs = np.zeros((len(ok), spec.num_classes), dtype=np.float32)
             for row, i in enumerate(ok):
                 try:
-                    outputs[row] = self._run(spec, session, batch[row : row + 1])[0]
+                    outputs[row] = run_model(spec, session, batch[row : row + 1])[0]
                 except Exception as exc:
                     errors[i] = f"inference failed: {first_line(exc)}"
-        if spec.preprocess.output == "logits":
-            outputs = softmax(outputs)
-        probs[ok] = outputs
+        probs[ok] = probabilities(spec, outputs)
         return probs
 
-    def _batch(self, spec: ModelSpec, images: list[np.ndarray]) -> np.ndarray:
-        height, width = spec.preprocess.input_size
-        batch = np.empty((len(images), 3, height, width), dtype=spec.input_dtype)
-        lut = self.luts[spec.preprocess]
-        for row, pixels in enumerate(images):
-            for channel in range(3):
-                if spec.input_dtype == "uint8":  # the model normalises inside its graph
-                    batch[row, channel] = pixels[:, :, channel]
-                else:
-                    np.take(lut[channel], pixels[:, :, channel], out=batch[row, channel])
-        return batch
 
-    def _run(self, spec: ModelSpec, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
-        if spec.fixed_batch is None:
-            return np.asarray(session.run(None, {spec.input_name: batch})[0], dtype=np.float32)
-        size = spec.fixed_batch  # a model exported with a fixed batch axis: pad the last piece
-        pieces = []
-        for start in range(0, len(batch), size):
-            piece = batch[start : start + size]
-            if len(piece) < size:
-                pad = np.zeros((size - len(piece), *piece.shape[1:]), dtype=piece.dtype)
-                piece = np.concatenate([piece, pad])
-            out = session.run(None, {spec.input_name: piece})[0]
-            pieces.append(np.asarray(out, dtype=np.float32)[: min(size, len(batch) - start)])
-        return np.concatenate(pieces)
+def run_model(spec: ModelSpec, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+    """The model's raw output for `batch`, as float32. A model exported with a fixed batch axis
+    gets its batch in pieces of that size, the last one padded with zeros."""
+    if spec.fixed_batch is None:
+        return np.asarray(session.run(None, {spec.input_name: batch})[0], dtype=np.float32)
+    size = spec.fixed_batch
+    pieces = []
+    for start in range(0, len(batch), size):
+        piece = batch[start : start + size]
+        if len(piece) < size:
+            pad = np.zeros((size - len(piece), *piece.shape[1:]), dtype=piece.dtype)
+            piece = np.concatenate([piece, pad])
+        out = session.run(None, {spec.input_name: piece})[0]
+        pieces.append(np.asarray(out, dtype=np.float32)[: min(size, len(batch) - start)])
+    return np.concatenate(pieces)
+
+
+def probabilities(spec: ModelSpec, outputs: np.ndarray) -> np.ndarray:
+    """Outputs as probabilities: softmax for a model that returns logits."""
+    return softmax(outputs) if spec.preprocess.output == "logits" else outputs
 
 
 @contextmanager

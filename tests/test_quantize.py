@@ -54,7 +54,7 @@ def _conv(name: str, x: str, c_in: int, c_out: int, stride: int, rng: np.random.
     return [node, relu], inits, f"{name}.r"
 
 
-def small_convnet(folder: Path, size: int = 32) -> Path:
+def small_convnet(folder: Path, size: int = 32, batch: int | str = "N") -> Path:
     """Three Conv+Relu, GlobalAveragePool, Gemm: random but fixed weights, 10 classes."""
     rng = np.random.default_rng(7)
     nodes: list[onnx.NodeProto] = []
@@ -77,8 +77,8 @@ def small_convnet(folder: Path, size: int = 32) -> Path:
     graph = helper.make_graph(
         nodes,
         "small_convnet",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -157,6 +157,27 @@ def test_kept_layers_stay_fp32(tmp_path: Path, photos: Path) -> None:
             weight_source = produced_by.get(node.input[1])
             dequantized = weight_source is not None and weight_source.op_type == "DequantizeLinear"
             assert dequantized == (node.name not in ("conv1", "fc")), node.name
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_model_with_a_fixed_batch_axis_quantizes_as_it_scores(
+    tmp_path: Path, photos: Path, batch: int
+) -> None:
+    """`score` pads the last piece for a fixed batch axis; quantize runs the model the same
+    way (calibration, agreement and speed), so a batch-1 export is no longer refused."""
+    options = QuantizeOptions(calibration_count=5, holdout_count=4, speed_repeats=2)
+    fp32 = small_convnet(tmp_path / "fp32", batch=batch)
+    report = quantize_model(fp32, [photos], tmp_path / "out", options)
+    assert (report.calibration_images, report.holdout_images) == (5, 4)
+    assert report.agreement.n == 4 and report.agreement.top1 is not None
+    int8 = tmp_path / "out" / INT8_FILENAME
+    assert load_model(int8).fixed_batch == batch
+    preds = tmp_path / "preds.parquet"
+    code, output = run(
+        "score", str(photos), "-o", str(preds), "--workers", "0", "--model", str(int8)
+    )
+    assert code == 0, output
+    assert (pd.read_parquet(preds)["status"] == "ok").sum() == 12
 
 
 def test_separate_holdout_source_is_used_as_given(tmp_path: Path, photos: Path) -> None:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import time
@@ -114,6 +115,11 @@ def score(
     after writing when too many images failed; Interrupted after SIGINT/SIGTERM (a dataset
     keeps its committed parts and resumes on the next run; a file output is discarded).
     """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # A spawn worker is starting by re-running a script that calls score() without the
+        # `if __name__ == "__main__":` guard. Leave quietly: the parent's pool sees the dead
+        # worker at start-up and raises a ConfigError that names the fix.
+        os._exit(1)
     settings = settings or ScoreSettings()
     check_settings(settings)
     dataset = check_output(output)

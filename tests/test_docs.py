@@ -1,7 +1,8 @@
-"""Docs that tests keep honest: help texts, the README's commands."""
+"""Docs that tests keep honest: help texts, the README and the docs/ pages."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shutil
@@ -18,12 +19,56 @@ from batchscore.cli import cli
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()
+DOCS = REPO / "docs"
+PAGES = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+ALL_DOCS = "\n".join(page.read_text() for page in PAGES)
+EXIT_CODE_ROWS = ("| 0 |", "| 1 |", "| 2 |", "| 3 |", "| 4 |", "| 75 |", "| 130 / 143 |")
+CODE_SPAN = re.compile(r"`([^`\n]+)`")
+REPO_PATH = re.compile(r"(batchscore|tests|jobs|tools|artifacts|docs)/[\w./-]*")
+DOTTED_NAME = re.compile(r"batchscore(\.\w+)+(\(.*\))?")
+IMPORT = re.compile(r"^\s*from (batchscore[\w.]*) import (.+)$", re.M)
 
 
 def _setup_commands() -> list[str]:
     block = re.search(r"```bash\n(.*?)```", README, re.S)
     assert block is not None
     return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks (fences may be indented, inside a list item)."""
+    kept, fenced = [], False
+    for line in text.splitlines():
+        if line.strip().startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces become hyphens."""
+    headings = re.findall(r"^#+ (.+)$", _prose(page.read_text()), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def _bash(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a docs snippet as written, with this interpreter's python and batchscore."""
+    bindir = Path(sys.executable).parent
+    path = f"{bindir}{os.pathsep}{os.environ['PATH']}"
+    if shutil.which("batchscore", path=path) is None:
+        for name in cli.commands:
+            script = script.replace(f"batchscore {name}", f"{sys.executable} -m batchscore {name}")
+    script = script.replace("python -c", f"{sys.executable} -c")
+    return subprocess.run(
+        ["bash", "-c", script],
+        check=False,
+        cwd=cwd,
+        env={**os.environ, "PATH": path},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_readme_opens_with_exactly_two_setup_commands() -> None:
@@ -36,38 +81,110 @@ def test_readme_opens_with_exactly_two_setup_commands() -> None:
     assert commands[1] in ci
 
 
+def test_readme_is_short() -> None:
+    assert len(README.splitlines()) <= 160
+
+
 @pytest.mark.parametrize("name", sorted(cli.commands))
-def test_every_command_has_help_with_an_example_and_is_in_the_readme(name: str) -> None:
+def test_every_command_has_help_with_an_example_and_is_documented(name: str) -> None:
     result = CliRunner().invoke(cli, [name, "--help"])
     assert result.exit_code == 0
     assert "Example:" in result.output
-    assert f"batchscore {name}" in README
+    assert f"batchscore {name}" in ALL_DOCS
 
 
-def test_exit_codes_are_documented() -> None:
+@pytest.mark.parametrize("name", sorted(cli.commands))
+def test_every_long_option_is_documented(name: str) -> None:
+    options = {
+        opt
+        for param in cli.commands[name].params
+        for opt in [*param.opts, *param.secondary_opts]
+        if opt.startswith("--")
+    }
+    missing = sorted(o for o in options if not re.search(re.escape(o) + r"(?![\w-])", ALL_DOCS))
+    assert not missing, f"batchscore {name}: not in README.md or docs/*.md: {missing}"
+
+
+def test_exit_codes_are_documented_once_in_the_readme() -> None:
     assert isinstance(cli, click.Group)
-    for code in ("| 0 |", "| 1 |", "| 2 |", "| 3 |", "| 4 |", "| 75 |", "| 130 / 143 |"):
+    for code in EXIT_CODE_ROWS:
         assert code in README
+    assert README.count("| 130 / 143 |") == 1
+    for page in PAGES[1:]:
+        assert "| 130 / 143 |" not in page.read_text(), f"{page.name}: link to the README's table"
+
+
+def test_the_readme_links_every_docs_page() -> None:
+    for page in PAGES[1:]:
+        assert f"](docs/{page.name})" in README, page.name
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_relative_links_point_to_existing_files(page: Path) -> None:
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", _prose(page.read_text())):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+            broken.append(f"{target}: no heading #{anchor}")
+    assert not broken, f"{page.name}: {broken}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_repository_paths_in_the_text_exist(page: Path) -> None:
+    """`batchscore/…`, `tests/…`, `jobs/…` and the like name files that are there."""
+    paths = {span.split("::")[0] for span in CODE_SPAN.findall(_prose(page.read_text()))}
+    named = {path for path in paths if REPO_PATH.fullmatch(path)}
+    missing = sorted(p for p in named if not (REPO / p).exists())
+    assert not missing, f"{page.name} names paths that do not exist: {missing}"
+
+
+def _python_names(page: Path) -> set[str]:
+    """Dotted batchscore names in the text, and what the page's Python blocks import."""
+    text = page.read_text()
+    names = {
+        span.split("(")[0]
+        for span in CODE_SPAN.findall(_prose(text))
+        if DOTTED_NAME.fullmatch(span)
+    }
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        for module, imported in IMPORT.findall(block):
+            names |= {f"{module}.{name.strip()}" for name in imported.split(",")}
+    return names
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_python_names_in_the_text_exist(page: Path) -> None:
+    missing = []
+    for dotted in sorted(_python_names(page)):
+        parts = dotted.split(".")
+        for split in range(len(parts), 0, -1):
+            module = ".".join(parts[:split])
+            try:
+                found: object = importlib.import_module(module)
+            except ModuleNotFoundError as exc:  # not a module: an attribute of a shorter one
+                if exc.name is None or not module.startswith(exc.name):
+                    raise
+                continue
+            for attribute in parts[split:]:
+                found = getattr(found, attribute, None)
+            break
+        else:
+            found = None
+        if found is None:
+            missing.append(dotted)
+    assert not missing, f"{page.name} names what batchscore does not have: {missing}"
 
 
 def test_first_readme_command_prints_the_top_predictions(tmp_path: Path) -> None:
     first = _setup_commands()[0]
     scoring = first.split("&&", 1)[1]  # the part after `pip install .`
     (tmp_path / "artifacts").symlink_to(REPO / "artifacts")
-    bindir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
-    if shutil.which("batchscore", path=env["PATH"]) is None:
-        scoring = scoring.replace("batchscore score", f"{sys.executable} -m batchscore score")
-    scoring = scoring.replace("python -c", f"{sys.executable} -c")
-    done = subprocess.run(
-        ["bash", "-c", scoring],
-        check=False,
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _bash(scoring, tmp_path)
     assert done.returncode == 0, done.stderr
     assert "espresso" in done.stdout and "tripod" in done.stdout
     assert "4 images: 4 ok, 0 errors" in done.stderr
@@ -76,26 +193,96 @@ def test_first_readme_command_prints_the_top_predictions(tmp_path: Path) -> None
 
 def test_the_hostile_input_page_runs_as_written(tmp_path: Path) -> None:
     """docs/hostile-input.md's example: a Latin-1 file name is scored and round-trips."""
-    page = (REPO / "docs" / "hostile-input.md").read_text()
+    page = (DOCS / "hostile-input.md").read_text()
     block = re.search(r"```bash\n(.*?)```", page, re.S)
     assert block is not None
     (tmp_path / "artifacts").symlink_to(REPO / "artifacts")
-    bindir = Path(sys.executable).parent
-    script = block.group(1).replace("python -c", f"{sys.executable} -c")
-    if shutil.which("batchscore", path=f"{bindir}{os.pathsep}{os.environ['PATH']}") is None:
-        script = script.replace("batchscore score", f"{sys.executable} -m batchscore score")
-    done = subprocess.run(
-        ["bash", "-c", script],
-        check=False,
-        cwd=tmp_path,
-        env={**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _bash(block.group(1), tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stderr.startswith("1 image: 1 ok, 0 errors")
     path, label, exists = done.stdout.strip().split(" | ")
     assert path == f"{tmp_path}/uploads/caf\\xe9.jpg"
     assert (label, exists) == ("Egyptian cat", "True")
-    assert "\\xNN" in page and "path_bytes" in README
+    assert "\\xNN" in page and "| `path_bytes` | binary |" in (DOCS / "scoring.md").read_text()
+
+
+def test_the_canary_page_example_runs_as_written(tmp_path: Path) -> None:
+    """docs/canary.md's example: the set its `find` lists, both commands, their output and codes."""
+    page = (DOCS / "canary.md").read_text()
+    blocks = re.findall(r"```console\n(.*?)```", page, re.S)
+    assert len(blocks) == 2
+    steps = [  # (command, printed lines) per `$ ` line
+        (chunk.splitlines()[0], chunk.splitlines()[1:])
+        for block in blocks
+        for chunk in re.split(r"^\$ ", block, flags=re.M)
+        if chunk
+    ]
+    samples = sorted((REPO / "artifacts" / "samples").glob("*.jpg"))
+    (tmp_path / "artifacts").symlink_to(REPO / "artifacts")
+    codes: list[int] = []
+    for command, printed in steps:
+        if command.startswith("find canary_set"):
+            for listed in printed:
+                name = Path(listed).name
+                source = next(s for s in samples if name.startswith(s.stem))
+                (tmp_path / listed).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(source, tmp_path / listed)
+        elif command.startswith("batchscore canary"):
+            done = _bash(command, tmp_path)
+            said = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+            assert sorted(said) == sorted(line for line in printed if line.strip()), done.stderr
+            codes.append(done.returncode)
+        elif command == "echo $?":
+            assert [str(codes[-1])] == printed
+    assert codes == [0, 3]
+    assert (tmp_path / "reports" / "canary" / "report.md").is_file()
+
+
+def _library_example() -> str:
+    block = re.search(r"```python\n(.*?)```", (DOCS / "library.md").read_text(), re.S)
+    assert block is not None
+    return block.group(1)
+
+
+@pytest.mark.slow
+def test_the_library_example_runs_as_a_saved_script(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "artifacts" / "samples", tmp_path / "photos")
+    (tmp_path / "lib.py").write_text(_library_example())
+    done = subprocess.run(
+        [sys.executable, "lib.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("4 images: 4 ok, 0 errors")
+    assert len(pd.read_parquet(tmp_path / "preds.parquet")) == 4
+
+
+@pytest.mark.slow
+def test_the_library_example_without_its_guard_stops_at_once_and_says_why(
+    tmp_path: Path,
+) -> None:
+    """Spawned workers import the script again; unguarded, that used to print a traceback per
+    worker and report every image as 'worker died', with exit 0."""
+    shutil.copytree(REPO / "artifacts" / "samples", tmp_path / "photos")
+    lines = _library_example().splitlines()
+    guard = lines.index('if __name__ == "__main__":')
+    unguarded = lines[:guard] + [line.removeprefix("    ") for line in lines[guard + 1 :]]
+    (tmp_path / "lib.py").write_text("\n".join(unguarded) + "\n")
+    done = subprocess.run(
+        [sys.executable, "lib.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("Traceback") == 1  # the caller's own, and no worker's
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("batchscore.errors.ConfigError: worker processes died while starting")
+    assert 'if __name__ == "__main__":' in last
+    assert not (tmp_path / "preds.parquet").exists()

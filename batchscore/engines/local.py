@@ -33,6 +33,7 @@ from itertools import islice
 import pyarrow as pa
 
 from batchscore.engines import RunContext
+from batchscore.errors import ConfigError
 from batchscore.model import ModelSpec
 from batchscore.output import Sink, chunk_to_batch
 from batchscore.scorer import (
@@ -50,6 +51,11 @@ from batchscore.sources import ImageRef
 
 IN_FLIGHT_PER_WORKER = 4
 PARENT_POLL_S = 1.0
+WORKERS_DID_NOT_START = (
+    "worker processes died while starting. Workers are started with 'spawn' and import the"
+    ' script that called batchscore: call score() under `if __name__ == "__main__":`'
+    " (or use workers=0)"
+)
 
 
 def score(
@@ -105,6 +111,11 @@ class _Pool:
         self.specs = specs
         self.options = options
         self.executor = self._new()
+        try:  # a worker that cannot even start is the caller's setup, not an image's fault
+            self.executor.submit(os.getpid).result()
+        except BrokenProcessPool:
+            self.close(force=True)
+            raise ConfigError(WORKERS_DID_NOT_START) from None
 
     def _new(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(

@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchscore.errors import ConfigError, OutputError, SourceError
+from batchscore.errors import ConfigError, SourceError
+from batchscore.files import output_errors
 from batchscore.metrics import (
     NO_PREDICTION,
     Metrics,
@@ -334,10 +335,8 @@ def _predictions_folder(report_dir: Path | None) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="batchscore-canary-") as tmp:
             yield Path(tmp)
         return
-    try:
+    with output_errors(report_dir):
         report_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create report dir {report_dir}: {exc.strerror}") from exc
     yield report_dir
 
 

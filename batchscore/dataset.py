@@ -29,7 +29,8 @@ from typing import Any
 import pyarrow as pa
 
 from batchscore.errors import LockHeld, OutputError, WriteFailed
-from batchscore.output import AtomicParquetFile, output_errors
+from batchscore.files import atomic_write_text, output_errors, write_errors
+from batchscore.output import AtomicParquetFile
 from batchscore.settings import DEFAULT_PART_ROWS, DEFAULT_PART_SECONDS
 
 LOCK_NAME = "_batchscore.lock"
@@ -63,11 +64,9 @@ def output_lock(root: Path, *, wait: bool = False) -> Iterator[None]:
                 f"another batchscore run (pid {holder}) is writing to {root};"
                 " it was left alone (use --wait-lock to wait for it)"
             ) from None
-        try:
+        with write_errors(root / LOCK_NAME):
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
-        except OSError as exc:
-            raise WriteFailed(f"cannot write to {root}: {exc.strerror or exc}") from exc
         try:
             yield
         finally:
@@ -88,7 +87,18 @@ def remove_stale_temporaries(root: Path) -> int:
 
 
 def part_files(root: Path) -> list[Path]:
-    return sorted(root.glob(f"{PARTITION}=*/part-*.parquet"))
+    """The files that make up a dataset, by the rule readers use (pyarrow, pandas, DuckDB):
+    every `.parquet` below `root` whose name and folders do not start with '.' or '_'
+    (temporaries, `_runs/`)."""
+    found = []
+    for folder, subdirs, names in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith((".", "_")))
+        found += [
+            Path(folder) / name
+            for name in sorted(names)
+            if name.endswith(".parquet") and not name.startswith((".", "_"))
+        ]
+    return found
 
 
 class DatasetWriter:
@@ -120,10 +130,8 @@ class DatasetWriter:
     def write(self, batch: pa.RecordBatch) -> None:
         if self._current is None:
             path = self.part_path(len(self.parts))
-            try:
+            with write_errors(path):
                 self._current = AtomicParquetFile(path, self.schema, self.metadata)
-            except OSError as exc:
-                raise WriteFailed(f"cannot write {path}: {exc.strerror or exc}") from exc
             self._opened_at = time.monotonic()
         self._current.write(batch)
         full = self._current.rows >= self.part_rows
@@ -173,15 +181,10 @@ class DatasetWriter:
 def write_summary(root: Path, summary: Mapping[str, Any]) -> Path:
     """The run's summary JSON, written atomically beside the parts."""
     folder = root / RUNS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{summary['run_id']}.json"
-    tmp = folder / f".{path.name}.tmp"
-    try:
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise WriteFailed(f"cannot write run summary {path}: {exc.strerror or exc}") from exc
+    with write_errors(path):
+        folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(summary, indent=2, sort_keys=True, default=str))
     return path
 
 

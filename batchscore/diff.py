@@ -14,7 +14,6 @@ pushed into the Parquet scan. The join holds one row per image per side: O(N).
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,7 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from batchscore.errors import ConfigError, GateFailed, OutputError
+from batchscore.dataset import part_files
+from batchscore.errors import ConfigError, GateFailed
+from batchscore.files import output_errors
 from batchscore.output import STATUS_OK, AtomicParquetFile
 from batchscore.summary import reason_kind
 
@@ -203,11 +204,9 @@ def write_changed(report: DiffReport, path: str | Path) -> Path:
         "n_compared": report.n_compared,
         "n_changed": report.n_changed,
     }
-    try:
+    with output_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         sink = AtomicParquetFile(target, report.changed.schema, metadata)
-    except OSError as exc:
-        raise OutputError(f"cannot write output {target}: {exc.strerror or exc}") from exc
     try:
         for batch in report.changed.to_batches():
             sink.write(batch)
@@ -218,23 +217,10 @@ def write_changed(report: DiffReport, path: str | Path) -> Path:
     return target
 
 
-def _parquet_files(root: Path) -> list[str]:
-    """Parts of a dataset directory, skipping hidden and '_' names (temporaries, _runs)."""
-    found = []
-    for folder, subdirs, names in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith((".", "_")))
-        found += [
-            os.path.join(folder, name)
-            for name in sorted(names)
-            if name.endswith(".parquet") and not name.startswith((".", "_"))
-        ]
-    return found
-
-
 def _open(output: str | Path) -> ds.Dataset:
     path = Path(output)
     if path.is_dir():
-        files = _parquet_files(path)
+        files = [str(part) for part in part_files(path)]
     elif path.is_file():
         files = [str(path)]
     else:

@@ -21,9 +21,7 @@ about 16 MB for a million images.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from itertools import islice
@@ -36,11 +34,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from batchscore.dataset import part_files
+from batchscore.files import file_sha256
 from batchscore.names import readable
 from batchscore.sources import ImageRef
 
 _CHUNK = 4096
-_READ_BLOCK = 1 << 20
 
 
 def fingerprint(
@@ -51,31 +49,12 @@ def fingerprint(
         return None
     try:
         if kind == "sha256":
-            return _sha256(path, should_stop)
+            digest = file_sha256(path, should_stop)
+            return None if digest is None else f"sha256:{digest}"
         info = os.stat(path)
     except (OSError, ValueError, UnicodeEncodeError):  # ValueError: a NUL byte in the path
         return None
     return f"{info.st_size}-{info.st_mtime_ns}"
-
-
-def _sha256(path: str, should_stop: Callable[[], bool]) -> str | None:
-    # O_NONBLOCK: opening a FIFO must not wait for a writer that never comes.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return None
-        digest = hashlib.sha256()
-        left = info.st_size  # a file that grows while it is read is hashed as stat() saw it
-        while left > 0:
-            if should_stop():
-                return None
-            block = handle.read(min(_READ_BLOCK, left))
-            if not block:
-                break
-            digest.update(block)
-            left -= len(block)
-    return f"sha256:{digest.hexdigest()}"
 
 
 def _keys(

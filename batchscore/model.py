@@ -9,7 +9,6 @@ be shared across processes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from batchscore.errors import ModelError
+from batchscore.files import file_sha256
 from batchscore.preprocess import PreprocessConfig, resolve_preprocess
 
 MODEL_FILENAMES = ("model_fp32.onnx", "model.onnx")
@@ -55,14 +55,6 @@ def bundled_model_dir() -> Path:
     package = Path(__file__).resolve().parent
     installed = package / "artifacts"
     return installed if installed.is_dir() else package.parent / "artifacts"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _find_model_file(location: Path) -> Path:
@@ -149,7 +141,12 @@ def load_model(
     """Find, hash and check a model; raise ModelError with one clear line when it is unusable."""
     base = Path(location) if location is not None else bundled_model_dir()
     model_path = _find_model_file(base)
-    sha256 = file_sha256(model_path)
+    try:
+        sha256 = file_sha256(model_path)
+    except OSError as exc:
+        raise ModelError(f"cannot read model {model_path}: {exc.strerror or exc}") from exc
+    if sha256 is None:
+        raise ModelError(f"model {model_path} is not a regular file")
     if expected_sha256 and not sha256.startswith(expected_sha256.lower()):
         raise ModelError(
             f"model {model_path} has SHA-256 {sha256}, not the expected {expected_sha256}"

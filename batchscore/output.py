@@ -12,8 +12,7 @@ import glob
 import json
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -22,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchscore.errors import OutputError, WriteFailed
+from batchscore.files import output_errors, write_errors
 from batchscore.names import readable, readable_or_none
 
 if TYPE_CHECKING:
@@ -261,15 +260,6 @@ class FileSink:
         self.file.abort()
 
 
-@contextmanager
-def output_errors(path: Path) -> Iterator[None]:
-    """An output that cannot be created is a configuration error: one line, exit 2."""
-    try:
-        yield
-    except OSError as exc:
-        raise OutputError(f"cannot write output {path}: {exc.strerror or exc}") from exc
-
-
 class AtomicParquetFile:
     """A Parquet file written under a temporary name and renamed into place by `commit`."""
 
@@ -287,7 +277,7 @@ class AtomicParquetFile:
             raise
 
     def write(self, batch: pa.RecordBatch) -> None:
-        with _write_errors(self.path):
+        with write_errors(self.path):
             self._write(batch)
 
     def _write(self, batch: pa.RecordBatch) -> None:
@@ -303,7 +293,7 @@ class AtomicParquetFile:
             self._pending, self._pending_rows = [], 0
 
     def commit(self, final_metadata: Mapping[str, Any]) -> None:
-        with _write_errors(self.path):
+        with write_errors(self.path):
             self._commit(final_metadata)
 
     def _commit(self, final_metadata: Mapping[str, Any]) -> None:
@@ -346,14 +336,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-@contextmanager
-def _write_errors(path: Path) -> Iterator[None]:
-    try:
-        yield
-    except OSError as exc:
-        raise WriteFailed(f"writing {path} failed: {exc.strerror or exc}") from exc
 
 
 def _fsync_dir(folder: Path) -> None:

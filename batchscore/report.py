@@ -7,9 +7,7 @@ it shows only the most-confused ones, so it stays readable.
 from __future__ import annotations
 
 import json
-import os
 import re
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +15,7 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
-from batchscore.errors import WriteFailed
+from batchscore.files import atomic_write_text
 
 if TYPE_CHECKING:
     from batchscore.canary import CanaryResult, ModelEvaluation
@@ -32,23 +30,13 @@ CONFUSED_PAIRS = 10
 
 def write_report(result: CanaryResult, folder: Path) -> None:
     """canary.json, report.md and the heatmap, each replaced atomically."""
-    _write(folder / JSON_FILE, json.dumps(result.as_dict(), indent=2) + "\n")
+    atomic_write_text(folder / JSON_FILE, json.dumps(result.as_dict(), indent=2) + "\n")
     candidate = result.candidate
-    _write(
+    atomic_write_text(
         folder / HEATMAP_FILE,
         confusion_svg(candidate.labels, candidate.metrics.confusion, HEATMAP_CLASSES),
     )
-    _write(folder / MARKDOWN_FILE, markdown(result))
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise WriteFailed(f"writing {path} failed: {exc.strerror or exc}") from exc
+    atomic_write_text(folder / MARKDOWN_FILE, markdown(result))
 
 
 # --- terminal -----------------------------------------------------------------------------

@@ -58,7 +58,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from batchscore import __version__
 from batchscore.dataset import DatasetWriter, remove_stale_temporaries
 from batchscore.engines import RunContext
-from batchscore.errors import BatchscoreError, ConfigError, OutputError, WriteFailed
+from batchscore.errors import BatchscoreError, ConfigError, OutputError
+from batchscore.files import output_errors, write_errors
 from batchscore.model import ModelSpec
 from batchscore.output import AtomicParquetFile, OutputLayout, Sink, chunk_to_batch
 from batchscore.scorer import (
@@ -138,10 +139,8 @@ class RunPlugin(WorkerPlugin):
 
     def write_part(self, path: Path, results: Iterable[ChunkResult]) -> pa.RecordBatch:
         """Write `results` as one committed part; return the columns the run's counts need."""
-        try:
+        with write_errors(path):  # as DatasetWriter.write: one line, exit 1, not a traceback
             part = AtomicParquetFile(path, self.schema, self.metadata)
-        except OSError as exc:  # as DatasetWriter.write: one line, exit 1, not a traceback
-            raise WriteFailed(f"cannot write {path}: {exc.strerror or exc}") from exc
         counted = []
         try:
             for result in results:
@@ -318,10 +317,8 @@ def _shared_token(sink: DatasetWriter) -> Iterator[tuple[str, str]]:
     Named like a part temporary, so the next run removes it if this one dies."""
     path = Path(os.path.abspath(sink.partition)) / f".part-{sink.run_id}-shared.tmp"
     value = uuid.uuid4().hex
-    try:
+    with output_errors(sink.root):
         path.write_text(value)
-    except OSError as exc:
-        raise OutputError(f"cannot write output {sink.root}: {exc.strerror or exc}") from exc
     try:
         yield str(path), value
     finally:

@@ -28,6 +28,22 @@ class Summary(Protocol):
     def line(self) -> str: ...
 
 
+EXIT_CODES = {
+    "0": "done (error rows included)",
+    "1": "unexpected failure or a write that failed mid-run",
+    "2": "bad usage or configuration",
+    "3": "a gate failed",
+    "4": "--max-error-rate exceeded (output written)",
+    "75": "another run holds the output lock",
+    "130/143": "stopped by SIGINT/SIGTERM (run again to resume)",
+}
+
+
+def exit_codes_help() -> str:
+    """The exit codes as one paragraph, for every command's --help."""
+    return "Exit codes: " + ", ".join(f"{code} {text}" for code, text in EXIT_CODES.items()) + "."
+
+
 class BatchscoreError(Exception):
     """Base class; its exit code (1) means an unexpected failure."""
 

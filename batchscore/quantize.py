@@ -11,7 +11,7 @@ Int8 is only worth shipping when it agrees with fp32, so `quantize_model` measur
 held-out images the calibration never saw (top-1 agreement, top-5 overlap, and both again on
 the images where fp32 is confident), and times both models in the same run. `onnx` (and
 `sympy`, for ORT's shape inference) are needed only here: they are imported on first use
-(`pip install 'batchscore[quantize]'`).
+(`pip install '.[quantize]'` from a checkout).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ REPORT_FILENAME = "model_int8.report.json"
 CONFIDENT = 0.5  # fp32 top-1 probability from which an image counts as confident
 TOP_K = 5
 SPEED_BATCH = 8  # batchscore's default batch size, one thread: what a worker runs
-INSTALL_HINT = "pip install 'batchscore[quantize]'"
+INSTALL_HINT = "pip install '.[quantize]' from a batchscore checkout"
 
 
 @dataclass(frozen=True)

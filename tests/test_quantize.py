@@ -220,7 +220,9 @@ def test_missing_optional_package_says_how_to_install(
     tmp_path: Path, photos: Path, monkeypatch: pytest.MonkeyPatch, package: str
 ) -> None:
     monkeypatch.setitem(sys.modules, package, None)  # as if it were not installed
-    with pytest.raises(ConfigError, match=r"pip install 'batchscore\[quantize\]'"):
+    with pytest.raises(
+        ConfigError, match=r"pip install '\.\[quantize\]' from a batchscore checkout"
+    ):
         quantize_model(None, [photos], tmp_path / "out")
 
 

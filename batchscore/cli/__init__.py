@@ -1,11 +1,8 @@
 """The `batchscore` command line: a thin skin over the library.
 
 Each command parses its options, calls one library function and prints its result. Errors
-become exit codes here and nowhere else (see `batchscore.errors` for the tree):
-
-  0 done (error rows included)   1 unexpected failure   2 bad usage or configuration
-  3 a gate failed                4 --max-error-rate exceeded
-  75 another run holds the output lock   130/143 stopped by SIGINT/SIGTERM (resumable)
+become exit codes here and nowhere else (`batchscore.errors` holds the tree and the codes).
+Nothing heavy is imported until a command runs: `batchscore --help` needs only Click.
 """
 
 from __future__ import annotations
@@ -20,13 +17,7 @@ from batchscore.cli.diff import diff_command
 from batchscore.cli.quantize import quantize_command
 from batchscore.cli.runs import runs_command
 from batchscore.cli.score import score_command
-from batchscore.errors import BatchscoreError
-
-EXIT_CODES_HELP = (
-    "Exit codes: 0 done (error rows included), 1 unexpected failure, 2 bad usage or"
-    " configuration, 3 gate failed, 4 --max-error-rate exceeded, 75 output locked by another"
-    " run, 130/143 interrupted (run again to resume)."
-)
+from batchscore.errors import BatchscoreError, exit_codes_help
 
 
 class BatchscoreGroup(click.Group):
@@ -40,10 +31,18 @@ class BatchscoreGroup(click.Group):
             ctx.exit(exc.exit_code)
 
 
-@click.group(cls=BatchscoreGroup, epilog=EXIT_CODES_HELP)
+@click.group(cls=BatchscoreGroup, epilog=exit_codes_help())
 @click.version_option(__version__, prog_name="batchscore")
 def cli() -> None:
-    """Score piles of images with an ONNX image classifier into Parquet."""
+    """Score piles of images with an ONNX image classifier into Parquet.
+
+    Example:
+
+    \b
+        batchscore score photos/ -o preds.parquet
+        batchscore score /data/uploads -o /data/preds/ --incremental
+        batchscore canary canary_set/ --min-accuracy 0.55 --report reports/canary
+    """
 
 
 def main() -> None:

@@ -85,8 +85,7 @@ def pipeline_options(func: F) -> F:
             type=click.IntRange(min=0),
             default=default_workers(),
             show_default=True,
-            help="Worker processes (each decodes and scores); 0 scores in this process."
-            " With --engine dask and no --dask-address: the LocalCluster's workers.",
+            help="Worker processes (each decodes and scores); 0 scores in this process.",
         ),
         click.option(
             "--batch-size",

@@ -98,7 +98,7 @@ def quantize_command(
     OUTPUT/model_int8.report.json: size and single-thread speed against fp32, measured in the
     same run, and top-1 agreement / top-5 overlap with fp32 on held-out images, overall and
     where fp32 is confident. If agreement is poor, try --keep-first-conv / --keep-classifier.
-    Needs onnx: pip install 'batchscore[quantize]'.
+    Needs onnx: pip install '.[quantize]' from a batchscore checkout.
 
     Example:
 

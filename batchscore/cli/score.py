@@ -9,7 +9,7 @@ import click
 from batchscore.cli.options import (
     scoring_options,
 )
-from batchscore.errors import ErrorRateExceeded
+from batchscore.errors import ErrorRateExceeded, exit_codes_help
 from batchscore.settings import (
     DEFAULT_PART_ROWS,
     DEFAULT_PART_SECONDS,
@@ -19,7 +19,7 @@ from batchscore.settings import (
 )
 
 
-@click.command("score")
+@click.command("score", epilog=exit_codes_help())
 @click.argument("sources", nargs=-1, required=True, type=click.Path())
 @click.option(
     "-o",
@@ -55,7 +55,8 @@ from batchscore.settings import (
     default="local",
     show_default=True,
     help="local: a process pool on this machine; dask: a Dask cluster (pip install"
-    " 'batchscore[dask]'), writing one part per partition into a shared dataset directory.",
+    " '.[dask]' from a checkout), writing one part per partition into a shared dataset"
+    " directory; with no --dask-address, a LocalCluster of --workers processes.",
 )
 @click.option(
     "--dask-address",
@@ -108,10 +109,6 @@ def score_command(
     (.csv, .jsonl, .parquet with a 'path' column and optional 'id' and 'label'; .txt with one
     path per line). Every input becomes exactly one row: images that cannot be read get
     status 'error' and a reason.
-
-    Exit codes: 0 done (error rows included), 1 unexpected failure (e.g. disk full),
-    2 bad usage or configuration, 4 --max-error-rate exceeded, 75 another run holds the
-    dataset's lock, 130/143 interrupted by SIGINT/SIGTERM (run the same command to resume).
 
     Example:
 

@@ -49,7 +49,7 @@ class Engine(Protocol):
     ) -> Iterator[pa.RecordBatch]: ...
 
 
-INSTALL_HINTS = {"dask": "pip install '.[dask]' from a checkout (the batchscore[dask] extra)"}
+INSTALL_HINTS = {"dask": "pip install '.[dask]' from a batchscore checkout"}
 
 
 def engine(name: str) -> Engine:

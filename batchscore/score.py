@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import sys
 import time
 import uuid
@@ -31,6 +32,8 @@ from batchscore.settings import BASELINE_PREFIX, FINGERPRINTS, ScoreSettings
 from batchscore.signals import StopFlag
 from batchscore.sources import Source, iter_refs, merged_extra_columns, open_sources
 from batchscore.summary import RunStats, RunSummary
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def new_run_id() -> str:
@@ -71,6 +74,11 @@ def check_settings(settings: ScoreSettings) -> None:
     rate = settings.max_error_rate
     if rate is not None and not 0 <= rate <= 1:
         raise ConfigError("max error rate must be between 0 and 1")
+    if settings.run_id is not None and not RUN_ID.fullmatch(settings.run_id):
+        raise ConfigError(
+            f"run id {settings.run_id!r} may hold only letters, digits, '.', '_' and '-'"
+            " (it names files), and must start with a letter or digit"
+        )
 
 
 def run_metadata(

@@ -18,7 +18,8 @@
 #   NEW_MODEL          --model PATH           the new model directory or .onnx file (required)
 #   OLD_SHA            --old-sha SHA          the model to compare with, a SHA-256 or a prefix
 #                                             (default: the model of the newest complete run
-#                                             that used another model than NEW_MODEL)
+#                                             that used another model than NEW_MODEL, read
+#                                             from `batchscore runs` after the scoring)
 #   MAX_CHANGED_SHARE  --max-changed-share X  exit 3 above this share (default: 0.1)
 #   MAX_ERROR_RATE     --max-error-rate X     exit 4 above this share (default: 0.05; empty:
 #                                             no limit)
@@ -87,28 +88,6 @@ if ((${#positional[@]})); then sources=("${positional[@]}"); fi
 DATASET=${DATASET%/}
 read -r -a batchscore <<<"$BATCHSCORE"
 
-# The SHA-256 batchscore will record for NEW_MODEL: a directory holds model_fp32.onnx or
-# model.onnx. `score --model-sha256` below checks that batchscore loads that very file.
-model_file=$NEW_MODEL
-if [[ -d $NEW_MODEL ]]; then
-    model_file=$NEW_MODEL/model_fp32.onnx
-    [[ -f $model_file ]] || model_file=$NEW_MODEL/model.onnx
-fi
-[[ -f $model_file ]] || die "no model file at NEW_MODEL=$NEW_MODEL"
-new_sha=$(sha256sum "$model_file")
-new_sha=${new_sha%% *}
-
-if [[ -z $OLD_SHA ]]; then
-    # Run summaries are JSON lines, oldest first; keep the complete runs of other models.
-    summaries=$("${batchscore[@]}" runs "$DATASET" --json) || exit
-    OLD_SHA=$(
-        grep '"status": "complete"' <<<"$summaries" |
-            sed -n 's/.*"model_sha256": "\([0-9a-f]*\)".*/\1/p' |
-            grep -vxF "$new_sha" | tail -n 1
-    ) || die "no complete run of another model in $DATASET: set OLD_SHA (or --old-sha)"
-fi
-CHANGED=${CHANGED:-changed-${OLD_SHA:0:12}-${new_sha:0:12}.parquet}
-
 # Each step runs in the background so that a SIGTERM or SIGINT sent to this script reaches it.
 run() {
     "$@" &
@@ -125,13 +104,25 @@ run() {
     return "$status"
 }
 
-echo "rescore.sh: scoring ${sources[*]} with ${new_sha:0:12} into $DATASET/" >&2
+echo "rescore.sh: scoring ${sources[*]} with $NEW_MODEL into $DATASET/" >&2
+run_id=$(date -u +%Y%m%dT%H%M%SZ)-rescore-$$
 score=("${batchscore[@]}" score "${sources[@]}" -o "$DATASET/" --model "$NEW_MODEL"
-    --model-sha256 "$new_sha")
+    --run-id "$run_id")
 if [[ -n $MAX_ERROR_RATE ]]; then score+=(--max-error-rate "$MAX_ERROR_RATE"); fi
 if [[ -n $WORKERS ]]; then score+=(--workers "$WORKERS"); fi
 if [[ $WAIT_LOCK == 1 ]]; then score+=(--wait-lock); fi
 run "${score[@]}" || exit
+
+# The new model's SHA-256 as batchscore recorded it for this run, and by default as model A
+# the newest complete run of another model: read from the run summaries, oldest first.
+runs=$("${batchscore[@]}" runs "$DATASET" --status complete --field run_id,model_sha256) || exit
+new_sha=$(awk -F '\t' -v id="$run_id" '$1 == id { print $2 }' <<<"$runs")
+[[ -n $new_sha ]] || die "run $run_id is not among the complete runs of $DATASET"
+if [[ -z $OLD_SHA ]]; then
+    OLD_SHA=$(awk -F '\t' -v new="$new_sha" '$2 != new { sha = $2 } END { print sha }' <<<"$runs")
+    [[ -n $OLD_SHA ]] || die "no complete run of another model in $DATASET: set OLD_SHA (or --old-sha)"
+fi
+CHANGED=${CHANGED:-changed-${OLD_SHA:0:12}-${new_sha:0:12}.parquet}
 
 echo "rescore.sh: comparing ${OLD_SHA:0:12} (A) with ${new_sha:0:12} (B)" >&2
 run "${batchscore[@]}" diff "$DATASET" --model-a "$OLD_SHA" --model-b "$new_sha" \

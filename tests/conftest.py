@@ -7,7 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
@@ -48,10 +47,6 @@ def make_images(tmp_path: Path) -> Callable[..., dict[str, str]]:
         return truth
 
     return make
-
-
-def read_rows(path: Path) -> pd.DataFrame:
-    return pd.read_parquet(path)
 
 
 @pytest.fixture

@@ -217,3 +217,37 @@ def test_incremental_needs_a_dataset(
     )
     assert code == 2
     assert "--incremental needs a dataset directory" in output
+
+
+def test_a_named_run_is_found_by_scripts_through_runs_fields(
+    tmp_path: Path, color_model_dir: Path, make_images: MakeImages
+) -> None:
+    make_images()
+    dataset, images = tmp_path / "preds", tmp_path / "images"
+    other = color_model(tmp_path / "other", scale=3)  # another file, another SHA-256
+    assert score_into(dataset, images, color_model_dir, "--run-id", "night-1")[0] == 0
+    assert score_into(dataset, images, other, "--run-id", "rescore.2")[0] == 0
+    code, output = run("runs", str(dataset), "--status", "complete", "--field", "run_id,status")
+    assert code == 0, output
+    assert output.splitlines() == ["night-1\tcomplete", "rescore.2\tcomplete"]
+    code, output = run("runs", str(dataset), "--status", "failed", "--field", "run_id")
+    assert (code, output) == (0, "")
+    shas = run("runs", str(dataset), "--field", "model_sha256")[1].split()
+    assert len(set(shas)) == 2 and all(len(sha) == 64 for sha in shas)
+    assert sorted(p.name.split("-00000")[0] for p in part_files(dataset)) == [
+        "part-night-1",
+        "part-rescore.2",
+    ]
+
+
+@pytest.mark.parametrize("bad", ["../escape", "a/b", "", "-starts-with-dash", "x" * 200])
+def test_a_run_id_that_could_not_name_a_file_is_refused(
+    tmp_path: Path, color_model_dir: Path, make_images: MakeImages, bad: str
+) -> None:
+    make_images()
+    code, output = score_into(
+        tmp_path / "preds", tmp_path / "images", color_model_dir, "--run-id", bad
+    )
+    assert code == 2, output
+    assert "run id" in output and len(output.strip().splitlines()) == 1
+    assert not (tmp_path / "preds").exists() or not part_files(tmp_path / "preds")

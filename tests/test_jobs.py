@@ -236,18 +236,6 @@ def test_rescore_then_diff_end_to_end(tmp_path: Path) -> None:
     assert len(pd.read_parquet(dataset)) == 18
 
 
-def _canary_works() -> bool:
-    return (
-        subprocess.run(
-            [sys.executable, "-m", "batchscore", "canary", "--help"],
-            capture_output=True,
-            check=False,
-        ).returncode
-        == 0
-    )
-
-
-@pytest.mark.skipif(not _canary_works(), reason="`batchscore canary` is not there yet")
 def test_canary_blesses_or_blocks(tmp_path: Path) -> None:
     canary_set = tmp_path / "canary"
     for color in COLORS:

@@ -45,7 +45,20 @@ def format_runs(summaries: list[dict[str, Any]]) -> str:
 @click.command("runs")
 @click.argument("dataset", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON lines.")
-def runs_command(dataset: str, as_json: bool) -> None:
+@click.option(
+    "--status",
+    type=click.Choice(["complete", "interrupted", "failed"]),
+    default=None,
+    help="Only the runs that ended so.",
+)
+@click.option(
+    "--field",
+    default=None,
+    metavar="NAME",
+    help="Print only these fields of each run (comma-separated, e.g. run_id,model_sha256),"
+    " tab-separated, one line per run: for scripts, which then need no JSON parsing.",
+)
+def runs_command(dataset: str, as_json: bool, status: str | None, field: str | None) -> None:
     """List the runs that wrote a dataset directory, oldest first.
 
     Each run's summary (DIR/_runs/RUN_ID.json) holds its counts by status and error reason,
@@ -55,10 +68,20 @@ def runs_command(dataset: str, as_json: bool) -> None:
     Example:
 
         batchscore runs /data/preds/
+
+        batchscore runs /data/preds/ --status complete --field model_sha256
     """
     from batchscore.dataset import read_summaries  # noqa: PLC0415 (pyarrow)
 
     summaries = read_summaries(Path(dataset))
+    if status is not None:
+        summaries = [s for s in summaries if s.get("status") == status]
+    if field is not None:
+        names = [name.strip() for name in field.split(",")]
+        for summary in summaries:
+            values = [summary.get(name) for name in names]
+            click.echo("\t".join(v if isinstance(v, str) else json.dumps(v) for v in values))
+        return
     if as_json:
         for summary in summaries:
             click.echo(json.dumps(summary, sort_keys=True))

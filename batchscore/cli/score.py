@@ -78,6 +78,13 @@ from batchscore.settings import (
     show_default=True,
     help="Dataset output: commit a part at least this often.",
 )
+@click.option(
+    "--run-id",
+    default=None,
+    metavar="ID",
+    help="Name this run (letters, digits, '.', '_', '-'; default: UTC time + random), so a"
+    " script can find its own run in `batchscore runs`.",
+)
 @scoring_options
 @click.option("--no-probs", is_flag=True, help="Leave out the full probability vectors.")
 @click.option(
@@ -98,6 +105,7 @@ def score_command(
     dask_address: str | None,
     part_rows: int,
     part_seconds: float,
+    run_id: str | None,
     scoring: dict[str, Any],
     no_probs: bool,
     max_error_rate: float | None,
@@ -131,6 +139,7 @@ def score_command(
         dask_address=dask_address,
         part_rows=part_rows,
         part_seconds=part_seconds,
+        run_id=run_id,
     )
     try:
         summary = score(sources, output, settings)

@@ -381,24 +381,10 @@ def evaluate_predictions(predictions: Path, settings: CanarySettings) -> CanaryR
     taken = table.take(rows)
     evaluations = []
     correct = []
-    for (prefix, names), index in zip(models, indexes, strict=True):
-        y_true = np.array([index[label] for label in counted_labels], dtype=np.int64)
-        y_pred = pc.fill_null(taken.column(f"{prefix}pred_index"), NO_PREDICTION).to_numpy()
-        topk = taken.column(f"{prefix}topk_labels").to_pylist()
-        hits = sum(
-            1 for label, top in zip(counted_labels, topk, strict=True) if label in (top or ())
-        )
-        evaluations.append(
-            ModelEvaluation(
-                model_file=str(meta[f"{prefix}model_file"]),
-                model_sha256=str(meta[f"{prefix}model_sha256"]),
-                class_names=names,
-                metrics=classification_metrics(y_true, y_pred),
-                n_topk_correct=hits,
-                top_k=min(int(meta["top_k"]), len(names)),
-            )
-        )
-        correct.append(y_true == y_pred)
+    for model, index in zip(models, indexes, strict=True):
+        evaluation, right = _evaluate(taken, model, index, counted_labels, meta)
+        evaluations.append(evaluation)
+        correct.append(right)
     candidate, comparison = evaluations[0], None
     if len(evaluations) > 1:
         changed = pc.and_(
@@ -419,6 +405,30 @@ def evaluate_predictions(predictions: Path, settings: CanarySettings) -> CanaryR
         errors=errors,
         errors_count_as_wrong=settings.errors_count_as_wrong,
     )
+
+
+def _evaluate(
+    taken: pa.Table,
+    model: tuple[str, tuple[str, ...]],
+    index: dict[str, int],
+    labels: list[str],
+    meta: dict[str, Any],
+) -> tuple[ModelEvaluation, np.ndarray]:
+    """One model's metrics on the counted rows, and which of them it got right."""
+    prefix, names = model
+    y_true = np.array([index[label] for label in labels], dtype=np.int64)
+    y_pred = pc.fill_null(taken.column(f"{prefix}pred_index"), NO_PREDICTION).to_numpy()
+    topk = taken.column(f"{prefix}topk_labels").to_pylist()
+    hits = sum(1 for label, top in zip(labels, topk, strict=True) if label in (top or ()))
+    evaluation = ModelEvaluation(
+        model_file=str(meta[f"{prefix}model_file"]),
+        model_sha256=str(meta[f"{prefix}model_sha256"]),
+        class_names=names,
+        metrics=classification_metrics(y_true, y_pred),
+        n_topk_correct=hits,
+        top_k=min(int(meta["top_k"]), len(names)),
+    )
+    return evaluation, y_true == y_pred
 
 
 def _index(names: Sequence[str]) -> dict[str, int]:

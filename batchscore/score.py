@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
+import pyarrow as pa
 from tqdm import tqdm
 
 from batchscore import __version__
@@ -198,18 +199,7 @@ def _run(
         prefixes=("", BASELINE_PREFIX)[: len(specs)],
     )
     metadata = run_metadata(specs, opened, run_id, settings)
-    sink: Sink
-    if done is None:
-        sink = FileSink(output, output_schema(layout), metadata)
-    else:
-        sink = DatasetWriter(
-            output,
-            output_schema(layout),
-            metadata,
-            run_id=run_id,
-            part_rows=settings.part_rows,
-            part_seconds=settings.part_seconds,
-        )
+    sink = _open_sink(output, output_schema(layout), metadata, run_id, settings, dataset=done)
     scored = engine(settings.engine)
     stats = RunStats()
     skips = SkipCounter()
@@ -258,6 +248,28 @@ def _run(
         raise
     _check_error_rate(summary, settings.max_error_rate)
     return summary
+
+
+def _open_sink(
+    output: Path,
+    schema: pa.Schema,
+    metadata: dict[str, Any],
+    run_id: str,
+    settings: ScoreSettings,
+    *,
+    dataset: DoneSet | None,
+) -> Sink:
+    """A file, or (when the dataset's state was read) the dataset directory."""
+    if dataset is None:
+        return FileSink(output, schema, metadata)
+    return DatasetWriter(
+        output,
+        schema,
+        metadata,
+        run_id=run_id,
+        part_rows=settings.part_rows,
+        part_seconds=settings.part_seconds,
+    )
 
 
 def _check_error_rate(summary: RunSummary, max_error_rate: float | None) -> None:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import islice
 
 import numpy as np
 import onnxruntime as ort
@@ -235,3 +236,30 @@ def concat_outputs(parts: list[ChunkOutput]) -> ChunkOutput:
 def task_of(refs: Sequence[ImageRef]) -> Task:
     """What a worker needs of each ref: its path, or the reason it has none."""
     return [(ref.path, ref.problem) for ref in refs]
+
+
+def chunks(refs: Iterable[ImageRef], size: int) -> Iterator[list[ImageRef]]:
+    """Consecutive lists of `size` refs (the last one shorter), read lazily."""
+    iterator = iter(refs)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def one_at_a_time(
+    refs: Sequence[ImageRef],
+    score_one: Callable[[ImageRef], ChunkOutput],
+    worker_died: type[BaseException],
+    specs: Sequence[ModelSpec],
+    k: int,
+) -> ChunkOutput:
+    """Score refs one task each after a worker died on their chunk, so that only an image that
+    kills its (fresh) worker again is lost, as a WORKER_DIED error row. Both engines use it:
+    `score_one` submits one image and waits; `worker_died` is how the engine reports a death
+    (and `score_one` replaces whatever the death broke before it raises again)."""
+    parts = []
+    for ref in refs:
+        try:
+            parts.append(score_one(ref))
+        except worker_died:
+            parts.append(failed_output(1, WORKER_DIED, specs, k))
+    return concat_outputs(parts)

@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
-from itertools import chain, islice
+from itertools import chain, count, islice
 from pathlib import Path
 from typing import Any, cast
 
@@ -63,12 +63,13 @@ from batchscore.files import output_errors, write_errors
 from batchscore.model import ModelSpec
 from batchscore.output import AtomicParquetFile, OutputLayout, Sink, chunk_to_batch
 from batchscore.scorer import (
-    WORKER_DIED,
     ChunkOutput,
     ChunkResult,
     Scorer,
-    concat_outputs,
-    failed_output,
+    one_at_a_time,
+)
+from batchscore.scorer import (
+    chunks as chunk_refs,
 )
 from batchscore.settings import PipelineOptions
 from batchscore.sources import ImageRef
@@ -266,12 +267,7 @@ def _partitions(
     head = list(islice(refs, size * slots))
     if len(head) < size * slots:
         size = max(1, math.ceil(len(head) / slots))
-    return enumerate(_chunks(chain(head, refs), size))
-
-
-def _chunks(refs: Iterator[ImageRef], size: int) -> Iterator[list[ImageRef]]:
-    while chunk := list(islice(refs, size)):
-        yield chunk
+    return enumerate(chunk_refs(chain(head, refs), size))
 
 
 def _slots(client: Client) -> int:
@@ -421,11 +417,13 @@ def _isolate(
     was queued on them when another one did. Score its images one task at a time, so a worker
     that dies then held no other image of it: only an image that kills its worker again is
     lost, as an error row like the local engine's. The part is written from here."""
-    outputs = []
-    for i, ref in enumerate(chunk):
-        future = client.submit(score_images, plugin.name, [ref], key=f"{path.stem}-image-{i}")
-        try:
-            outputs.append(future.result())
-        except KilledWorker:
-            outputs.append(failed_output(1, WORKER_DIED, plugin.specs, plugin.options.top_k))
-    return plugin.write_part(path, [_result(chunk, concat_outputs(outputs))])
+    numbers = count()
+
+    def score_one(ref: ImageRef) -> ChunkOutput:
+        key = f"{path.stem}-image-{next(numbers)}"
+        future = client.submit(score_images, plugin.name, [ref], key=key)
+        output: ChunkOutput = future.result()
+        return output
+
+    output = one_at_a_time(chunk, score_one, KilledWorker, plugin.specs, plugin.options.top_k)
+    return plugin.write_part(path, [_result(chunk, output)])

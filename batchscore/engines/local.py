@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timezone
-from itertools import islice
 
 import pyarrow as pa
 
@@ -37,14 +36,15 @@ from batchscore.errors import ConfigError
 from batchscore.model import ModelSpec
 from batchscore.output import Sink, chunk_to_batch
 from batchscore.scorer import (
-    WORKER_DIED,
     ChunkOutput,
     ChunkResult,
     Scorer,
     Task,
-    concat_outputs,
-    failed_output,
+    one_at_a_time,
     task_of,
+)
+from batchscore.scorer import (
+    chunks as chunk_refs,
 )
 from batchscore.settings import PipelineOptions
 from batchscore.sources import ImageRef
@@ -94,12 +94,6 @@ def _score_in_worker(task: Task) -> ChunkOutput:
     return _WORKER.score(task)
 
 
-def _chunks(refs: Iterable[ImageRef], size: int) -> Iterator[list[ImageRef]]:
-    iterator = iter(refs)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
-
-
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -141,14 +135,16 @@ class _Pool:
 
     def isolate(self, refs: list[ImageRef]) -> ChunkOutput:
         """Score a chunk one image at a time so that only a poisonous image is lost."""
-        parts = []
-        for ref in refs:
-            try:
-                parts.append(self.submit([ref]).result())
-            except BrokenProcessPool:  # this image killed a fresh worker: it is the culprit
-                self.replace()
-                parts.append(failed_output(1, WORKER_DIED, self.specs, self.options.top_k))
-        return concat_outputs(parts)
+        return one_at_a_time(
+            refs, self._score_one, BrokenProcessPool, self.specs, self.options.top_k
+        )
+
+    def _score_one(self, ref: ImageRef) -> ChunkOutput:
+        try:
+            return self.submit([ref]).result()
+        except BrokenProcessPool:  # this image killed a fresh worker: it is the culprit
+            self.replace()
+            raise
 
 
 def run_pipeline(
@@ -162,7 +158,7 @@ def run_pipeline(
     `should_stop` is polled before each new chunk: once it returns True, no new work is taken,
     the chunks already submitted are finished and yielded, and the generator ends.
     """
-    chunks = _chunks(refs, options.batch_size)
+    chunks = chunk_refs(refs, options.batch_size)
     if options.workers <= 0:
         scorer = Scorer(specs, options)
         for chunk in chunks:

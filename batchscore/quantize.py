@@ -197,11 +197,60 @@ def quantize_model(
     unusable, or there are too few readable images.
     """
     options = options or QuantizeOptions()
+    api, spec = _check_and_load(model, options)
+    images = _decode_calibration_and_holdout(spec, calibration, holdout, options)
+    out = Path(output_dir)
+    target, excluded = _quantize_into(out, api, spec, images.calibration, options)
+    measured = _measure(spec, target, images.holdout, options.speed_repeats)
+    return _write_report(
+        out,
+        api=api,
+        spec=spec,
+        target=target,
+        calibration=calibration,
+        images=images,
+        measured=measured,
+        excluded=excluded,
+        method=options.method,
+    )
+
+
+@dataclass(frozen=True)
+class _Images:
+    """The preprocessed calibration and held-out batches, with what the report says of them."""
+
+    calibration: np.ndarray
+    holdout: np.ndarray
+    skipped: int
+    holdout_source: str
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """The int8 model as `batchscore score` loads it, timed and compared against fp32."""
+
+    int8: ModelSpec
+    fp32_ms: float
+    int8_ms: float
+    speedup: float
+    agreement: Agreement
+    confident: Agreement
+
+
+def _check_and_load(model: str | Path | None, options: QuantizeOptions) -> tuple[_Api, ModelSpec]:
+    """Fail on bad options, a missing onnx or an unusable model before decoding any image."""
     check_options(options)
-    api = _api()
-    spec = load_model(model)
+    return _api(), load_model(model)
+
+
+def _decode_calibration_and_holdout(
+    spec: ModelSpec,
+    calibration: Sequence[str | Path],
+    holdout: Sequence[str | Path],
+    options: QuantizeOptions,
+) -> _Images:
+    """Calibrate and measure on disjoint images: separate sources, or a seeded split of one."""
     rng = random.Random(options.seed)
-    skipped = 0
     if holdout:
         calib_images, skipped_c = _decode(calibration, spec, options.calibration_count, rng)
         held_images, skipped_h = _decode(holdout, spec, options.holdout_count, rng)
@@ -219,10 +268,18 @@ def quantize_model(
             f"need readable images to calibrate ({len(calib_images)}) and to hold out"
             f" ({len(held_images)}); give more calibration images or a --holdout source"
         )
-    calib = _tensors(spec, calib_images)
-    held = _tensors(spec, held_images)
+    return _Images(
+        calibration=_tensors(spec, calib_images),
+        holdout=_tensors(spec, held_images),
+        skipped=skipped,
+        holdout_source=holdout_source,
+    )
 
-    out = Path(output_dir)
+
+def _quantize_into(
+    out: Path, api: _Api, spec: ModelSpec, calib: np.ndarray, options: QuantizeOptions
+) -> tuple[Path, tuple[str, ...]]:
+    """Quantize in a temporary folder, so that a rejected graph leaves no int8 file in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     target = out / INT8_FILENAME
     with tempfile.TemporaryDirectory(prefix="batchscore-quantize-") as temp:
@@ -256,29 +313,49 @@ def quantize_model(
         _stamp(api, quantized, spec, options, excluded)
         _copy_beside(spec, out)
         shutil.move(str(quantized), target)
+    return target, excluded
 
+
+def _measure(spec: ModelSpec, target: Path, held: np.ndarray, repeats: int) -> _Measured:
+    """Int8 is only worth shipping if it agrees with fp32 and runs faster: measure both."""
     int8 = load_model(target)  # the same checks `batchscore score --model` runs
-    fp32_ms, int8_ms, speedup = _speed(spec, int8, held, options.speed_repeats)
-    all_agree, confident = _agreement(spec, int8, held)
+    fp32_ms, int8_ms, speedup = _speed(spec, int8, held, repeats)
+    agreement, confident = _agreement(spec, int8, held)
+    return _Measured(int8, fp32_ms, int8_ms, speedup, agreement, confident)
+
+
+def _write_report(
+    out: Path,
+    *,
+    api: _Api,
+    spec: ModelSpec,
+    target: Path,
+    calibration: Sequence[str | Path],
+    images: _Images,
+    measured: _Measured,
+    excluded: tuple[str, ...],
+    method: str,
+) -> QuantizeReport:
+    """Saved beside the int8 file, so whoever ships it sees what it costs and buys, and how."""
     report = QuantizeReport(
         fp32_model=_shown(Path(spec.path), out),
         fp32_sha256=spec.sha256,
         int8_model=_shown(target, out),
-        int8_sha256=int8.sha256,
+        int8_sha256=measured.int8.sha256,
         fp32_bytes=Path(spec.path).stat().st_size,
         int8_bytes=target.stat().st_size,
-        fp32_ms_per_image=fp32_ms,
-        int8_ms_per_image=int8_ms,
-        speedup=speedup,
-        calibration_images=len(calib_images),
+        fp32_ms_per_image=measured.fp32_ms,
+        int8_ms_per_image=measured.int8_ms,
+        speedup=measured.speedup,
+        calibration_images=len(images.calibration),
         calibration_sources=tuple(str(c) for c in calibration),
-        holdout_images=len(held_images),
-        holdout_source=holdout_source,
-        skipped_images=skipped,
-        agreement=all_agree,
-        confident=confident,
+        holdout_images=len(images.holdout),
+        holdout_source=images.holdout_source,
+        skipped_images=images.skipped,
+        agreement=measured.agreement,
+        confident=measured.confident,
         excluded_nodes=excluded,
-        method=options.method,
+        method=method,
         versions={
             "batchscore": __version__,
             "onnxruntime": ort.__version__,

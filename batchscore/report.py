@@ -131,6 +131,20 @@ def _model_rows(label: str, evaluation: ModelEvaluation) -> list[list[object]]:
 
 def markdown(result: CanaryResult) -> str:
     """report.md: what a reviewer reads before blessing or blocking the model."""
+    sections = [
+        _verdict_and_summary(result),
+        _checks_section(result),
+        _comparison_section(result),
+        _per_class_section(result.candidate),
+        _confusion_section(result.candidate),
+        _errors_section(result),
+        _excluded_section(result),
+    ]
+    return "\n".join(line for section in sections for line in section)
+
+
+def _verdict_and_summary(result: CanaryResult) -> list[str]:
+    """The verdict first, so that a reviewer sees it without scrolling, then what was scored."""
     failed = len(result.failed_checks)
     verdict = (
         "**PASSED**"
@@ -142,46 +156,54 @@ def markdown(result: CanaryResult) -> str:
     rows += _model_rows("candidate", result.candidate)
     if result.baseline is not None:
         rows += _model_rows("baseline", result.baseline)
-    lines += _table(["", ""], rows)
+    return lines + _table(["", ""], rows)
 
-    lines += ["## Checks", ""]
-    if result.checks:
-        lines += _table(
-            ["Check", "Value", "Threshold", "Result", "Detail"],
+
+def _checks_section(result: CanaryResult) -> list[str]:
+    """Each gate check with its threshold, so that a failure says which limit was crossed."""
+    lines = ["## Checks", ""]
+    if not result.checks:
+        return [*lines, "No gate checks were given: this report only measures.", ""]
+    return lines + _table(
+        ["Check", "Value", "Threshold", "Result", "Detail"],
+        [
             [
-                [
-                    check.name,
-                    "n/a" if check.value is None else f"{check.value:.4f}",
-                    f"{check.operator} {check.threshold:g}",
-                    "PASS" if check.passed else "FAIL",
-                    check.detail,
-                ]
-                for check in result.checks
-            ],
-        )
-    else:
-        lines += ["No gate checks were given: this report only measures.", ""]
+                check.name,
+                "n/a" if check.value is None else f"{check.value:.4f}",
+                f"{check.operator} {check.threshold:g}",
+                "PASS" if check.passed else "FAIL",
+                check.detail,
+            ]
+            for check in result.checks
+        ],
+    )
 
-    if result.comparison is not None:
-        c = result.comparison
-        lines += ["## Candidate against baseline", "", "Same images, same run.", ""]
-        lines += _table(
-            ["", "baseline right", "baseline wrong"],
-            [
-                ["candidate right", c.both_right, c.only_candidate_right],
-                ["candidate wrong", c.only_baseline_right, c.both_wrong],
-            ],
-        )
-        lines += [
-            f"Accuracy drop (baseline minus candidate): {c.accuracy_drop:.4f}."
-            f" Exact McNemar p-value: {c.mcnemar_p:.4g}."
-            f" Top-1 changed on {c.n_top1_changed} of {c.n_compared} images"
-            f" ({c.top1_changed_share:.1%}).",
-            "",
-        ]
 
-    candidate = result.candidate
-    lines += ["## Per-class metrics", ""]
+def _comparison_section(result: CanaryResult) -> list[str]:
+    """The paired table behind the McNemar test, when there is a baseline to compare with."""
+    if result.comparison is None:
+        return []
+    c = result.comparison
+    lines = ["## Candidate against baseline", "", "Same images, same run.", ""]
+    lines += _table(
+        ["", "baseline right", "baseline wrong"],
+        [
+            ["candidate right", c.both_right, c.only_candidate_right],
+            ["candidate wrong", c.only_baseline_right, c.both_wrong],
+        ],
+    )
+    return [
+        *lines,
+        f"Accuracy drop (baseline minus candidate): {c.accuracy_drop:.4f}."
+        f" Exact McNemar p-value: {c.mcnemar_p:.4g}."
+        f" Top-1 changed on {c.n_top1_changed} of {c.n_compared} images"
+        f" ({c.top1_changed_share:.1%}).",
+        "",
+    ]
+
+
+def _per_class_section(candidate: ModelEvaluation) -> list[str]:
+    """Per-class scores, since a good overall accuracy can hide a class the model lost."""
     per_class = [
         [label, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", v["support"]]
         for label, v in candidate.per_class().items()
@@ -199,9 +221,16 @@ def markdown(result: CanaryResult) -> str:
                 candidate.metrics.n,
             ]
         )
-    lines += _table(["Class", "Precision", "Recall", "F1", "Support"], per_class)
+    return [
+        "## Per-class metrics",
+        "",
+        *_table(["Class", "Precision", "Recall", "F1", "Support"], per_class),
+    ]
 
-    lines += ["## Most confused pairs", ""]
+
+def _confusion_section(candidate: ModelEvaluation) -> list[str]:
+    """Which classes the model mixes up, as a short list and as the heatmap beside the report."""
+    lines = ["## Most confused pairs", ""]
     pairs = candidate.most_confused(CONFUSED_PAIRS)
     if pairs:
         lines += _table(
@@ -210,35 +239,39 @@ def markdown(result: CanaryResult) -> str:
         )
     else:
         lines += ["No image was confused for another class.", ""]
-    lines += [f"![Confusion matrix]({HEATMAP_FILE})", ""]
+    return [*lines, f"![Confusion matrix]({HEATMAP_FILE})", ""]
 
-    lines += [f"## Errors ({len(result.errors)})", ""]
-    if result.errors:
-        how = "count as wrong" if result.errors_count_as_wrong else "are left out of the metrics"
-        lines += [f"Images that failed to decode {how}.", ""]
-        lines += _table(
-            ["Path", "Label", "Reason"],
-            [[e.path, e.label, e.error] for e in result.errors[:LISTED_ERRORS]],
-        )
-        if len(result.errors) > LISTED_ERRORS:
-            lines += [f"... and {len(result.errors) - LISTED_ERRORS} more in {JSON_FILE}.", ""]
-    else:
-        lines += ["Every image decoded.", ""]
 
-    lines += ["## Excluded labels", ""]
-    if result.n_excluded:
-        lines += [
-            f"{result.n_excluded} images left out of the metrics: the model cannot predict"
-            " their labels.",
-            "",
-        ]
-        rows = [[label, n] for label, n in result.excluded_labels.items()]
-        if result.n_unlabelled:
-            rows.append(["(no label)", result.n_unlabelled])
-        lines += _table(["Label", "Images"], rows)
-    else:
-        lines += ["Every label is in the class map.", ""]
-    return "\n".join(lines)
+def _errors_section(result: CanaryResult) -> list[str]:
+    """Images that failed to decode, since they change the metrics or are missing from them."""
+    lines = [f"## Errors ({len(result.errors)})", ""]
+    if not result.errors:
+        return [*lines, "Every image decoded.", ""]
+    how = "count as wrong" if result.errors_count_as_wrong else "are left out of the metrics"
+    lines += [f"Images that failed to decode {how}.", ""]
+    lines += _table(
+        ["Path", "Label", "Reason"],
+        [[e.path, e.label, e.error] for e in result.errors[:LISTED_ERRORS]],
+    )
+    if len(result.errors) > LISTED_ERRORS:
+        lines += [f"... and {len(result.errors) - LISTED_ERRORS} more in {JSON_FILE}.", ""]
+    return lines
+
+
+def _excluded_section(result: CanaryResult) -> list[str]:
+    """Images whose label the model cannot predict, which no metric counts."""
+    lines = ["## Excluded labels", ""]
+    if not result.n_excluded:
+        return [*lines, "Every label is in the class map.", ""]
+    lines += [
+        f"{result.n_excluded} images left out of the metrics: the model cannot predict"
+        " their labels.",
+        "",
+    ]
+    rows: list[list[object]] = [[label, n] for label, n in result.excluded_labels.items()]
+    if result.n_unlabelled:
+        rows.append(["(no label)", result.n_unlabelled])
+    return lines + _table(["Label", "Images"], rows)
 
 
 # --- heatmap ------------------------------------------------------------------------------

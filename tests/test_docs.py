@@ -244,18 +244,23 @@ def _library_example() -> str:
     return block.group(1)
 
 
-@pytest.mark.slow
-def test_the_library_example_runs_as_a_saved_script(tmp_path: Path) -> None:
-    shutil.copytree(REPO / "artifacts" / "samples", tmp_path / "photos")
-    (tmp_path / "lib.py").write_text(_library_example())
-    done = subprocess.run(
+def _run_script(folder: Path, text: str) -> subprocess.CompletedProcess[str]:
+    """`text` saved as lib.py beside a copy of the sample photos, run as a script."""
+    shutil.copytree(REPO / "artifacts" / "samples", folder / "photos")
+    (folder / "lib.py").write_text(text)
+    return subprocess.run(
         [sys.executable, "lib.py"],
-        cwd=tmp_path,
+        cwd=folder,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+@pytest.mark.slow
+def test_the_library_example_runs_as_a_saved_script(tmp_path: Path) -> None:
+    done = _run_script(tmp_path, _library_example())
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("4 images: 4 ok, 0 errors")
     assert len(pd.read_parquet(tmp_path / "preds.parquet")) == 4
@@ -267,19 +272,10 @@ def test_the_library_example_without_its_guard_stops_at_once_and_says_why(
 ) -> None:
     """Spawned workers import the script again; unguarded, that used to print a traceback per
     worker and report every image as 'worker died', with exit 0."""
-    shutil.copytree(REPO / "artifacts" / "samples", tmp_path / "photos")
     lines = _library_example().splitlines()
     guard = lines.index('if __name__ == "__main__":')
     unguarded = lines[:guard] + [line.removeprefix("    ") for line in lines[guard + 1 :]]
-    (tmp_path / "lib.py").write_text("\n".join(unguarded) + "\n")
-    done = subprocess.run(
-        [sys.executable, "lib.py"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _run_script(tmp_path, "\n".join(unguarded) + "\n")
     assert done.returncode == 1
     assert done.stderr.count("Traceback") == 1  # the caller's own, and no worker's
     last = done.stderr.strip().splitlines()[-1]

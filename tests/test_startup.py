@@ -33,3 +33,17 @@ def test_help_and_version_import_nothing_heavy(argv: list[str]) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.parametrize("argv", [[], ["score"], ["canary"], ["diff"], ["quantize"], ["runs"]])
+def test_help_examples_are_whole_commands_never_rewrapped(argv: list[str]) -> None:
+    """Every example line in --help is a whole `batchscore ...` command, even at 80 columns."""
+    from click.testing import CliRunner
+
+    from batchscore.cli import cli
+
+    result = CliRunner().invoke(cli, [*argv, "--help"], terminal_width=80)
+    assert result.exit_code == 0
+    example = result.output.split("Example:", 1)[1].split("\n\n", 2)[1]
+    lines = [line.strip() for line in example.splitlines() if line.strip()]
+    assert lines and all(line.startswith("batchscore ") for line in lines), lines

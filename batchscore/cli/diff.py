@@ -108,8 +108,8 @@ def diff_command(
 
     Example:
 
+    \b
         batchscore diff /data/preds/ --model-a 3f2a9c --model-b 9b1c07 -o changed.parquet
-
         batchscore diff old.parquet new.parquet --max-changed-share 0.05
     """
     from batchscore.diff import check_changed_share, diff_outputs, write_changed  # noqa: PLC0415

@@ -67,8 +67,8 @@ def runs_command(dataset: str, as_json: bool, status: str | None, field: str | N
 
     Example:
 
+    \b
         batchscore runs /data/preds/
-
         batchscore runs /data/preds/ --status complete --field model_sha256
     """
     from batchscore.dataset import read_summaries  # noqa: PLC0415 (pyarrow)

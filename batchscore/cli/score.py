@@ -120,8 +120,8 @@ def score_command(
 
     Example:
 
+    \b
         batchscore score photos/ uploads.csv -o preds.parquet --top-k 5
-
         batchscore score /data/uploads/ -o /data/preds/ --incremental
     """
     from batchscore.score import score  # noqa: PLC0415 (the heavy stack, only when scoring)

@@ -25,6 +25,9 @@ from typing import Protocol
 class Summary(Protocol):
     """What an error that ends a finished run carries: the run's summary, printable."""
 
+    @property
+    def warnings(self) -> tuple[str, ...]: ...
+
     def line(self) -> str: ...
 
 

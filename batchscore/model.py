@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,18 @@ import numpy as np
 import onnxruntime as ort
 
 from batchscore.errors import ModelError
-from batchscore.files import file_sha256
-from batchscore.preprocess import PreprocessConfig, resolve_preprocess
+from batchscore.onnx_files import model_sha256
+from batchscore.preprocess import (
+    DEFAULT_PREPROCESS,
+    PreprocessConfig,
+    resolve_preprocess,
+    tensor_batch,
+)
 
 MODEL_FILENAMES = ("model_fp32.onnx", "model.onnx")
 CLASS_MAP_FILENAME = "class_map.json"
 PREPROCESS_FILENAME = "preprocess.json"
+SIZE_KEYS = ("resize_size", "crop_size")
 _INPUT_DTYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8"}
 
 
@@ -40,6 +46,9 @@ class ModelSpec:
     input_dtype: str
     fixed_batch: int | None
     providers: tuple[str, ...]
+    # What batchscore read or assumed about the model beyond its files (kept in the output's
+    # metadata); lines starting with "assumed" are also shown as warnings.
+    notes: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -67,6 +76,8 @@ def _find_model_file(location: Path) -> Path:
         raise ModelError(f"model not found: {location}")
     if location.suffix.lower() != ".onnx":
         raise ModelError(f"model must be an .onnx file or a directory, got {location}")
+    if not location.is_file():
+        raise ModelError(f"model {location} is not a regular file")
     return location
 
 
@@ -141,12 +152,7 @@ def load_model(
     """Find, hash and check a model; raise ModelError with one clear line when it is unusable."""
     base = Path(location) if location is not None else bundled_model_dir()
     model_path = _find_model_file(base)
-    try:
-        sha256 = file_sha256(model_path)
-    except OSError as exc:
-        raise ModelError(f"cannot read model {model_path}: {exc.strerror or exc}") from exc
-    if sha256 is None:
-        raise ModelError(f"model {model_path} is not a regular file")
+    sha256, _ = model_sha256(model_path)
     if expected_sha256 and not sha256.startswith(expected_sha256.lower()):
         raise ModelError(
             f"model {model_path} has SHA-256 {sha256}, not the expected {expected_sha256}"
@@ -176,7 +182,12 @@ def load_model(
         model_config = {}
     if not isinstance(model_config, dict):
         raise ModelError(f"preprocess config of {model_path} must be a JSON object")
-    preprocess = resolve_preprocess(preprocess_overrides, model_config)
+    overrides = dict(preprocess_overrides or {})
+    notes: list[str] = []
+    if not any(key in layer for layer in (overrides, model_config) for key in SIZE_KEYS):
+        given = {**model_config, **overrides}
+        model_config = {**model_config, **_size_from_input(probe, model_path, given, notes)}
+    preprocess = resolve_preprocess(overrides, model_config)
 
     spec = _check_signature(
         probe,
@@ -186,8 +197,10 @@ def load_model(
         preprocess=preprocess,
         providers=chosen_providers,
     )
-    _check_forward(probe, spec)
-    return spec
+    outputs = _check_forward(probe, spec)
+    if "output" not in overrides and "output" not in model_config:
+        spec = _detect_output_kind(spec, outputs, notes)
+    return replace(spec, notes=tuple(notes))
 
 
 def _json_metadata(metadata: Mapping[str, str], key: str) -> Any:
@@ -246,16 +259,72 @@ def _check_signature(
     )
 
 
-def _check_forward(session: ort.InferenceSession, spec: ModelSpec) -> None:
-    """One forward pass on a blank batch: catches graphs that load but cannot run."""
+def _check_forward(session: ort.InferenceSession, spec: ModelSpec) -> np.ndarray:
+    """One forward pass on a few test images (noise, then a blank one): catches graphs that
+    load but cannot run, and returns their outputs."""
     height, width = spec.preprocess.input_size
-    blank = np.zeros((spec.fixed_batch or 1, 3, height, width), dtype=spec.input_dtype)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(2)]
+    images.append(np.zeros((height, width, 3), dtype=np.uint8))
+    batch = tensor_batch(images, spec.preprocess, spec.input_dtype)
+    pieces = []
     try:
-        (output,) = session.run(None, {spec.input_name: blank})[:1]
+        for image in batch:  # one by one: a fixed batch axis gets what it expects
+            size = spec.fixed_batch or 1
+            piece = np.repeat(image[None], size, axis=0)
+            (output,) = session.run(None, {spec.input_name: piece})[:1]
+            pieces.append(np.asarray(output, dtype=np.float32)[:1])
     except Exception as exc:  # ORT's runtime errors carry no useful type
         raise ModelError(f"model {spec.path} fails on a test input: {first_line(exc)}") from exc
-    if output.ndim != 2 or output.shape[1] != spec.num_classes:
+    outputs = np.concatenate(pieces)
+    if outputs.ndim != 2 or outputs.shape[1] != spec.num_classes:
         raise ModelError(
-            f"model outputs shape {list(output.shape)} but the class map has"
+            f"model outputs shape {list(outputs.shape)} but the class map has"
             f" {spec.num_classes} classes"
         )
+    return outputs
+
+
+def _detect_output_kind(spec: ModelSpec, outputs: np.ndarray, notes: list[str]) -> ModelSpec:
+    """A graph that already ends in softmax must not be softmaxed again: its outputs on the test
+    images are each a probability vector. Logits summing to 1 on noise and on a blank image by
+    chance is not a thing that happens; "output" in preprocess.json overrides this."""
+    if outputs.shape[1] < 2:
+        return spec
+    in_range = bool(((outputs >= -1e-6) & (outputs <= 1 + 1e-6)).all())
+    sums_to_one = bool(np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3))
+    if not (in_range and sums_to_one):
+        return spec
+    notes.append(
+        "output: probabilities (every test output of the model is already a probability"
+        ' vector, so no softmax is applied; set "output" in preprocess.json to override)'
+    )
+    return replace(spec, preprocess=replace(spec.preprocess, output="probabilities"))
+
+
+def _size_from_input(
+    session: ort.InferenceSession, model_path: Path, given: Mapping[str, Any], notes: list[str]
+) -> dict[str, Any]:
+    """No input size anywhere: take the model's fixed height and width, on stated defaults, or
+    stop. Guessing a size for a dynamic-size model scores it silently wrong."""
+    shape = list(session.get_inputs()[0].shape)
+    height, width = (shape[2], shape[3]) if len(shape) == 4 else (None, None)
+    if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
+        raise ModelError(
+            f"model {model_path} takes any image size (input shape {shape}) and nothing says"
+            f" which to use: looked for {PREPROCESS_FILENAME} beside it and 'preprocess' in its"
+            " metadata; write one, or pass --resize-size H,W (and --mean/--std)"
+        )
+    defaults = [
+        f"{key} {DEFAULT_PREPROCESS[key]}"
+        for key in ("interpolation", "mean", "std")
+        if key not in given
+    ]
+    notes.append(
+        f"assumed: no input size given for {model_path.name}: resizing to its fixed input"
+        f" {height}x{width}"
+        + (f", with the defaults {', '.join(defaults)}" if defaults else "")
+        + f"; write {PREPROCESS_FILENAME} beside it or pass --resize-size/--mean/--std if it"
+        " was trained otherwise"
+    )
+    return {"resize_size": [height, width]}

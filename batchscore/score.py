@@ -101,11 +101,13 @@ def run_metadata(
         "sources": [str(source) for source in sources],
         "batchscore_version": __version__,
         "onnxruntime_version": ort.__version__,
+        "model_notes": list(spec.notes),
     }
     if len(specs) > 1:
         metadata["baseline_model_sha256"] = specs[1].sha256
         metadata["baseline_model_file"] = specs[1].file_name
         metadata["baseline_class_map"] = list(specs[1].class_names)
+        metadata["baseline_model_notes"] = list(specs[1].notes)
     return metadata
 
 
@@ -201,6 +203,7 @@ def _run(
     metadata = run_metadata(specs, opened, run_id, settings)
     sink = _open_sink(output, output_schema(layout), metadata, run_id, settings, dataset=done)
     scored = engine(settings.engine)
+    assumed = tuple(note for s in specs for note in s.notes if note.startswith("assumed"))
     stats = RunStats()
     skips = SkipCounter()
     stop = StopFlag()
@@ -213,7 +216,7 @@ def _run(
     def summarize(status: str) -> tuple[RunSummary, dict[str, Any]]:
         elapsed = time.perf_counter() - started
         details = {**stats.as_dict(), "n_skipped": skips.skipped}
-        summary = RunSummary(run_id, str(output), spec.sha256, details, elapsed)
+        summary = RunSummary(run_id, str(output), spec.sha256, details, elapsed, assumed)
         record = {
             **details,
             "status": status,

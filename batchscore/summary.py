@@ -74,6 +74,7 @@ class RunSummary:
     model_sha256: str
     stats: dict[str, Any]
     elapsed_s: float
+    warnings: tuple[str, ...] = ()  # what the run assumed: also in the output's metadata
 
     @property
     def images_per_s(self) -> float:

@@ -9,7 +9,7 @@ import click
 from batchscore.cli.options import (
     scoring_options,
 )
-from batchscore.errors import ErrorRateExceeded, exit_codes_help
+from batchscore.errors import ErrorRateExceeded, Summary, exit_codes_help
 from batchscore.settings import (
     DEFAULT_PART_ROWS,
     DEFAULT_PART_SECONDS,
@@ -144,8 +144,13 @@ def score_command(
     try:
         summary = score(sources, output, settings)
     except ErrorRateExceeded as exc:  # the run finished: show its summary before the error
-        if not quiet:
-            click.echo(exc.summary.line(), err=True)
+        _report(exc.summary, quiet)
         raise
+    _report(summary, quiet)
+
+
+def _report(summary: Summary, quiet: bool) -> None:
+    for warning in summary.warnings:  # even with --quiet: an assumption must be seen
+        click.echo(f"batchscore: warning: {warning}", err=True)
     if not quiet:
         click.echo(summary.line(), err=True)

@@ -1,0 +1,171 @@
+"""Users' own models: scored right, or refused with a reason, never silently wrong.
+
+Each model is a real ONNX file built with onnx.helper; ONNX Runtime runs it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from batchscore.cli import cli
+from batchscore.errors import ModelError
+from batchscore.model import load_model
+from batchscore.output import read_metadata
+from tests.conftest import COLORS, noisy
+
+CLASSES = ["red", "green", "blue"]
+
+
+def _graph_model(
+    folder: Path,
+    *,
+    softmax: bool = False,
+    size: int | str = 16,
+    weights: np.ndarray | None = None,
+    external: bool = False,
+) -> Path:
+    """Per-channel means times a 3x3 weight matrix (+ an optional Softmax), class map beside
+    it and no preprocess.json: what a user's own export looks like."""
+    weight = np.eye(3, dtype=np.float32) * 10 if weights is None else weights
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "weight"], ["logits"]),
+    ]
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
+    graph = helper.make_graph(
+        nodes,
+        "own",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("probs" if softmax else "logits", TensorProto.FLOAT,
+                                       ["N", 3])],
+        initializer=[numpy_helper.from_array(weight, "weight")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    if external:
+        onnx.save(model, path, save_as_external_data=True, location="model.onnx.data",
+                  size_threshold=0)  # fmt: skip
+    else:
+        onnx.save(model, path)
+    (folder / "class_map.json").write_text(json.dumps(CLASSES))
+    return folder
+
+
+def _new_weights(folder: Path) -> None:
+    """Retrain, as far as the files go: new numbers in the weights file, same graph file."""
+    data = folder / "model.onnx.data"
+    weights = np.frombuffer(data.read_bytes(), dtype=np.float32).copy()
+    data.write_bytes((weights * 0.5).tobytes())
+
+
+def _score(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["score", *args, "--workers", "0"])
+    return result.exit_code, result.output
+
+
+def test_a_model_that_ends_in_softmax_is_not_softmaxed_again(tmp_path: Path) -> None:
+    model = _graph_model(tmp_path / "m", softmax=True)
+    image = tmp_path / "red.png"
+    noisy(COLORS["red"], (20, 20)).save(image)
+    out = tmp_path / "out.parquet"
+    code, output = _score(str(image), "-o", str(out), "--model", str(model))
+    assert code == 0, output
+    row = pd.read_parquet(out).iloc[0]
+    # The model's own probabilities: per-channel means of the [0, 1] pixels (ImageNet-normalised
+    # by the stated defaults) times 10, softmaxed once. Softmaxed twice, red could not pass 0.58.
+    assert row["pred_label"] == "red" and row["pred_prob"] > 0.99
+    assert sum(row["probs"]) == pytest.approx(1.0, abs=1e-5)
+    notes = read_metadata(out)["model_notes"]
+    assert any(note.startswith("output: probabilities") for note in notes)
+
+
+def test_a_logits_model_is_softmaxed_and_an_explicit_output_wins(tmp_path: Path) -> None:
+    logits = load_model(_graph_model(tmp_path / "logits"))
+    assert logits.preprocess.output == "logits"
+    assert not any(note.startswith("output:") for note in logits.notes)
+    folder = _graph_model(tmp_path / "said", softmax=True)
+    (folder / "preprocess.json").write_text(
+        json.dumps({"resize_size": [16, 16], "output": "logits"})
+    )
+    assert load_model(folder).preprocess.output == "logits"  # the config says so: obeyed
+
+
+def test_a_fixed_size_model_without_config_runs_on_stated_defaults(tmp_path: Path) -> None:
+    model = _graph_model(tmp_path / "m", size=24)
+    image = tmp_path / "blue.png"
+    noisy(COLORS["blue"], (40, 30)).save(image)
+    out = tmp_path / "out.parquet"
+    code, output = _score(str(image), "-o", str(out), "--model", str(model), "--quiet")
+    assert code == 0, output
+    [warning] = output.strip().splitlines()  # --quiet still shows what was assumed
+    assert warning.startswith("batchscore: warning: assumed: no input size given for model.onnx")
+    assert "24x24" in warning and "--resize-size" in warning
+    meta = read_metadata(out)
+    assert meta["preprocess"]["resize_size"] == [24, 24]
+    assert any(note.startswith("assumed:") for note in meta["model_notes"])
+    assert pd.read_parquet(out)["pred_label"][0] == "blue"
+
+
+def test_a_dynamic_size_model_without_config_is_refused_with_what_to_give(tmp_path: Path) -> None:
+    model = _graph_model(tmp_path / "m", size="S")
+    image = tmp_path / "red.png"
+    noisy(COLORS["red"], (20, 20)).save(image)
+    code, output = _score(str(image), "-o", str(tmp_path / "o.parquet"), "--model", str(model))
+    assert code == 2
+    [line] = output.strip().splitlines()
+    assert "takes any image size" in line and "preprocess.json" in line
+    assert "--resize-size" in line
+    code, output = _score(
+        str(image), "-o", str(tmp_path / "o.parquet"), "--model", str(model),
+        "--resize-size", "16,16",
+    )  # fmt: skip
+    assert code == 0, output
+
+
+def test_external_weights_are_part_of_the_model_identity(tmp_path: Path) -> None:
+    folder = _graph_model(tmp_path / "m", external=True)
+    assert (folder / "model.onnx.data").is_file()
+    graph_bytes = (folder / "model.onnx").read_bytes()
+    first = load_model(folder).sha256
+    _new_weights(folder)
+    assert (folder / "model.onnx").read_bytes() == graph_bytes  # only the weights changed
+    second = load_model(folder).sha256
+    assert second != first
+    with pytest.raises(ModelError, match="not the expected"):
+        load_model(folder, expected_sha256=first)
+    assert load_model(folder).sha256 == second  # stable
+
+
+def test_an_incremental_run_rescores_after_the_external_weights_change(tmp_path: Path) -> None:
+    folder = _graph_model(tmp_path / "m", external=True)
+    (folder / "preprocess.json").write_text(json.dumps({"resize_size": [16, 16]}))
+    images = tmp_path / "images"
+    images.mkdir()
+    noisy(COLORS["green"], (20, 20)).save(images / "g.png")
+    dataset = f"{tmp_path / 'preds'}/"
+    args = [str(images), "-o", dataset, "--model", str(folder), "--incremental"]
+    assert _score(*args)[0] == 0
+    _new_weights(folder)
+    code, output = _score(*args)
+    assert code == 0, output
+    assert output.startswith("1 image: 1 ok")  # scored again under the new identity
+    assert pd.read_parquet(dataset)["model_sha256"].nunique() == 2
+
+
+def test_a_model_whose_weights_file_is_missing_is_one_line(tmp_path: Path) -> None:
+    folder = _graph_model(tmp_path / "m", external=True)
+    (folder / "model.onnx.data").unlink()
+    with pytest.raises(ModelError, match=r"keeps weights in 'model\.onnx\.data'"):
+        load_model(folder)

@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from batchscore.errors import ModelError
+from batchscore.labels import find_labels
 from batchscore.onnx_files import model_sha256
 from batchscore.preprocess import (
     DEFAULT_PREPROCESS,
@@ -28,7 +29,6 @@ from batchscore.preprocess import (
 )
 
 MODEL_FILENAMES = ("model_fp32.onnx", "model.onnx")
-CLASS_MAP_FILENAME = "class_map.json"
 PREPROCESS_FILENAME = "preprocess.json"
 SIZE_KEYS = ("resize_size", "crop_size")
 _INPUT_DTYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8"}
@@ -46,6 +46,7 @@ class ModelSpec:
     input_dtype: str
     fixed_batch: int | None
     providers: tuple[str, ...]
+    output_name: str = ""  # the output read as the class scores
     # What batchscore read or assumed about the model beyond its files (kept in the output's
     # metadata); lines starting with "assumed" are also shown as warnings.
     notes: tuple[str, ...] = ()
@@ -88,27 +89,6 @@ def _read_json(path: Path, what: str) -> Any:
         raise ModelError(f"cannot read {what} {path}: {exc}") from exc
 
 
-def parse_class_map(data: Any, where: str) -> tuple[str, ...]:
-    """Accept a list of names, {name: index} or {"index": name}; indices must be 0..n-1."""
-    if isinstance(data, list) and data and all(isinstance(name, str) for name in data):
-        return tuple(data)
-    if isinstance(data, dict) and data:
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in data.values()):
-            by_index = {int(index): str(name) for name, index in data.items()}
-        elif all(isinstance(v, str) for v in data.values()) and all(
-            str(k).lstrip("-").isdigit() for k in data
-        ):
-            by_index = {int(index): name for index, name in data.items()}
-        else:
-            by_index = {}
-        if by_index and sorted(by_index) == list(range(len(by_index))):
-            return tuple(by_index[i] for i in range(len(by_index)))
-    raise ModelError(
-        f'class map {where} must be a list of names, {{name: index}} or {{"index": name}}'
-        " with indices 0..n-1"
-    )
-
-
 def first_line(exc: BaseException) -> str:
     """ORT errors are multi-line dumps; the first line says what went wrong."""
     text = str(exc).strip()
@@ -148,8 +128,13 @@ def load_model(
     preprocess_overrides: Mapping[str, Any] | None = None,
     expected_sha256: str | None = None,
     providers: Sequence[str] | None = None,
+    labels: str | Path | None = None,
+    output_name: str | None = None,
 ) -> ModelSpec:
-    """Find, hash and check a model; raise ModelError with one clear line when it is unusable."""
+    """Find, hash and check a model; raise ModelError with one clear line when it is unusable.
+
+    `labels` names the class-name file (else see `batchscore.labels`); `output_name` picks one
+    of several outputs (else the first)."""
     base = Path(location) if location is not None else bundled_model_dir()
     model_path = _find_model_file(base)
     sha256, _ = model_sha256(model_path)
@@ -165,13 +150,10 @@ def load_model(
     metadata = _session_metadata(probe)
     folder = model_path.parent
 
-    class_map_file = folder / CLASS_MAP_FILENAME
-    if class_map_file.is_file():
-        class_names = parse_class_map(_read_json(class_map_file, "class map"), str(class_map_file))
-    elif "class_map" in metadata:
-        class_names = parse_class_map(_json_metadata(metadata, "class_map"), "in model metadata")
-    else:
-        raise ModelError(f"no {CLASS_MAP_FILENAME} beside {model_path} and none in its metadata")
+    class_names, labels_from = find_labels(
+        folder, None if labels is None else Path(labels), metadata
+    )
+    notes: list[str] = [f"labels: {len(class_names)} class names from {labels_from}"]
 
     preprocess_file = folder / PREPROCESS_FILENAME
     if preprocess_file.is_file():
@@ -183,7 +165,6 @@ def load_model(
     if not isinstance(model_config, dict):
         raise ModelError(f"preprocess config of {model_path} must be a JSON object")
     overrides = dict(preprocess_overrides or {})
-    notes: list[str] = []
     if not any(key in layer for layer in (overrides, model_config) for key in SIZE_KEYS):
         given = {**model_config, **overrides}
         model_config = {**model_config, **_size_from_input(probe, model_path, given, notes)}
@@ -196,6 +177,7 @@ def load_model(
         class_names=class_names,
         preprocess=preprocess,
         providers=chosen_providers,
+        output_name=output_name,
     )
     outputs = _check_forward(probe, spec)
     if "output" not in overrides and "output" not in model_config:
@@ -218,6 +200,7 @@ def _check_signature(
     class_names: tuple[str, ...],
     preprocess: PreprocessConfig,
     providers: tuple[str, ...],
+    output_name: str | None,
 ) -> ModelSpec:
     inputs = session.get_inputs()
     if len(inputs) != 1:
@@ -238,10 +221,13 @@ def _check_signature(
                 f"model input {name} is {dim} but preprocessing produces {want_h}x{want_w}"
                 f" (input shape {shape}); fix preprocess.json or the crop/resize flags"
             )
-    outputs = session.get_outputs()
-    out_shape = list(outputs[0].shape)
-    if len(out_shape) != 2:
-        raise ModelError(f"model output must be [batch, classes], got shape {out_shape}")
+    output = _pick_output(session, model_path, output_name)
+    out_shape = list(output.shape)
+    if not (len(out_shape) == 2 or (len(out_shape) == 4 and out_shape[2:] == [1, 1])):
+        raise ModelError(
+            f"model output {output.name!r} must be [batch, classes] or [batch, classes, 1, 1],"
+            f" got shape {out_shape}{_other_outputs(session, output.name)}"
+        )
     if isinstance(out_shape[1], int) and out_shape[1] != len(class_names):
         raise ModelError(
             f"model outputs {out_shape[1]} classes but the class map has {len(class_names)}"
@@ -256,6 +242,25 @@ def _check_signature(
         input_dtype=_INPUT_DTYPES[tensor.type],
         fixed_batch=fixed_batch,
         providers=providers,
+        output_name=output.name,
+    )
+
+
+def _pick_output(session: ort.InferenceSession, model_path: Path, name: str | None) -> ort.NodeArg:
+    outputs = session.get_outputs()
+    if name is None:
+        return outputs[0]
+    for output in outputs:
+        if output.name == name:
+            return output
+    names = ", ".join(repr(o.name) for o in outputs)
+    raise ModelError(f"model {model_path} has no output {name!r}; its outputs: {names}")
+
+
+def _other_outputs(session: ort.InferenceSession, chosen: str) -> str:
+    others = [repr(o.name) for o in session.get_outputs() if o.name != chosen]
+    return (
+        f"; its other outputs: {', '.join(others)} (pick one with --output-name)" if others else ""
     )
 
 
@@ -272,8 +277,8 @@ def _check_forward(session: ort.InferenceSession, spec: ModelSpec) -> np.ndarray
         for image in batch:  # one by one: a fixed batch axis gets what it expects
             size = spec.fixed_batch or 1
             piece = np.repeat(image[None], size, axis=0)
-            (output,) = session.run(None, {spec.input_name: piece})[:1]
-            pieces.append(np.asarray(output, dtype=np.float32)[:1])
+            (output,) = session.run([spec.output_name], {spec.input_name: piece})
+            pieces.append(np.asarray(output, dtype=np.float32).reshape(size, -1)[:1])
     except Exception as exc:  # ORT's runtime errors carry no useful type
         raise ModelError(f"model {spec.path} fails on a test input: {first_line(exc)}") from exc
     outputs = np.concatenate(pieces)

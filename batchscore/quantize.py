@@ -33,8 +33,8 @@ import onnxruntime as ort
 
 from batchscore import __version__
 from batchscore.errors import ConfigError, ModelError
+from batchscore.labels import CLASS_MAP_FILENAME
 from batchscore.model import (
-    CLASS_MAP_FILENAME,
     PREPROCESS_FILENAME,
     ModelSpec,
     create_session,
@@ -451,16 +451,10 @@ def _stamp(
 
 
 def _copy_beside(spec: ModelSpec, out: Path) -> None:
-    """class_map.json and preprocess.json next to the int8 file, so `--model` finds them."""
-    source = Path(spec.path).parent
-    for name in (CLASS_MAP_FILENAME, PREPROCESS_FILENAME):
-        if (source / name).is_file():
-            if (source / name).resolve() != (out / name).resolve():
-                shutil.copyfile(source / name, out / name)
-        elif name == CLASS_MAP_FILENAME:  # the fp32 model kept them in its metadata
-            (out / name).write_text(json.dumps(list(spec.class_names), indent=2) + "\n")
-        else:
-            (out / name).write_text(json.dumps(spec.preprocess.to_dict(), indent=2) + "\n")
+    """class_map.json and preprocess.json next to the int8 file, so `--model` finds them: the
+    names and config as resolved for the fp32 model, wherever those came from."""
+    (out / CLASS_MAP_FILENAME).write_text(json.dumps(list(spec.class_names), indent=2) + "\n")
+    (out / PREPROCESS_FILENAME).write_text(json.dumps(spec.preprocess.to_dict(), indent=2) + "\n")
 
 
 def _batches(tensors: np.ndarray) -> Iterator[np.ndarray]:

@@ -53,6 +53,8 @@ def load_models(settings: ScoreSettings) -> list[ModelSpec]:
             preprocess_overrides=settings.preprocess_overrides,
             expected_sha256=settings.model_sha256 if i == 0 else None,
             providers=settings.providers,
+            labels=settings.labels if i == 0 else None,
+            output_name=settings.output_name if i == 0 else None,
         )
         for i, location in enumerate(locations)
     ]

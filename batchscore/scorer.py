@@ -163,7 +163,8 @@ def run_model(spec: ModelSpec, session: ort.InferenceSession, batch: np.ndarray)
     """The model's raw output for `batch`, as float32. A model exported with a fixed batch axis
     gets its batch in pieces of that size, the last one padded with zeros."""
     if spec.fixed_batch is None:
-        return np.asarray(session.run(None, {spec.input_name: batch})[0], dtype=np.float32)
+        (out,) = session.run([spec.output_name], {spec.input_name: batch})
+        return np.asarray(out, dtype=np.float32).reshape(len(batch), -1)  # [N, C, 1, 1] too
     size = spec.fixed_batch
     pieces = []
     for start in range(0, len(batch), size):
@@ -171,8 +172,9 @@ def run_model(spec: ModelSpec, session: ort.InferenceSession, batch: np.ndarray)
         if len(piece) < size:
             pad = np.zeros((size - len(piece), *piece.shape[1:]), dtype=piece.dtype)
             piece = np.concatenate([piece, pad])
-        out = session.run(None, {spec.input_name: piece})[0]
-        pieces.append(np.asarray(out, dtype=np.float32)[: min(size, len(batch) - start)])
+        (out,) = session.run([spec.output_name], {spec.input_name: piece})
+        rows = np.asarray(out, dtype=np.float32).reshape(size, -1)
+        pieces.append(rows[: min(size, len(batch) - start)])
     return np.concatenate(pieces)
 
 

@@ -49,6 +49,8 @@ class ScoreSettings:
     preprocess_overrides: Mapping[str, Any] = field(default_factory=dict)
     model_sha256: str | None = None
     providers: Sequence[str] = ()
+    labels: str | Path | None = None  # class-name file (else found beside the model)
+    output_name: str | None = None  # which model output holds the class scores (else the first)
     pipeline: PipelineOptions = field(default_factory=PipelineOptions)
     keep_probs: bool = True
     max_error_rate: float | None = None

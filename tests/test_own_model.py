@@ -169,3 +169,95 @@ def test_a_model_whose_weights_file_is_missing_is_one_line(tmp_path: Path) -> No
     (folder / "model.onnx.data").unlink()
     with pytest.raises(ModelError, match=r"keeps weights in 'model\.onnx\.data'"):
         load_model(folder)
+
+
+LABEL_FILES = {
+    "labels.txt": "red\ngreen\nblue\n",
+    "synset_words.txt": "n00000001 red, rouge\nn00000002 green\nn00000003 blue\n",
+    "imagenet_class_index.json": json.dumps(
+        {"0": ["n00000001", "red"], "1": ["n00000002", "green"], "2": ["n00000003", "blue"]}
+    ),
+    "config.json": json.dumps(  # as transformers writes it
+        {"architectures": ["X"], "id2label": {"0": "red", "1": "green", "2": "blue"}}
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LABEL_FILES))
+def test_class_names_come_from_whatever_the_exporter_wrote(tmp_path: Path, name: str) -> None:
+    folder = _graph_model(tmp_path / "m")
+    (folder / "class_map.json").unlink()
+    (folder / "preprocess.json").write_text(json.dumps({"resize_size": [16, 16]}))
+    (folder / name).write_text(LABEL_FILES[name])
+    spec = load_model(folder)
+    expected = ("red, rouge", "green", "blue") if name.startswith("synset") else tuple(CLASSES)
+    assert spec.class_names == expected
+    assert f"labels: 3 class names from {name}" in spec.notes
+
+
+def test_labels_flag_wins_and_a_missing_label_file_says_where_it_looked(tmp_path: Path) -> None:
+    folder = _graph_model(tmp_path / "m")
+    (folder / "preprocess.json").write_text(json.dumps({"resize_size": [16, 16]}))
+    own = tmp_path / "mine.txt"
+    own.write_text("rot\ngrün\nblau\n")
+    image = tmp_path / "red.png"
+    noisy(COLORS["red"], (20, 20)).save(image)
+    out = tmp_path / "out.parquet"
+    code, output = _score(str(image), "-o", str(out), "--model", str(folder), "--labels", str(own))
+    assert code == 0, output
+    assert pd.read_parquet(out)["pred_label"][0] == "rot"
+    (folder / "class_map.json").unlink()
+    with pytest.raises(ModelError, match=r"looked for class_map\.json, labels\.txt"):
+        load_model(folder)
+    (folder / "labels.txt").write_text("red\ngreen\n")  # one name short
+    with pytest.raises(ModelError, match="outputs 3 classes but the class map has 2"):
+        load_model(folder)
+
+
+def _two_output_model(folder: Path, *, squeeze_shape: bool) -> Path:
+    """First output: a feature map; second: the class scores, [N, 3] or [N, 3, 1, 1]."""
+    scores_shape = ["N", 3, 1, 1] if squeeze_shape else ["N", 3]
+    nodes = [
+        helper.make_node("Identity", ["input"], ["features"]),
+        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+        helper.make_node("Mul", ["pooled", "scale"], ["scores4"]),
+    ]
+    if not squeeze_shape:
+        nodes.append(helper.make_node("Flatten", ["scores4"], ["scores"], axis=1))
+    graph = helper.make_graph(
+        nodes,
+        "two",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [
+            helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 3, 16, 16]),
+            helper.make_tensor_value_info(
+                "scores4" if squeeze_shape else "scores", TensorProto.FLOAT, scores_shape
+            ),
+        ],
+        initializer=[numpy_helper.from_array(np.float32(10), "scale")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True)
+    onnx.save(model, folder / "model.onnx")
+    (folder / "labels.txt").write_text("\n".join(CLASSES) + "\n")
+    (folder / "preprocess.json").write_text(json.dumps({"resize_size": [16, 16]}))
+    return folder
+
+
+@pytest.mark.parametrize("squeeze_shape", [False, True])
+def test_output_name_picks_the_scores_and_a_wrong_first_output_names_the_others(
+    tmp_path: Path, squeeze_shape: bool
+) -> None:
+    folder = _two_output_model(tmp_path / "m", squeeze_shape=squeeze_shape)
+    with pytest.raises(ModelError, match=r"its other outputs: 'scores4?' \(pick one with"):
+        load_model(folder)
+    name = "scores4" if squeeze_shape else "scores"
+    image = tmp_path / "green.png"
+    noisy(COLORS["green"], (20, 20)).save(image)
+    out = tmp_path / "out.parquet"
+    code, output = _score(str(image), "-o", str(out), "--model", str(folder), "--output-name", name)
+    assert code == 0, output
+    assert pd.read_parquet(out)["pred_label"][0] == "green"
+    with pytest.raises(ModelError, match="has no output 'nope'; its outputs: 'features'"):
+        load_model(folder, output_name="nope")

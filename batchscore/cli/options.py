@@ -58,6 +58,20 @@ def model_options(func: F) -> F:
             help="Refuse the model unless its SHA-256 starts with HEX.",
         ),
         click.option(
+            "--labels",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Class names: labels.txt (one per line), a synset file, class_map.json,"
+            " Keras imagenet_class_index.json or an exporter's config.json (id2label,"
+            " label_names). Default: the first of those found beside the model.",
+        ),
+        click.option(
+            "--output-name",
+            default=None,
+            metavar="NAME",
+            help="The model output that holds the class scores (default: the first).",
+        ),
+        click.option(
             "--providers",
             default=None,
             help="Comma-separated ONNX Runtime execution providers (default: CPU).",
@@ -145,6 +159,8 @@ def split_providers(text: str | None) -> tuple[str, ...]:
 _SCORING_KEYS = (
     "model",
     "model_sha256",
+    "labels",
+    "output_name",
     "providers",
     "resize_size",
     "crop_size",
@@ -176,6 +192,8 @@ def scoring_options(func: F) -> F:
                 values["std"],
             ),
             "model_sha256": values["model_sha256"],
+            "labels": values["labels"],
+            "output_name": values["output_name"],
             "providers": split_providers(values["providers"]),
             "pipeline": PipelineOptions(
                 workers=values["workers"],

@@ -31,7 +31,11 @@ from batchscore.preprocess import (
 MODEL_FILENAMES = ("model_fp32.onnx", "model.onnx")
 PREPROCESS_FILENAME = "preprocess.json"
 SIZE_KEYS = ("resize_size", "crop_size")
-_INPUT_DTYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8"}
+_INPUT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(uint8)": "uint8",
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class ModelSpec:
     input_dtype: str
     fixed_batch: int | None
     providers: tuple[str, ...]
+    layout: str = "NCHW"
+    channels: int = 3
     output_name: str = ""  # the output read as the class scores
     # What batchscore read or assumed about the model beyond its files (kept in the output's
     # metadata); lines starting with "assumed" are also shown as warnings.
@@ -207,13 +213,23 @@ def _check_signature(
         raise ModelError(f"model {model_path} must have exactly one input, has {len(inputs)}")
     tensor = inputs[0]
     if tensor.type not in _INPUT_DTYPES:
-        raise ModelError(f"model input must be float32 or uint8, got {tensor.type}")
+        raise ModelError(f"model input must be float32, float16 or uint8, got {tensor.type}")
     shape = list(tensor.shape)
     if len(shape) != 4:
-        raise ModelError(f"model input must be NCHW (rank 4), got shape {shape}")
-    batch, channels, height, width = shape
-    if isinstance(channels, int) and channels != 3:
-        raise ModelError(f"model input must have 3 channels (NCHW), got shape {shape}")
+        raise ModelError(f"model input must be an image batch (rank 4), got shape {shape}")
+    layout = preprocess.layout or _layout(shape, model_path)
+    batch, channels, height, width = shape if layout == "NCHW" else [shape[i] for i in (0, 3, 1, 2)]
+    if channels not in (1, 3):
+        raise ModelError(
+            f"model input {shape} read as {layout} has {channels} channels, not 1 or 3; if it is"
+            ' the other layout, set "layout" in preprocess.json'
+        )
+    if len(preprocess.mean) != channels or len(preprocess.std) != channels:
+        raise ModelError(
+            f"model takes {channels} channel(s) but mean/std have {len(preprocess.mean)}/"
+            f"{len(preprocess.std)} values: give one per channel, in preprocess.json or with"
+            " --mean/--std"
+        )
     want_h, want_w = preprocess.input_size
     for name, dim, want in (("height", height, want_h), ("width", width, want_w)):
         if isinstance(dim, int) and dim != want:
@@ -242,7 +258,20 @@ def _check_signature(
         input_dtype=_INPUT_DTYPES[tensor.type],
         fixed_batch=fixed_batch,
         providers=providers,
+        layout=layout,
+        channels=int(channels),
         output_name=output.name,
+    )
+
+
+def _layout(shape: list[Any], model_path: Path) -> str:
+    """NCHW or NHWC, from the axis that holds 1 or 3 channels; both or neither: ask."""
+    first, last = shape[1] in (1, 3), shape[3] in (1, 3)
+    if first != last:
+        return "NCHW" if first else "NHWC"
+    raise ModelError(
+        f"cannot tell the layout of model {model_path.name} from its input shape {shape}:"
+        ' set "layout": "NCHW" or "NHWC" in preprocess.json beside it'
     )
 
 
@@ -271,7 +300,9 @@ def _check_forward(session: ort.InferenceSession, spec: ModelSpec) -> np.ndarray
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(2)]
     images.append(np.zeros((height, width, 3), dtype=np.uint8))
-    batch = tensor_batch(images, spec.preprocess, spec.input_dtype)
+    batch = tensor_batch(
+        images, spec.preprocess, spec.input_dtype, layout=spec.layout, channels=spec.channels
+    )
     pieces = []
     try:
         for image in batch:  # one by one: a fixed batch axis gets what it expects
@@ -313,7 +344,10 @@ def _size_from_input(
     """No input size anywhere: take the model's fixed height and width, on stated defaults, or
     stop. Guessing a size for a dynamic-size model scores it silently wrong."""
     shape = list(session.get_inputs()[0].shape)
-    height, width = (shape[2], shape[3]) if len(shape) == 4 else (None, None)
+    height = width = None
+    if len(shape) == 4:
+        layout = str(given.get("layout") or _layout(shape, model_path)).upper()
+        height, width = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
     if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
         raise ModelError(
             f"model {model_path} takes any image size (input shape {shape}) and nothing says"

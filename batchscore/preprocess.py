@@ -46,7 +46,11 @@ DEFAULT_PREPROCESS: dict[str, Any] = {
     "mean": [0.485, 0.456, 0.406],
     "std": [0.229, 0.224, 0.225],
     "output": "logits",
+    "channel_order": "RGB",
+    "layout": None,
 }
+CHANNEL_ORDERS = ("RGB", "BGR")
+LAYOUTS = ("NCHW", "NHWC")
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -77,9 +81,11 @@ class PreprocessConfig:
     resize_size: Size
     crop_size: Size | None
     interpolation: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  # one per model channel, in the model's channel order
+    std: tuple[float, ...]
     output: str = "logits"
+    channel_order: str = "RGB"
+    layout: str | None = None  # None: read from the model's input shape
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -119,14 +125,24 @@ def _parse_size(name: str, value: Any, *, allow_none: bool) -> Size | None:
     raise ModelError(f"preprocess '{name}' must be an int or [height, width], got {value!r}")
 
 
-def _parse_triple(name: str, value: Any) -> tuple[float, float, float]:
+def _parse_channels(name: str, value: Any) -> tuple[float, ...]:
     if (
         not isinstance(value, (list, tuple))
-        or len(value) != 3
+        or len(value) not in (1, 3)
         or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
     ):
-        raise ModelError(f"preprocess '{name}' must be 3 numbers (R, G, B), got {value!r}")
-    return (float(value[0]), float(value[1]), float(value[2]))
+        raise ModelError(
+            f"preprocess '{name}' must be 3 numbers (one per channel, in the model's channel"
+            f" order) or 1 (a grayscale model), got {value!r}"
+        )
+    return tuple(float(v) for v in value)
+
+
+def _parse_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    text = str(value).upper()
+    if text not in choices:
+        raise ModelError(f"preprocess '{name}' must be one of {choices}, got {value!r}")
+    return text
 
 
 def resolve_preprocess(
@@ -148,7 +164,7 @@ def resolve_preprocess(
     output = str(merged["output"])
     if output not in OUTPUT_KINDS:
         raise ModelError(f"preprocess 'output' must be one of {OUTPUT_KINDS}, got {output!r}")
-    std = _parse_triple("std", merged["std"])
+    std = _parse_channels("std", merged["std"])
     if any(v == 0 for v in std):
         raise ModelError("preprocess 'std' must not contain 0")
     resize = _parse_size("resize_size", merged["resize_size"], allow_none=False)
@@ -163,9 +179,13 @@ def resolve_preprocess(
         resize_size=resize,
         crop_size=crop,
         interpolation=interpolation,
-        mean=_parse_triple("mean", merged["mean"]),
+        mean=_parse_channels("mean", merged["mean"]),
         std=std,
         output=output,
+        channel_order=_parse_choice("channel_order", merged["channel_order"], CHANNEL_ORDERS),
+        layout=None
+        if merged["layout"] is None
+        else _parse_choice("layout", merged["layout"], LAYOUTS),
     )
 
 
@@ -178,19 +198,41 @@ def normalization_lut(config: PreprocessConfig) -> np.ndarray:
     return ((values[None, :] - mean) / std).astype(np.float32)
 
 
-def tensor_batch(images: list[np.ndarray], config: PreprocessConfig, dtype: str) -> np.ndarray:
-    """HxWx3 uint8 images as the NCHW batch a model takes: normalised float32 through the
-    per-channel table, or raw uint8 for a model that normalises inside its graph."""
+def tensor_batch(
+    images: list[np.ndarray],
+    config: PreprocessConfig,
+    dtype: str,
+    *,
+    layout: str = "NCHW",
+    channels: int = 3,
+) -> np.ndarray:
+    """HxWx3 uint8 RGB images as the batch a model takes.
+
+    One channel: Pillow's own luma (`convert("L")`, ITU-R 601-2). BGR: channels reversed.
+    Float inputs go through the per-channel table (float16 ones are computed in float32 and
+    rounded once); a uint8 input gets raw pixels (the model normalises inside its graph).
+    `layout` NHWC puts the channel axis last."""
     height, width = config.input_size
-    batch = np.empty((len(images), 3, height, width), dtype=dtype)
+    batch = np.empty((len(images), channels, height, width), dtype=dtype)
     lut = normalization_lut(config)
-    for row, pixels in enumerate(images):
-        for channel in range(3):
+    for row, rgb in enumerate(images):
+        pixels = _model_channels(rgb, config.channel_order, channels)
+        for channel in range(channels):
             if dtype == "uint8":
                 batch[row, channel] = pixels[:, :, channel]
-            else:
+            elif dtype == "float32":
                 np.take(lut[channel], pixels[:, :, channel], out=batch[row, channel])
-    return batch
+            else:
+                batch[row, channel] = np.take(lut[channel], pixels[:, :, channel])
+    return np.ascontiguousarray(batch.transpose(0, 2, 3, 1)) if layout == "NHWC" else batch
+
+
+def _model_channels(rgb: np.ndarray, order: str, channels: int) -> np.ndarray:
+    if channels == 1:
+        r, g, b = (rgb[:, :, i].astype(np.uint32) for i in range(3))
+        luma = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16
+        return luma.astype(np.uint8)[:, :, None]
+    return rgb[:, :, ::-1] if order == "BGR" else rgb
 
 
 def resized_size(width: int, height: int, resize: Size) -> tuple[int, int]:

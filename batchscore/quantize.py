@@ -395,7 +395,9 @@ def _decode(
 
 def _tensors(spec: ModelSpec, images: list[np.ndarray]) -> np.ndarray:
     """The batch `batchscore score` would feed."""
-    return tensor_batch(images, spec.preprocess, spec.input_dtype)
+    return tensor_batch(
+        images, spec.preprocess, spec.input_dtype, layout=spec.layout, channels=spec.channels
+    )
 
 
 def _method(api: _Api, name: str) -> Any:

@@ -145,7 +145,13 @@ class Scorer:
         if not ok:
             return probs
         pixels = [images[i] for i in ok]
-        batch = tensor_batch(pixels, spec.preprocess, spec.input_dtype)  # type: ignore[arg-type]
+        batch = tensor_batch(
+            pixels,  # type: ignore[arg-type]
+            spec.preprocess,
+            spec.input_dtype,
+            layout=spec.layout,
+            channels=spec.channels,
+        )
         try:
             outputs = run_model(spec, session, batch)
         except Exception:  # isolate the image ORT rejects instead of failing the chunk

@@ -261,3 +261,95 @@ def test_output_name_picks_the_scores_and_a_wrong_first_output_names_the_others(
     assert pd.read_parquet(out)["pred_label"][0] == "green"
     with pytest.raises(ModelError, match="has no output 'nope'; its outputs: 'features'"):
         load_model(folder, output_name="nope")
+
+
+def _probe(
+    folder: Path,
+    *,
+    layout: str,
+    channels: int,
+    dtype: int,
+    config: dict[str, object],
+    size: int = 6,
+) -> Path:
+    """Outputs its own input, cast to float and flattened: `probs` is exactly what it was fed."""
+    dims = ["N", channels, size, size] if layout == "NCHW" else ["N", size, size, channels]
+    n_values = channels * size * size
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["input"], ["floats"], to=TensorProto.FLOAT),
+            helper.make_node("Flatten", ["floats"], ["values"], axis=1),
+        ],
+        "probe",
+        [helper.make_tensor_value_info("input", dtype, dims)],
+        [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["N", n_values])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True)
+    onnx.save(model, folder / "model.onnx")
+    (folder / "labels.txt").write_text("".join(f"v{i}\n" for i in range(n_values)))
+    preprocess = {"resize_size": [size, size], "output": "probabilities", **config}
+    (folder / "preprocess.json").write_text(json.dumps(preprocess))
+    return folder
+
+
+CONVENTIONS = {
+    "nhwc-rgb-float32": ("NHWC", 3, TensorProto.FLOAT, {}),
+    "nchw-bgr-caffe": ("NCHW", 3, TensorProto.FLOAT,
+                       {"channel_order": "BGR", "mean": [0.406, 0.458, 0.485],
+                        "std": [1 / 255, 1 / 255, 1 / 255]}),
+    "nhwc-bgr-uint8": ("NHWC", 3, TensorProto.UINT8, {"channel_order": "BGR"}),
+    "nchw-gray-float32": ("NCHW", 1, TensorProto.FLOAT, {"mean": [0.5], "std": [0.25]}),
+    "nhwc-gray-float16": ("NHWC", 1, TensorProto.FLOAT16, {"mean": [0.5], "std": [0.25]}),
+    "nchw-rgb-float16": ("NCHW", 3, TensorProto.FLOAT16, {}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(CONVENTIONS))
+def test_every_tensor_convention_gets_the_tensor_a_reference_computes(
+    tmp_path: Path, name: str
+) -> None:
+    """The reference: Pillow resize (and Pillow's own L conversion for gray), then numpy in
+    float64, channels reordered and moved as the model wants, cast to its input type."""
+    layout, channels, dtype, config = CONVENTIONS[name]
+    folder = _probe(tmp_path / "m", layout=layout, channels=channels, dtype=dtype, config=config)
+    image = tmp_path / "photo.png"
+    noisy((200, 120, 40), (30, 20), seed=3).save(image)
+    out = tmp_path / "out.parquet"
+    code, output = _score(str(image), "-o", str(out), "--model", str(folder))
+    assert code == 0, output
+    fed = np.asarray(pd.read_parquet(out)["probs"][0], dtype=np.float64)
+
+    from PIL import Image
+
+    picture = Image.open(image).convert("RGB").resize((6, 6), Image.Resampling.BILINEAR)
+    pixels = np.asarray(picture.convert("L"))[:, :, None] if channels == 1 else np.asarray(picture)
+    if config.get("channel_order") == "BGR":
+        pixels = pixels[:, :, ::-1]
+    if dtype == TensorProto.UINT8:
+        expected = pixels.astype(np.float64)
+    else:
+        mean = np.asarray(config.get("mean", [0.485, 0.456, 0.406]), dtype=np.float64)
+        std = np.asarray(config.get("std", [0.229, 0.224, 0.225]), dtype=np.float64)
+        expected = (pixels / 255.0 - mean) / std
+        if dtype == TensorProto.FLOAT16:
+            expected = expected.astype(np.float16).astype(np.float64)
+    if layout == "NCHW":
+        expected = expected.transpose(2, 0, 1)
+    tolerance = 1e-2 if dtype == TensorProto.FLOAT16 else 1e-4
+    np.testing.assert_allclose(fed, expected.reshape(-1), rtol=0, atol=tolerance)
+    spec = load_model(folder)
+    assert (spec.layout, spec.channels) == (layout, channels)
+
+
+def test_an_ambiguous_layout_asks_for_it_and_a_wrong_channel_count_says_what(
+    tmp_path: Path,
+) -> None:
+    ambiguous = _probe(tmp_path / "a", layout="NCHW", channels=3, dtype=TensorProto.FLOAT,
+                       config={"resize_size": [3, 3]}, size=3)  # fmt: skip
+    with pytest.raises(ModelError, match=r'cannot tell the layout.*set "layout"'):
+        load_model(ambiguous)
+    gray = _probe(tmp_path / "g", layout="NCHW", channels=1, dtype=TensorProto.FLOAT, config={})
+    with pytest.raises(ModelError, match=r"takes 1 channel\(s\) but mean/std have 3/3 values"):
+        load_model(gray)

@@ -56,6 +56,7 @@ class ModelSpec:
     # What batchscore read or assumed about the model beyond its files (kept in the output's
     # metadata); lines starting with "assumed" are also shown as warnings.
     notes: tuple[str, ...] = ()
+    preprocess_sources: tuple[tuple[str, str], ...] = ()  # (key, where its value came from)
 
     @property
     def num_classes(self) -> int:
@@ -163,17 +164,25 @@ def load_model(
 
     preprocess_file = folder / PREPROCESS_FILENAME
     if preprocess_file.is_file():
-        model_config = _read_json(preprocess_file, "preprocess config")
+        model_config, config_from = (
+            _read_json(preprocess_file, "preprocess config"),
+            PREPROCESS_FILENAME,
+        )
     elif "preprocess" in metadata:
         model_config = _json_metadata(metadata, "preprocess")
+        config_from = "the model's metadata (preprocess)"
     else:
-        model_config = {}
+        model_config, config_from = {}, ""
     if not isinstance(model_config, dict):
         raise ModelError(f"preprocess config of {model_path} must be a JSON object")
-    overrides = dict(preprocess_overrides or {})
+    overrides = {k: v for k, v in (preprocess_overrides or {}).items() if v is not None}
+    sources = dict.fromkeys(DEFAULT_PREPROCESS, "default")
+    sources |= dict.fromkeys(model_config, config_from)
     if not any(key in layer for layer in (overrides, model_config) for key in SIZE_KEYS):
         given = {**model_config, **overrides}
         model_config = {**model_config, **_size_from_input(probe, model_path, given, notes)}
+        sources["resize_size"] = "the model's fixed input size (assumed)"
+    sources |= dict.fromkeys(overrides, "command line")
     preprocess = resolve_preprocess(overrides, model_config)
 
     spec = _check_signature(
@@ -188,7 +197,9 @@ def load_model(
     outputs = _check_forward(probe, spec)
     if "output" not in overrides and "output" not in model_config:
         spec = _detect_output_kind(spec, outputs, notes)
-    return replace(spec, notes=tuple(notes))
+        if spec.preprocess.output == "probabilities":
+            sources["output"] = "detected: the model's outputs are probability vectors"
+    return replace(spec, notes=tuple(notes), preprocess_sources=tuple(sources.items()))
 
 
 def _json_metadata(metadata: Mapping[str, str], key: str) -> Any:

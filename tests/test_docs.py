@@ -282,3 +282,21 @@ def test_the_library_example_without_its_guard_stops_at_once_and_says_why(
     assert last.startswith("batchscore.errors.ConfigError: worker processes died while starting")
     assert 'if __name__ == "__main__":' in last
     assert not (tmp_path / "preds.parquet").exists()
+
+
+def test_the_own_models_page_shows_what_inspect_prints(tmp_path: Path) -> None:
+    """docs/own-models.md's transcript: the command runs, and every line but the path and the
+    timing is what it prints."""
+    page = (DOCS / "own-models.md").read_text()
+    command = re.search(r"```bash\n(.*?)```", page, re.S)
+    shown = re.search(r"```\n(model .*?)```", page, re.S)
+    assert command is not None and shown is not None
+    (tmp_path / "artifacts").symlink_to(REPO / "artifacts")
+    done = _bash(command.group(1), tmp_path)
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout.splitlines()
+    for line in shown.group(1).splitlines():
+        if line.startswith(("model ", "forward ")):
+            assert any(p.startswith(line.split()[0]) for p in printed)
+        else:
+            assert line in printed, line

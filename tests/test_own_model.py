@@ -353,3 +353,39 @@ def test_an_ambiguous_layout_asks_for_it_and_a_wrong_channel_count_says_what(
     gray = _probe(tmp_path / "g", layout="NCHW", channels=1, dtype=TensorProto.FLOAT, config={})
     with pytest.raises(ModelError, match=r"takes 1 channel\(s\) but mean/std have 3/3 values"):
         load_model(gray)
+
+
+def test_inspect_shows_what_will_be_fed_and_where_each_value_came_from(tmp_path: Path) -> None:
+    model = _graph_model(tmp_path / "m", softmax=True, size=24)
+    result = CliRunner().invoke(cli, ["inspect", "--model", str(model), "--json"])
+    assert result.exit_code == 0, result.output
+    described = json.loads(result.output)
+    assert described["inputs"] == [
+        {"name": "input", "shape": ["N", 3, 24, 24], "type": "tensor(float)"}
+    ]
+    assert described["scores_output"] == "probs" and described["layout"] == "NCHW"
+    preprocess = described["preprocess"]
+    assert preprocess["resize_size"] == {
+        "value": [24, 24],
+        "from": "the model's fixed input size (assumed)",
+    }
+    assert preprocess["mean"]["from"] == "default"
+    assert preprocess["layout"]["from"] == "the model's input shape"
+    assert described["classes"] == {"count": 3, "first": CLASSES, "from": "class_map.json"}
+    assert described["softmax"]["applied"] is False
+    assert described["softmax"]["why"].startswith("detected")
+    assert described["model_sha256"] == load_model(model).sha256
+    assert described["forward_ms_one_image"] > 0
+    assert any(note.startswith("assumed:") for note in described["notes"])
+
+    flags = ["inspect", "--model", str(model), "--resize-size", "24,24", "--mean", "0.5,0.5,0.5"]
+    text = CliRunner().invoke(cli, flags).output
+    assert "resize_size    [24, 24]" in text and "from command line" in text
+    assert "softmax    not applied (detected" in text
+
+
+def test_inspect_of_a_model_it_cannot_score_is_the_same_one_line(tmp_path: Path) -> None:
+    model = _graph_model(tmp_path / "m", size="S")
+    result = CliRunner().invoke(cli, ["inspect", "--model", str(model)])
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1 and "takes any image size" in result.output

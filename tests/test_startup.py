@@ -16,7 +16,7 @@ HEAVY = ("onnxruntime", "numpy", "pandas", "pyarrow", "PIL", "tqdm", "onnx", "da
     [
         ["--help"],
         ["--version"],
-        *([name, "--help"] for name in ("score", "canary", "diff", "quantize", "runs")),
+        *([name, "--help"] for name in ("score", "canary", "diff", "quantize", "runs", "inspect")),
     ],
 )
 def test_help_and_version_import_nothing_heavy(argv: list[str]) -> None:
@@ -35,7 +35,9 @@ def test_help_and_version_import_nothing_heavy(argv: list[str]) -> None:
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
 
-@pytest.mark.parametrize("argv", [[], ["score"], ["canary"], ["diff"], ["quantize"], ["runs"]])
+@pytest.mark.parametrize(
+    "argv", [[], ["score"], ["canary"], ["diff"], ["quantize"], ["runs"], ["inspect"]]
+)
 def test_help_examples_are_whole_commands_never_rewrapped(argv: list[str]) -> None:
     """Every example line in --help is a whole `batchscore ...` command, even at 80 columns."""
     from click.testing import CliRunner

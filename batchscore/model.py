@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from batchscore.errors import ModelError
+from batchscore.exporters import exporter_config
 from batchscore.labels import find_labels
 from batchscore.onnx_files import model_sha256
 from batchscore.preprocess import (
@@ -162,17 +163,7 @@ def load_model(
     )
     notes: list[str] = [f"labels: {len(class_names)} class names from {labels_from}"]
 
-    preprocess_file = folder / PREPROCESS_FILENAME
-    if preprocess_file.is_file():
-        model_config, config_from = (
-            _read_json(preprocess_file, "preprocess config"),
-            PREPROCESS_FILENAME,
-        )
-    elif "preprocess" in metadata:
-        model_config = _json_metadata(metadata, "preprocess")
-        config_from = "the model's metadata (preprocess)"
-    else:
-        model_config, config_from = {}, ""
+    model_config, config_from = _model_config(folder, metadata)
     if not isinstance(model_config, dict):
         raise ModelError(f"preprocess config of {model_path} must be a JSON object")
     overrides = {k: v for k, v in (preprocess_overrides or {}).items() if v is not None}
@@ -200,6 +191,20 @@ def load_model(
         if spec.preprocess.output == "probabilities":
             sources["output"] = "detected: the model's outputs are probability vectors"
     return replace(spec, notes=tuple(notes), preprocess_sources=tuple(sources.items()))
+
+
+def _model_config(folder: Path, metadata: Mapping[str, str]) -> tuple[Any, str]:
+    """The model's own preprocessing config and where it came from, first found: batchscore's
+    preprocess.json, an exporter's files (Hugging Face, timm), the ONNX metadata."""
+    preprocess_file = folder / PREPROCESS_FILENAME
+    if preprocess_file.is_file():
+        return _read_json(preprocess_file, "preprocess config"), PREPROCESS_FILENAME
+    exported = exporter_config(folder)
+    if exported is not None:
+        return exported
+    if "preprocess" in metadata:
+        return _json_metadata(metadata, "preprocess"), "the model's metadata (preprocess)"
+    return {}, ""
 
 
 def _json_metadata(metadata: Mapping[str, str], key: str) -> Any:

@@ -109,9 +109,16 @@ class DoneSet:
 
 
 def load_done(
-    root: Path, model_sha256: str, *, use_fingerprint: bool, include_errors: bool
+    root: Path,
+    model_sha256: str,
+    *,
+    use_fingerprint: bool,
+    include_errors: bool,
+    setup_sha256: str | None = None,
 ) -> DoneSet:
-    """Rows of this model already in the dataset (ok rows; error rows too if asked)."""
+    """Rows of this model already in the dataset (ok rows; error rows too if asked). With
+    `setup_sha256`, only rows scored with the same class names and preprocessing count (rows
+    written before batchscore recorded it count as the same)."""
     files = part_files(root)
     if not files:
         return DoneSet(np.empty(0, dtype=np.uint64), use_fingerprint)
@@ -125,8 +132,11 @@ def load_done(
         columns = ["image_id", "path_bytes" if has_bytes else "path"]
         if use_fingerprint:
             columns.append("fingerprint")
+        same = condition
+        if setup_sha256 is not None and "setup_sha256" in fragment.physical_schema.names:
+            same = same & (pc.field("setup_sha256") == setup_sha256)
         for batch in fragment.to_batches(
-            columns=columns, filter=condition, schema=fragment.physical_schema
+            columns=columns, filter=same, schema=fragment.physical_schema
         ):
             paths = batch.column(1)
             if not has_bytes:

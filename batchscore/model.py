@@ -9,6 +9,8 @@ be shared across processes.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -58,6 +60,19 @@ class ModelSpec:
     # metadata); lines starting with "assumed" are also shown as warnings.
     notes: tuple[str, ...] = ()
     preprocess_sources: tuple[tuple[str, str], ...] = ()  # (key, where its value came from)
+
+    @functools.cached_property
+    def setup_sha256(self) -> str:
+        """The identity of what a score depends on: the model (`sha256`), its class names,
+        the output it is read from and the resolved preprocessing. A fixed label file or a
+        changed config is a new setup, and an incremental run scores again under it."""
+        setup = {
+            "model_sha256": self.sha256,
+            "class_names": list(self.class_names),
+            "output_name": self.output_name,
+            "preprocess": self.preprocess.to_dict(),
+        }
+        return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()
 
     @property
     def num_classes(self) -> int:

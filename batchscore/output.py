@@ -79,13 +79,20 @@ def output_schema(layout: OutputLayout) -> pa.Schema:
     if layout.has_label:
         fields.append(pa.field("label", pa.string()))
         fields += [pa.field(f"{prefix}correct", pa.bool_()) for prefix in layout.prefixes]
-    taken = {f.name for f in fields} | {"model_sha256", "run_id", "scored_at", *RESERVED_NAMES}
+    taken = {f.name for f in fields} | {
+        "model_sha256",
+        "setup_sha256",
+        "run_id",
+        "scored_at",
+        *RESERVED_NAMES,
+    }
     for name, dtype in layout.extra_columns.items():
         unique = passthrough_name(name, taken)
         taken.add(unique)
         fields.append(pa.field(unique, dtype))
     fields += [
         pa.field("model_sha256", pa.string()),
+        pa.field("setup_sha256", pa.string()),
         pa.field("run_id", pa.string()),
         pa.field("scored_at", pa.timestamp("us", tz="UTC")),
     ]
@@ -167,9 +174,9 @@ def chunk_to_batch(
             columns.append(pa.array(predicted == labels, type=pa.bool_(), mask=~valid))
     for name, dtype in layout.extra_columns.items():
         columns.append(_extra_column([ref.extras.get(name) for ref in refs], dtype))
-    model_sha = specs[0].sha256
     columns += [
-        pa.array([model_sha] * n, type=pa.string()),
+        pa.array([specs[0].sha256] * n, type=pa.string()),
+        pa.array([specs[0].setup_sha256] * n, type=pa.string()),
         pa.array([run_id] * n, type=pa.string()),
         pa.array([result.finished_at] * n, type=pa.timestamp("us", tz="UTC")),
     ]

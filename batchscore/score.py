@@ -95,6 +95,7 @@ def run_metadata(
     metadata = {
         "run_id": run_id,
         "model_sha256": spec.sha256,
+        "setup_sha256": spec.setup_sha256,
         "model_file": spec.file_name,
         "class_map": list(spec.class_names),
         "preprocess": spec.preprocess.to_dict(),
@@ -162,6 +163,7 @@ def score(
             specs[0].sha256,
             use_fingerprint=settings.incremental,
             include_errors=not settings.retry_errors,
+            setup_sha256=specs[0].setup_sha256,
         )
         return _run(opened, root, specs, settings, done=done)
 

@@ -389,3 +389,26 @@ def test_inspect_of_a_model_it_cannot_score_is_the_same_one_line(tmp_path: Path)
     result = CliRunner().invoke(cli, ["inspect", "--model", str(model)])
     assert result.exit_code == 2
     assert len(result.output.strip().splitlines()) == 1 and "takes any image size" in result.output
+
+
+def test_a_fixed_label_file_or_config_is_a_new_setup_and_is_scored_again(tmp_path: Path) -> None:
+    folder = _graph_model(tmp_path / "m")
+    (folder / "class_map.json").unlink()
+    (folder / "labels.txt").write_text("red\nblue\ngreen\n")  # a label file with a mistake
+    (folder / "preprocess.json").write_text(json.dumps({"resize_size": [16, 16]}))
+    images = tmp_path / "images"
+    images.mkdir()
+    noisy(COLORS["green"], (20, 20)).save(images / "g.png")
+    dataset = tmp_path / "preds"
+    args = [str(images), "-o", f"{dataset}/", "--model", str(folder), "--incremental"]
+    assert _score(*args)[0] == 0
+    assert _score(*args)[1].startswith("nothing new to score")
+    (folder / "labels.txt").write_text("red\ngreen\nblue\n")  # fixed: same weights, new setup
+    code, output = _score(*args)
+    assert code == 0 and output.startswith("1 image: 1 ok"), output
+    table = pd.read_parquet(dataset).sort_values("scored_at")
+    assert table["model_sha256"].nunique() == 1 and table["setup_sha256"].nunique() == 2
+    assert list(table["pred_label"]) == ["blue", "green"]  # the stale row, then the right one
+    assert read_metadata(next(dataset.glob("run_date=*/*.parquet")))["setup_sha256"] in set(
+        table["setup_sha256"]
+    )

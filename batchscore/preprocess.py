@@ -48,8 +48,13 @@ DEFAULT_PREPROCESS: dict[str, Any] = {
     "output": "logits",
     "channel_order": "RGB",
     "layout": None,
+    "resize_mode": "crop",
+    "pad_value": 0,
+    "pad_position": "center",
 }
 CHANNEL_ORDERS = ("RGB", "BGR")
+RESIZE_MODES = ("crop", "pad")  # crop: torchvision Resize (+ CenterCrop); pad: letterbox
+PAD_POSITIONS = {"center": (0.5, 0.5), "top-left": (0.0, 0.0)}
 LAYOUTS = ("NCHW", "NHWC")
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -86,6 +91,9 @@ class PreprocessConfig:
     output: str = "logits"
     channel_order: str = "RGB"
     layout: str | None = None  # None: read from the model's input shape
+    resize_mode: str = "crop"
+    pad_value: tuple[int, int, int] = (0, 0, 0)  # RGB, 0-255, the letterbox's border
+    pad_position: str = "center"
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -97,7 +105,7 @@ class PreprocessConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("resize_size", "crop_size", "mean", "std"):
+        for key in ("resize_size", "crop_size", "mean", "std", "pad_value"):
             if isinstance(data[key], tuple):
                 data[key] = list(data[key])
         return data
@@ -170,10 +178,23 @@ def resolve_preprocess(
     resize = _parse_size("resize_size", merged["resize_size"], allow_none=False)
     crop = _parse_size("crop_size", merged["crop_size"], allow_none=True)
     assert resize is not None
+    mode = str(merged["resize_mode"]).lower()
+    if mode not in RESIZE_MODES:
+        raise ModelError(f"preprocess 'resize_mode' must be one of {RESIZE_MODES}, got {mode!r}")
+    if mode == "pad" and (isinstance(resize, int) or crop is not None):
+        raise ModelError(
+            "preprocess 'resize_mode' pad fits the image inside resize_size [height, width]"
+            " and pads the rest: give resize_size as [height, width] and no crop_size"
+        )
     if isinstance(resize, int) and crop is None:
         raise ModelError(
             "preprocess 'resize_size' as a single int keeps the aspect ratio, so images differ"
             " in size: set 'crop_size' too, or give resize_size as [height, width]"
+        )
+    position = str(merged["pad_position"]).lower()
+    if position not in PAD_POSITIONS:
+        raise ModelError(
+            f"preprocess 'pad_position' must be one of {sorted(PAD_POSITIONS)}, got {position!r}"
         )
     return PreprocessConfig(
         resize_size=resize,
@@ -186,7 +207,25 @@ def resolve_preprocess(
         layout=None
         if merged["layout"] is None
         else _parse_choice("layout", merged["layout"], LAYOUTS),
+        resize_mode=mode,
+        pad_value=_parse_pad_value(merged["pad_value"]),
+        pad_position=position,
     )
+
+
+def _parse_layout(value: Any) -> str | None:
+    return None if value is None else _parse_choice("layout", value, LAYOUTS)
+
+
+def _parse_pad_value(value: Any) -> tuple[int, int, int]:
+    values = [value] * 3 if isinstance(value, int) and not isinstance(value, bool) else value
+    if (
+        isinstance(values, (list, tuple))
+        and len(values) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in values)
+    ):
+        return (int(values[0]), int(values[1]), int(values[2]))
+    raise ModelError(f"preprocess 'pad_value' must be 0-255 or [R, G, B] of 0-255, got {value!r}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -412,8 +451,13 @@ def resize_and_crop(rgb: Image.Image, config: PreprocessConfig) -> np.ndarray:
     When the resized image would exceed MAX_INTERMEDIATE_PIXELS, only the window the crop
     keeps is resampled (Pillow's `box`): same scale, same filter centres, a crop-sized result.
     """
-    new_w, new_h = resized_size(rgb.width, rgb.height, config.resize_size)
     resample = INTERPOLATIONS[config.interpolation]
+    if config.resize_mode == "pad":
+        height, width = config.input_size
+        centering = PAD_POSITIONS[config.pad_position]
+        fitted = ImageOps.pad(rgb, (width, height), resample, config.pad_value, centering)
+        return np.asarray(fitted)
+    new_w, new_h = resized_size(rgb.width, rgb.height, config.resize_size)
     if config.crop_size is None or new_w * new_h <= MAX_INTERMEDIATE_PIXELS:
         if (new_w, new_h) != rgb.size:
             rgb = rgb.resize((new_w, new_h), resample)

@@ -412,3 +412,42 @@ def test_a_fixed_label_file_or_config_is_a_new_setup_and_is_scored_again(tmp_pat
     assert read_metadata(next(dataset.glob("run_date=*/*.parquet")))["setup_sha256"] in set(
         table["setup_sha256"]
     )
+
+
+@pytest.mark.parametrize(("position", "size"), [("center", (50, 20)), ("top-left", (20, 50))])
+def test_resize_mode_pad_fits_the_image_inside_and_pads_the_rest(
+    tmp_path: Path, position: str, size: tuple[int, int]
+) -> None:
+    """Reference geometry by hand: scale to fit, round the other side as Pillow does, paste at
+    the centre (rounded) or the top-left, the rest pad_value."""
+    config = {"resize_mode": "pad", "pad_value": [10, 20, 30], "pad_position": position,
+              "mean": [0, 0, 0], "std": [1 / 255] * 3}  # fmt: skip
+    folder = _probe(tmp_path / "m", layout="NHWC", channels=3, dtype=TensorProto.UINT8,
+                    config={**config, "resize_size": [8, 8]}, size=8)  # fmt: skip
+    image = tmp_path / "photo.png"
+    noisy((200, 100, 50), size, seed=1).save(image)
+    out = tmp_path / "out.parquet"
+    code, output = _score(str(image), "-o", str(out), "--model", str(folder))
+    assert code == 0, output
+    fed = np.asarray(pd.read_parquet(out)["probs"][0]).reshape(8, 8, 3)
+
+    from PIL import Image
+
+    picture = Image.open(image).convert("RGB")
+    w, h = picture.size
+    new_w, new_h = (8, round(h / w * 8)) if w > h else (round(w / h * 8), 8)
+    inner = np.asarray(picture.resize((new_w, new_h), Image.Resampling.BILINEAR))
+    expected = np.zeros((8, 8, 3)) + np.array([10, 20, 30])
+    factor = 0.5 if position == "center" else 0.0
+    top, left = round((8 - new_h) * factor), round((8 - new_w) * factor)
+    expected[top : top + new_h, left : left + new_w] = inner
+    np.testing.assert_array_equal(fed, expected)
+    assert 0 < new_w * new_h < 64  # the letterbox really pads
+
+
+def test_resize_mode_pad_needs_an_exact_size(tmp_path: Path) -> None:
+    folder = _graph_model(tmp_path / "m")
+    config = {"resize_mode": "pad", "resize_size": 16, "crop_size": 16}
+    (folder / "preprocess.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"give resize_size as \[height, width\] and no crop_size"):
+        load_model(folder)

@@ -65,12 +65,17 @@ def describe_model(location: str | Path | None = None, **load_options: Any) -> d
         },
         "softmax": {
             "applied": softmax,
-            "why": sources.get("output", "default")
-            + (": the outputs are logits" if softmax else ": the outputs are probabilities"),
+            "why": _softmax_reason(sources.get("output", "default"), softmax),
         },
         "notes": list(spec.notes),
         "forward_ms_one_image": statistics.median(times) * 1e3,
     }
+
+
+def _softmax_reason(source: str, softmax: bool) -> str:
+    if source.startswith("detected"):
+        return source
+    return f"{source} says the outputs are {'logits' if softmax else 'probabilities'}"
 
 
 def _tensor(arg: Any) -> dict[str, Any]:

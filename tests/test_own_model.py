@@ -451,3 +451,27 @@ def test_resize_mode_pad_needs_an_exact_size(tmp_path: Path) -> None:
     (folder / "preprocess.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match=r"give resize_size as \[height, width\] and no crop_size"):
         load_model(folder)
+
+
+def test_exif_orientation_can_be_left_alone_for_a_model_trained_on_stored_pixels(
+    tmp_path: Path,
+) -> None:
+    """A JPEG stored 40x20 with orientation 6 (shown 20x40): turned upright by default; fed as
+    stored with "exif_orientation": false, as packages that never read the tag do."""
+    from PIL import Image
+
+    image = tmp_path / "tagged.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    noisy(COLORS["red"], (40, 20)).save(image, exif=exif, quality=95)
+    sizes = {}
+    for flag in (True, False):
+        folder = _graph_model(tmp_path / f"m{flag}")
+        config = {"resize_size": [16, 16], "exif_orientation": flag}
+        (folder / "preprocess.json").write_text(json.dumps(config))
+        out = tmp_path / f"out{flag}.parquet"
+        code, output = _score(str(image), "-o", str(out), "--model", str(folder), "--exact-jpeg")
+        assert code == 0, output
+        row = pd.read_parquet(out).iloc[0]
+        sizes[flag] = (row["width"], row["height"])
+    assert sizes == {True: (20, 40), False: (40, 20)}

@@ -78,3 +78,20 @@ class QuantizeOptions:
     method: str = "minmax"
     seed: int = 0
     speed_repeats: int = 20
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """What `batchscore monitor` compares and when it alerts (defaults: docs/monitor.md)."""
+
+    run: str | None = None  # the monitored window: one run, one date, or the last N days;
+    date: str | None = None  # by default the newest complete run of the dataset
+    since: str | None = None
+    allow_model_change: bool = False
+    max_js: float = 0.1
+    max_psi: float = 0.2
+    max_ks: float = 0.1
+    alpha: float = 0.01
+    low_confidence: float = 0.5
+    max_low_confidence_rise: float = 0.1
+    max_error_rate_rise: float = 0.05

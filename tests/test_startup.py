@@ -16,7 +16,10 @@ HEAVY = ("onnxruntime", "numpy", "pandas", "pyarrow", "PIL", "tqdm", "onnx", "da
     [
         ["--help"],
         ["--version"],
-        *([name, "--help"] for name in ("score", "canary", "diff", "quantize", "runs", "inspect")),
+        *(
+            [name, "--help"]
+            for name in ("score", "canary", "diff", "quantize", "runs", "inspect", "monitor")
+        ),
     ],
 )
 def test_help_and_version_import_nothing_heavy(argv: list[str]) -> None:
@@ -36,7 +39,8 @@ def test_help_and_version_import_nothing_heavy(argv: list[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [[], ["score"], ["canary"], ["diff"], ["quantize"], ["runs"], ["inspect"]]
+    "argv",
+    [[], ["score"], ["canary"], ["diff"], ["quantize"], ["runs"], ["inspect"], ["monitor"]],
 )
 def test_help_examples_are_whole_commands_never_rewrapped(argv: list[str]) -> None:
     """Every example line in --help is a whole `batchscore ...` command, even at 80 columns."""

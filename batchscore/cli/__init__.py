@@ -15,6 +15,7 @@ from batchscore import __version__
 from batchscore.cli.canary import canary_command
 from batchscore.cli.diff import diff_command
 from batchscore.cli.inspect import inspect_command
+from batchscore.cli.monitor import monitor_command
 from batchscore.cli.quantize import quantize_command
 from batchscore.cli.runs import runs_command
 from batchscore.cli.score import score_command
@@ -56,3 +57,4 @@ cli.add_command(quantize_command)
 cli.add_command(canary_command)
 cli.add_command(diff_command)
 cli.add_command(inspect_command)
+cli.add_command(monitor_command)

@@ -1,0 +1,141 @@
+"""`batchscore monitor`: parse the window and thresholds, call `batchscore.monitor.monitor`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from batchscore.errors import GateFailed, exit_codes_help
+from batchscore.settings import MonitorSettings
+
+_DEFAULTS = MonitorSettings()
+SHARE = click.FloatRange(0, 1)
+
+
+@click.command("monitor", epilog=exit_codes_help())
+@click.argument("dataset", type=click.Path(file_okay=False))
+@click.option(
+    "--reference",
+    required=True,
+    type=click.Path(),
+    help="What the model was validated on: a canary --report folder, a dataset directory, a"
+    " date partition (DIR/run_date=YYYY-MM-DD) or a Parquet file of batchscore output.",
+)
+@click.option("--run", "run_id", default=None, help="Monitor this run (default: the newest).")
+@click.option("--date", default=None, metavar="YYYY-MM-DD", help="Monitor this date partition.")
+@click.option("--since", default=None, metavar="Nd", help="Monitor the last N days (e.g. 30d).")
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write monitor.json and report.md here.",
+)
+@click.option(
+    "--allow-model-change",
+    is_flag=True,
+    help="Compare even when the two sides were scored by different models.",
+)
+@click.option(
+    "--max-js",
+    type=SHARE,
+    default=_DEFAULTS.max_js,
+    show_default=True,
+    help="Alert above this Jensen-Shannon distance of predicted classes.",
+)
+@click.option(
+    "--max-psi",
+    type=click.FloatRange(0),
+    default=_DEFAULTS.max_psi,
+    show_default=True,
+    help="Alert above this PSI of predicted classes.",
+)
+@click.option(
+    "--max-ks",
+    type=SHARE,
+    default=_DEFAULTS.max_ks,
+    show_default=True,
+    help="Alert above this Kolmogorov-Smirnov statistic of top-1 probabilities"
+    " (when significant at --alpha).",
+)
+@click.option(
+    "--alpha",
+    type=SHARE,
+    default=_DEFAULTS.alpha,
+    show_default=True,
+    help="Significance level of the KS test.",
+)
+@click.option(
+    "--low-confidence",
+    type=SHARE,
+    default=_DEFAULTS.low_confidence,
+    show_default=True,
+    help="A top-1 probability below this is low-confidence.",
+)
+@click.option(
+    "--max-low-confidence-rise",
+    type=SHARE,
+    default=_DEFAULTS.max_low_confidence_rise,
+    show_default=True,
+    help="Alert when the low-confidence share rose by more than this.",
+)
+@click.option(
+    "--max-error-rate-rise",
+    type=SHARE,
+    default=_DEFAULTS.max_error_rate_rise,
+    show_default=True,
+    help="Alert when the error rate rose by more than this.",
+)
+def monitor_command(
+    dataset: str,
+    reference: str,
+    run_id: str | None,
+    date: str | None,
+    since: str | None,
+    report_dir: Path | None,
+    allow_model_change: bool,
+    max_js: float,
+    max_psi: float,
+    max_ks: float,
+    alpha: float,
+    low_confidence: float,
+    max_low_confidence_rise: float,
+    max_error_rate_rise: float,
+) -> None:
+    """Does tonight's scoring still look like the reference? Exit 3 on an alert.
+
+    Compares the newest run of DATASET (or --run, --date, --since) with --reference, without
+    labels: the predicted-class distribution (Jensen-Shannon distance, PSI, chi-square), the
+    top-1 probabilities (Kolmogorov-Smirnov, the low-confidence share) and the error rate.
+    Prints one line per signal, alerts first.
+
+    Example:
+
+    \b
+        batchscore monitor /data/preds/ --reference canary-v3/ --report monitor/
+        batchscore monitor /data/preds/ --reference /data/preds/run_date=2026-11-01/ --since 30d
+    """
+    from batchscore.monitor import monitor, write_report  # noqa: PLC0415 (pyarrow, numpy)
+
+    settings = MonitorSettings(
+        run=run_id,
+        date=date,
+        since=since,
+        allow_model_change=allow_model_change,
+        max_js=max_js,
+        max_psi=max_psi,
+        max_ks=max_ks,
+        alpha=alpha,
+        low_confidence=low_confidence,
+        max_low_confidence_rise=max_low_confidence_rise,
+        max_error_rate_rise=max_error_rate_rise,
+    )
+    result = monitor(dataset, reference, settings)
+    if report_dir is not None:
+        write_report(result, report_dir)
+    click.echo(f"{result.window} against {result.reference}:")
+    for line in result.lines():
+        click.echo(f"  {line}")
+    if result.alert:
+        raise GateFailed(f"monitor: {sum(s.alert for s in result.signals)} signal(s) alert")

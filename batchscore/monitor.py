@@ -1,0 +1,243 @@
+"""`batchscore monitor`: does tonight's scoring still look like the reference the model was
+validated on? Measured on the columns every run already writes, without labels.
+
+Rows are read in Arrow batches with only the columns needed and the window's filter pushed into
+the scan; what is kept is counts per predicted class and a 10,000-bin histogram of top-1
+probabilities per side, so memory does not grow with the number of rows.
+
+Signals, each a number, a threshold and a verdict (`drift` holds the statistics):
+- prediction drift: the predicted-class distribution, Jensen-Shannon distance (alert above
+  `max_js`) and PSI (above `max_psi`), with the chi-square test's p-value reported;
+- confidence drift: the top-1 probability distribution, Kolmogorov-Smirnov statistic (alert
+  above `max_ks` when its p-value is below `alpha`), and the share of predictions below
+  `low_confidence` (alert when it rose by more than `max_low_confidence_rise`);
+- error rate: the share of error rows (alert when it rose by more than `max_error_rate_rise`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from batchscore.dataset import PARTITION, part_files, read_summaries
+from batchscore.drift import chi_square, js_distance, ks_from_histograms, psi
+from batchscore.errors import ConfigError
+from batchscore.files import atomic_write_text, output_errors
+from batchscore.output import STATUS_OK
+from batchscore.settings import MonitorSettings
+
+BINS = 10_000
+COLUMNS = ["status", "pred_label", "pred_prob", "model_sha256"]
+CANARY_PREDICTIONS = "predictions.parquet"
+JSON_FILE = "monitor.json"
+_SINCE = re.compile(r"^(\d+)d$")
+
+
+@dataclass
+class Side:
+    """Everything kept about one side (reference or window), whatever its size."""
+
+    n_rows: int = 0
+    n_errors: int = 0
+    classes: Counter[str] = field(default_factory=Counter)
+    confidence: np.ndarray = field(default_factory=lambda: np.zeros(BINS, dtype=np.int64))
+    models: set[str] = field(default_factory=set)
+
+    @property
+    def n_ok(self) -> int:
+        return self.n_rows - self.n_errors
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        self.n_rows += batch.num_rows
+        ok = pc.equal(batch.column("status"), STATUS_OK)
+        self.n_errors += batch.num_rows - int(pc.sum(ok).as_py() or 0)
+        self.models.update(v for v in batch.column("model_sha256").unique().to_pylist() if v)
+        labels = pc.filter(batch.column("pred_label"), ok).to_pylist()
+        self.classes.update(label for label in labels if label is not None)
+        probs = pc.filter(batch.column("pred_prob"), ok).drop_null().to_numpy()
+        bins = np.minimum((np.asarray(probs, dtype=np.float64) * BINS).astype(np.int64), BINS - 1)
+        self.confidence += np.bincount(bins, minlength=BINS)
+
+    def low_share(self, threshold: float) -> float:
+        below = int(self.confidence[: int(threshold * BINS)].sum())
+        return below / self.n_ok if self.n_ok else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "rows": self.n_rows,
+            "errors": self.n_errors,
+            "models": sorted(self.models),
+            "top_classes": dict(self.classes.most_common(10)),
+        }
+
+
+@dataclass(frozen=True)
+class Signal:
+    name: str
+    value: float
+    threshold: float
+    alert: bool
+    details: dict[str, Any]
+
+    def line(self) -> str:
+        verdict = "ALERT" if self.alert else "ok"
+        return f"{verdict:<5} {self.name}: {self.value:.4f} (threshold {self.threshold:g})"
+
+
+@dataclass(frozen=True)
+class MonitorResult:
+    window: str
+    reference: str
+    signals: list[Signal]
+    sides: dict[str, dict[str, Any]]
+
+    @property
+    def alert(self) -> bool:
+        return any(signal.alert for signal in self.signals)
+
+    def lines(self) -> list[str]:
+        """Alerts first, then the rest, one line per signal."""
+        ordered = sorted(self.signals, key=lambda s: not s.alert)
+        return [signal.line() for signal in ordered]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "alert": self.alert,
+            "window": self.window,
+            "reference": self.reference,
+            "signals": [asdict(signal) for signal in self.signals],
+            "sides": self.sides,
+        }
+
+
+def monitor(
+    dataset: str | Path, reference: str | Path, settings: MonitorSettings | None = None
+) -> MonitorResult:
+    """Compare a window of `dataset` with `reference`; raises ConfigError for bad usage."""
+    settings = settings or MonitorSettings()
+    root = Path(dataset)
+    if not root.is_dir():
+        raise ConfigError(f"no batchscore dataset at {root}")
+    files, window_filter, window = _window(root, settings)
+    current = _read(files, window_filter)
+    if current.n_rows == 0:
+        raise ConfigError(f"nothing scored in {root} for {window}")
+    base = _read(_reference_files(Path(reference)), None)
+    if base.n_rows == 0:
+        raise ConfigError(f"no rows in the reference {reference}")
+    if base.models != current.models and not settings.allow_model_change:
+        raise ConfigError(
+            f"the reference was scored by model {sorted(base.models)} and {window} by"
+            f" {sorted(current.models)}: compare the same model, or pass --allow-model-change"
+        )
+    signals = _signals(base, current, settings)
+    sides = {"reference": base.summary(), "window": current.summary()}
+    return MonitorResult(window, str(reference), signals, sides)
+
+
+def _signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
+    names = sorted(set(base.classes) | set(current.classes))
+    ref_counts = np.array([base.classes[n] for n in names], dtype=np.int64)
+    cur_counts = np.array([current.classes[n] for n in names], dtype=np.int64)
+    js = js_distance(ref_counts, cur_counts)
+    stability = psi(ref_counts, cur_counts)
+    statistic, p_value, dof = chi_square(ref_counts, cur_counts)
+    prediction = {"chi2": statistic, "chi2_p": p_value, "chi2_dof": dof}
+    ks, ks_p = ks_from_histograms(base.confidence, current.confidence)
+    low_ref = base.low_share(settings.low_confidence)
+    low_cur = current.low_share(settings.low_confidence)
+    err_ref = base.n_errors / base.n_rows
+    err_cur = current.n_errors / current.n_rows
+    return [
+        Signal("prediction drift (Jensen-Shannon)", js, settings.max_js, js > settings.max_js,
+               prediction),
+        Signal("prediction drift (PSI)", stability, settings.max_psi,
+               stability > settings.max_psi, prediction),
+        Signal("confidence drift (Kolmogorov-Smirnov)", ks, settings.max_ks,
+               ks > settings.max_ks and ks_p < settings.alpha, {"p_value": ks_p}),
+        Signal(f"low-confidence share rise (top-1 < {settings.low_confidence:g})",
+               low_cur - low_ref, settings.max_low_confidence_rise,
+               low_cur - low_ref > settings.max_low_confidence_rise,
+               {"reference": low_ref, "window": low_cur}),
+        Signal("error rate rise", err_cur - err_ref, settings.max_error_rate_rise,
+               err_cur - err_ref > settings.max_error_rate_rise,
+               {"reference": err_ref, "window": err_cur}),
+    ]  # fmt: skip
+
+
+def _window(root: Path, settings: MonitorSettings) -> tuple[list[Path], ds.Expression | None, str]:
+    """The files, the row filter and a name of the monitored window."""
+    chosen = [k for k in ("run", "date", "since") if getattr(settings, k) is not None]
+    if len(chosen) > 1:
+        raise ConfigError(f"choose one of --run, --date, --since (got {', '.join(chosen)})")
+    if settings.date is not None:
+        return part_files(root / f"{PARTITION}={settings.date}"), None, f"date {settings.date}"
+    if settings.since is not None:
+        match = _SINCE.match(settings.since)
+        if match is None:
+            raise ConfigError(f"--since takes a number of days such as 30d, got {settings.since!r}")
+        start = datetime.now(timezone.utc) - timedelta(days=int(match.group(1)))
+        recent = pc.field("scored_at") >= pa.scalar(start, pa.timestamp("us", tz="UTC"))
+        return part_files(root), recent, f"the last {match.group(1)} days"
+    run = settings.run
+    if run is None:
+        complete = [s for s in read_summaries(root) if s.get("status") == "complete"]
+        scored = [s for s in complete if s.get("n_images")]
+        if not scored:
+            raise ConfigError(f"no complete run that scored images in {root}")
+        run = str(scored[-1]["run_id"])
+    return part_files(root), pc.field("run_id") == run, f"run {run}"
+
+
+def _reference_files(reference: Path) -> list[Path]:
+    if reference.is_file():
+        return [reference]
+    if (reference / CANARY_PREDICTIONS).is_file():  # a canary report folder
+        return [reference / CANARY_PREDICTIONS]
+    if reference.is_dir():
+        return part_files(reference)
+    raise ConfigError(f"reference not found: {reference}")
+
+
+def _read(files: list[Path], condition: ds.Expression | None) -> Side:
+    side = Side()
+    if not files:
+        return side
+    dataset = ds.dataset([str(f) for f in files], format="parquet")
+    for batch in dataset.to_batches(columns=COLUMNS, filter=condition, batch_size=65_536):
+        side.add(batch)
+    return side
+
+
+def write_report(result: MonitorResult, folder: Path) -> None:
+    """monitor.json (every number, threshold and verdict) and report.md."""
+    with output_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / JSON_FILE, json.dumps(result.as_dict(), indent=2) + "\n")
+    lines = [
+        f"# Monitor: {result.window} against {result.reference}",
+        "",
+        "**ALERT**" if result.alert else "No alert.",
+        "",
+        "| signal | value | threshold | verdict |",
+        "| --- | --- | --- | --- |",
+    ]
+    for signal in result.signals:
+        verdict = "alert" if signal.alert else "ok"
+        lines.append(f"| {signal.name} | {signal.value:.4f} | {signal.threshold:g} | {verdict} |")
+    lines += ["", "| | reference | window |", "| --- | --- | --- |"]
+    for key in ("rows", "errors"):
+        lines.append(
+            f"| {key} | {result.sides['reference'][key]} | {result.sides['window'][key]} |"
+        )
+    atomic_write_text(folder / "report.md", "\n".join(lines) + "\n")

@@ -1,0 +1,187 @@
+"""`batchscore monitor`: statistics checked against scipy, and planted drifts caught with the
+bundled model on real photos (an unchanged night raises nothing)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageEnhance, ImageOps
+from scipy import stats
+from scipy.spatial.distance import jensenshannon
+
+from batchscore.cli import cli
+from batchscore.drift import chi2_sf, chi_square, js_distance, ks_from_histograms, psi
+from tests.conftest import SAMPLES
+from tests.models import color_model
+
+pairs = st.lists(st.tuples(st.integers(0, 500), st.integers(0, 500)), min_size=2, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pairs)
+def test_js_distance_and_chi_square_match_scipy(counts: list[tuple[int, int]]) -> None:
+    ref, cur = np.array(counts).T
+    if ref.sum() == 0 or cur.sum() == 0:
+        return
+    assert js_distance(ref, cur) == pytest.approx(
+        jensenshannon(ref / ref.sum(), cur / cur.sum(), base=2), abs=1e-9
+    )
+    statistic, p_value, dof = chi_square(ref, cur)
+    kept = np.vstack([ref, cur])[:, (ref + cur) > 0]
+    if kept.shape[1] >= 2:
+        oracle = stats.chi2_contingency(kept, correction=False)
+        assert statistic == pytest.approx(oracle[0], rel=1e-9, abs=1e-9)
+        assert p_value == pytest.approx(oracle[1], rel=1e-6, abs=1e-12)
+        assert dof == oracle[2]
+
+
+@pytest.mark.parametrize(
+    ("x", "dof"), [(0.5, 1), (3, 2), (30, 10), (100, 50), (400, 300), (1e-3, 3)]
+)
+def test_chi2_survival_matches_scipy(x: float, dof: int) -> None:
+    assert chi2_sf(x, dof) == pytest.approx(stats.chi2.sf(x, dof), rel=1e-9, abs=1e-15)
+
+
+def test_ks_from_histograms_matches_scipy_to_the_bin_width() -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.beta(2, 5, 5000), rng.beta(2.3, 5, 3000)
+    edges = np.linspace(0, 1, 10_001)
+    statistic, p_value = ks_from_histograms(np.histogram(x, edges)[0], np.histogram(y, edges)[0])
+    oracle = stats.ks_2samp(x, y, method="asymp")
+    assert statistic == pytest.approx(oracle.statistic, abs=2e-4)
+    assert p_value == pytest.approx(oracle.pvalue, rel=0.1)
+
+
+def test_psi_by_its_definition() -> None:
+    ref, cur = np.array([50, 30, 20]), np.array([20, 30, 50])
+    p, q = ref / 100, cur / 100
+    assert psi(ref, cur) == pytest.approx(float(np.sum((q - p) * np.log(q / p))))
+    assert psi(ref, ref) == 0
+
+
+def _variants(image: Image.Image) -> list[Image.Image]:
+    w, h = image.size
+    return [
+        image,
+        ImageOps.mirror(image),
+        image.crop((0, 0, w * 3 // 4, h * 3 // 4)),
+        image.crop((w // 4, h // 4, w, h)),
+        ImageOps.mirror(image).crop((w // 8, 0, w, h * 7 // 8)),
+        image.rotate(8),
+    ]
+
+
+@pytest.fixture(scope="module")
+def nights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A reference and three nights, scored by the bundled model into one dataset each."""
+    root = tmp_path_factory.mktemp("monitor")
+    folders = {name: root / name for name in ("reference", "same", "dark", "one_kind", "broken")}
+    for folder in folders.values():
+        folder.mkdir()
+    for sample in sorted(SAMPLES.glob("*.jpg")):
+        for i, picture in enumerate(_variants(Image.open(sample).convert("RGB"))):
+            for name in ("reference", "same", "broken"):
+                picture.save(folders[name] / f"{sample.stem}_{i}.jpg", quality=92)
+            dark = ImageEnhance.Brightness(picture).enhance(0.12)
+            dark.save(folders["dark"] / f"{sample.stem}_{i}.jpg", quality=92)
+    cat = Image.open(SAMPLES / "cat.jpg").convert("RGB")
+    for i in range(24):
+        cat.crop((i * 3, i * 2, cat.width - i * 2, cat.height - i)).save(
+            folders["one_kind"] / f"cat_{i}.jpg", quality=92
+        )
+    for path in sorted(folders["broken"].glob("*.jpg"))[:8]:
+        path.write_bytes(path.read_bytes()[:300])  # truncated uploads
+    outputs = {}
+    for name, folder in folders.items():
+        dataset = root / f"preds_{name}"
+        args = ["score", str(folder), "-o", f"{dataset}/", "--workers", "0", "-q"]
+        assert CliRunner().invoke(cli, [*args, "--run-id", f"night-{name}"]).exit_code == 0
+        outputs[name] = dataset
+    return outputs
+
+
+def _monitor(dataset: Path, reference: Path, *extra: str) -> tuple[int, str]:
+    result = CliRunner().invoke(
+        cli, ["monitor", str(dataset), "--reference", str(reference), *extra]
+    )
+    return result.exit_code, result.output
+
+
+def _alerts(output: str) -> set[str]:
+    return {
+        line.split("ALERT", 1)[1].split(":")[0].strip()
+        for line in output.splitlines()
+        if "ALERT " in line
+    }
+
+
+@pytest.mark.slow
+def test_an_unchanged_night_raises_nothing_and_planted_drifts_raise_their_signal(
+    nights: dict[str, Path], tmp_path: Path
+) -> None:
+    reference = nights["reference"]
+    code, output = _monitor(nights["same"], reference, "--report", str(tmp_path / "report"))
+    assert code == 0, output
+    assert _alerts(output) == set()
+    saved = json.loads((tmp_path / "report" / "monitor.json").read_text())
+    assert saved["alert"] is False and len(saved["signals"]) == 5
+    assert (tmp_path / "report" / "report.md").read_text().startswith("# Monitor: run night-same")
+
+    code, output = _monitor(nights["one_kind"], reference)
+    assert code == 3
+    assert {"prediction drift (Jensen-Shannon)", "prediction drift (PSI)"} <= _alerts(output)
+    assert output.splitlines()[1].strip().startswith("ALERT")  # alerts first
+
+    code, output = _monitor(nights["dark"], reference)
+    assert code == 3
+    assert "low-confidence share rise (top-1 < 0.5)" in _alerts(output)
+
+    code, output = _monitor(nights["broken"], reference)
+    assert code == 3
+    assert "error rate rise" in _alerts(output)  # (a third of the images are missing from the
+    # predictions, so their class distribution moves too)
+
+
+@pytest.mark.slow
+def test_the_window_and_the_reference_can_be_chosen_and_models_must_match(
+    nights: dict[str, Path], tmp_path: Path
+) -> None:
+    dataset = tmp_path / "preds"
+    shutil.copytree(nights["reference"], dataset)
+    (dataset / "_runs").rename(tmp_path / "first_runs")
+    shutil.copytree(nights["one_kind"], dataset, dirs_exist_ok=True)  # a second night
+    shutil.copytree(tmp_path / "first_runs", dataset / "_runs", dirs_exist_ok=True)
+    code, output = _monitor(dataset, nights["reference"])  # newest: the cats
+    assert code == 3 and output.startswith("run night-one_kind")
+    code, output = _monitor(dataset, nights["reference"], "--run", "night-reference")
+    assert code == 0, output
+    canary = tmp_path / "canary"
+    canary.mkdir()
+    part = next(nights["reference"].glob("run_date=*/*.parquet"))
+    shutil.copy(part, canary / "predictions.parquet")  # what `canary --report` keeps
+    assert _monitor(nights["same"], canary)[0] == 0
+    date = part.parent.name.split("=", 1)[1]
+    assert _monitor(dataset, nights["reference"], "--date", date)[0] == 3  # both nights
+    code, output = _monitor(nights["same"], nights["reference"], "--run", "x", "--since", "3d")
+    assert code == 2 and "choose one of" in output
+
+    other = color_model(tmp_path / "other", size=224)
+    images = tmp_path / "few"
+    images.mkdir()
+    shutil.copy(SAMPLES / "cat.jpg", images)
+    scored = tmp_path / "other_preds"
+    args = ["score", str(images), "-o", f"{scored}/", "--model", str(other), "--workers", "0"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    code, output = _monitor(scored, nights["reference"])
+    assert code == 2 and "--allow-model-change" in output
+    code, output = _monitor(scored, nights["reference"], "--allow-model-change")
+    assert code in (0, 3)
+    assert len(pd.read_parquet(scored)) == 1

@@ -62,8 +62,9 @@ class Side:
         ok = pc.equal(batch.column("status"), STATUS_OK)
         self.n_errors += batch.num_rows - int(pc.sum(ok).as_py() or 0)
         self.models.update(v for v in batch.column("model_sha256").unique().to_pylist() if v)
-        labels = pc.filter(batch.column("pred_label"), ok).to_pylist()
-        self.classes.update(label for label in labels if label is not None)
+        counted = pc.value_counts(pc.filter(batch.column("pred_label"), ok).drop_null())
+        names, counts = counted.field("values").to_pylist(), counted.field("counts").to_pylist()
+        self.classes.update(dict(zip(names, counts, strict=True)))  # no Python str per row
         probs = pc.filter(batch.column("pred_prob"), ok).drop_null().to_numpy()
         bins = np.minimum((np.asarray(probs, dtype=np.float64) * BINS).astype(np.int64), BINS - 1)
         self.confidence += np.bincount(bins, minlength=BINS)
@@ -214,7 +215,14 @@ def _read(files: list[Path], condition: ds.Expression | None) -> Side:
     if not files:
         return side
     dataset = ds.dataset([str(f) for f in files], format="parquet")
-    for batch in dataset.to_batches(columns=COLUMNS, filter=condition, batch_size=65_536):
+    batches = dataset.to_batches(
+        columns=COLUMNS,
+        filter=condition,
+        batch_size=65_536,
+        batch_readahead=2,
+        fragment_readahead=1,
+    )
+    for batch in batches:
         side.add(batch)
     return side
 

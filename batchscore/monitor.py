@@ -11,7 +11,14 @@ Signals, each a number, a threshold and a verdict (`drift` holds the statistics)
 - confidence drift: the top-1 probability distribution, Kolmogorov-Smirnov statistic (alert
   above `max_ks` when its p-value is below `alpha`), and the share of predictions below
   `low_confidence` (alert when it rose by more than `max_low_confidence_rise`);
-- error rate: the share of error rows (alert when it rose by more than `max_error_rate_rise`).
+- error rate: the share of error rows (alert when it rose by more than `max_error_rate_rise`);
+- estimated accuracy, without labels (confidence-based performance estimation, as NannyML's
+  CBPE): when the reference has labels (a canary's predictions, a labelled run), its rows
+  calibrate the model's top-1 probabilities by histogram binning (the accuracy of the labelled
+  rows in each of `CALIBRATION_BINS` probability bins); tonight's accuracy is estimated as the
+  mean calibrated probability of tonight's rows, with a 95% interval, and compared with the
+  reference's measured accuracy (alert on a drop of more than `max_accuracy_drop`). It holds
+  while the model's calibration does: drift in which images come, not in what they mean.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from batchscore.output import STATUS_OK
 from batchscore.settings import MonitorSettings
 
 BINS = 10_000
+CALIBRATION_BINS = 20
 COLUMNS = ["status", "pred_label", "pred_prob", "model_sha256"]
 CANARY_PREDICTIONS = "predictions.parquet"
 JSON_FILE = "monitor.json"
@@ -52,6 +60,9 @@ class Side:
     classes: Counter[str] = field(default_factory=Counter)
     confidence: np.ndarray = field(default_factory=lambda: np.zeros(BINS, dtype=np.int64))
     models: set[str] = field(default_factory=set)
+    # Rows with a label, and those right, per probability bin (for the calibration).
+    labelled: np.ndarray = field(default_factory=lambda: np.zeros(BINS, dtype=np.int64))
+    right: np.ndarray = field(default_factory=lambda: np.zeros(BINS, dtype=np.int64))
 
     @property
     def n_ok(self) -> int:
@@ -66,8 +77,34 @@ class Side:
         names, counts = counted.field("values").to_pylist(), counted.field("counts").to_pylist()
         self.classes.update(dict(zip(names, counts, strict=True)))  # no Python str per row
         probs = pc.filter(batch.column("pred_prob"), ok).drop_null().to_numpy()
-        bins = np.minimum((np.asarray(probs, dtype=np.float64) * BINS).astype(np.int64), BINS - 1)
-        self.confidence += np.bincount(bins, minlength=BINS)
+        self.confidence += np.bincount(_bins(probs), minlength=BINS)
+        if "correct" in batch.schema.names:
+            correct = pc.filter(batch.column("correct"), ok)
+            known = correct.is_valid().to_numpy(zero_copy_only=False)
+            scored = pc.filter(batch.column("pred_prob"), ok).to_numpy(zero_copy_only=False)
+            hits = correct.fill_null(False).to_numpy(zero_copy_only=False)
+            self.labelled += np.bincount(_bins(scored[known]), minlength=BINS)
+            self.right += np.bincount(_bins(scored[known & hits]), minlength=BINS)
+
+    def calibration(self) -> np.ndarray | None:
+        """Accuracy per coarse probability bin, from the labelled rows; None without labels.
+        A bin with no labelled row takes its own mean probability (assumed calibrated)."""
+        if not self.labelled.sum():
+            return None
+        labelled = self.labelled.reshape(CALIBRATION_BINS, -1).sum(axis=1)
+        right = self.right.reshape(CALIBRATION_BINS, -1).sum(axis=1)
+        midpoints = (np.arange(CALIBRATION_BINS) + 0.5) / CALIBRATION_BINS
+        return np.where(labelled > 0, right / np.maximum(labelled, 1), midpoints)
+
+    def estimated_accuracy(self, calibration: np.ndarray) -> tuple[float, float]:
+        """(estimate, half-width of its 95% interval) of this side's top-1 accuracy."""
+        counts = self.confidence.reshape(CALIBRATION_BINS, -1).sum(axis=1)
+        n = counts.sum()
+        if not n:
+            return 0.0, 0.0
+        estimate = float(np.sum(counts * calibration) / n)
+        variance = float(np.sum(counts * calibration * (1 - calibration)) / n**2)
+        return estimate, 1.96 * variance**0.5
 
     def low_share(self, threshold: float) -> float:
         below = int(self.confidence[: int(threshold * BINS)].sum())
@@ -146,6 +183,30 @@ def monitor(
     return MonitorResult(window, str(reference), signals, sides)
 
 
+def _bins(probs: np.ndarray) -> np.ndarray:
+    scaled = (np.asarray(probs, dtype=np.float64) * BINS).astype(np.int64)
+    return np.clip(scaled, 0, BINS - 1)
+
+
+def _accuracy_signal(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
+    calibration = base.calibration()
+    if calibration is None:
+        return []  # no labels in the reference: nothing to calibrate on
+    measured = float(base.right.sum() / base.labelled.sum())
+    estimate, half_width = current.estimated_accuracy(calibration)
+    details = {
+        "reference_accuracy": measured,
+        "estimated_accuracy": estimate,
+        "interval": [estimate - half_width, estimate + half_width],
+        "reference_labelled": int(base.labelled.sum()),
+    }
+    drop = measured - estimate
+    name = f"estimated accuracy drop (measured {measured:.3f}, estimated {estimate:.3f})"
+    return [
+        Signal(name, drop, settings.max_accuracy_drop, drop > settings.max_accuracy_drop, details)
+    ]
+
+
 def _signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
     names = sorted(set(base.classes) | set(current.classes))
     ref_counts = np.array([base.classes[n] for n in names], dtype=np.int64)
@@ -173,6 +234,7 @@ def _signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signa
         Signal("error rate rise", err_cur - err_ref, settings.max_error_rate_rise,
                err_cur - err_ref > settings.max_error_rate_rise,
                {"reference": err_ref, "window": err_cur}),
+        *_accuracy_signal(base, current, settings),
     ]  # fmt: skip
 
 
@@ -215,8 +277,9 @@ def _read(files: list[Path], condition: ds.Expression | None) -> Side:
     if not files:
         return side
     dataset = ds.dataset([str(f) for f in files], format="parquet")
+    columns = [*COLUMNS, *(["correct"] if "correct" in dataset.schema.names else [])]
     batches = dataset.to_batches(
-        columns=COLUMNS,
+        columns=columns,
         filter=condition,
         batch_size=65_536,
         batch_readahead=2,

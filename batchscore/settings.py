@@ -95,3 +95,4 @@ class MonitorSettings:
     low_confidence: float = 0.5
     max_low_confidence_rise: float = 0.1
     max_error_rate_rise: float = 0.05
+    max_accuracy_drop: float = 0.05  # estimated without labels, against the reference's

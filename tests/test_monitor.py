@@ -19,7 +19,7 @@ from scipy.spatial.distance import jensenshannon
 
 from batchscore.cli import cli
 from batchscore.drift import chi2_sf, chi_square, js_distance, ks_from_histograms, psi
-from tests.conftest import SAMPLES
+from tests.conftest import COLORS, SAMPLES
 from tests.models import color_model
 
 pairs = st.lists(st.tuples(st.integers(0, 500), st.integers(0, 500)), min_size=2, max_size=12)
@@ -185,3 +185,53 @@ def test_the_window_and_the_reference_can_be_chosen_and_models_must_match(
     code, output = _monitor(scored, nights["reference"], "--allow-model-change")
     assert code in (0, 3)
     assert len(pd.read_parquet(scored)) == 1
+
+
+def _labelled_night(folder: Path, n: int, alpha: float, seed: int) -> Path:
+    """Images mixing the three colours with Dirichlet(alpha) weights; the label is the main
+    colour, wrong one time in five (labels are noisy in real life too). A larger alpha makes
+    the mixtures, and so the colour model, less sure."""
+    rng = np.random.default_rng(seed)
+    names = ["red", "green", "blue"]
+    palette = np.array([COLORS[name] for name in names], dtype=np.float64)
+    folder.mkdir(parents=True)
+    rows = ["path,label"]
+    for i in range(n):
+        weights = rng.dirichlet([alpha] * 3)
+        pixel = np.clip(weights @ palette + rng.normal(0, 8, (8, 8, 3)), 0, 255).astype(np.uint8)
+        path = folder / f"img_{i:04d}.png"
+        Image.fromarray(pixel).save(path)
+        label = int(np.argmax(weights)) if rng.random() > 0.2 else int(rng.integers(0, 3))
+        rows.append(f"{path},{names[label]}")
+    manifest = folder / "labels.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    return manifest
+
+
+@pytest.mark.slow
+def test_the_accuracy_estimated_without_labels_tracks_the_true_accuracy(tmp_path: Path) -> None:
+    """Calibrated on a labelled reference, the estimate for a night from the same process and
+    for a harder night is compared with their true accuracy (known here: they have labels too,
+    which `monitor` does not read on the monitored side)."""
+    model = color_model(tmp_path / "model", size=8)
+    scored = {}
+    for name, alpha, seed in (("reference", 1.0, 1), ("same", 1.0, 2), ("harder", 12.0, 3)):
+        manifest = _labelled_night(tmp_path / name, 400, alpha, seed)
+        dataset = tmp_path / f"preds_{name}"
+        args = ["score", str(manifest), "-o", f"{dataset}/", "--model", str(model)]
+        assert CliRunner().invoke(cli, [*args, "--workers", "0", "-q"]).exit_code == 0
+        scored[name] = dataset
+    estimates = {}
+    for name in ("same", "harder"):
+        report = tmp_path / f"report_{name}"
+        _monitor(scored[name], scored["reference"], "--report", str(report))
+        signals = json.loads((report / "monitor.json").read_text())["signals"]
+        [accuracy] = [s for s in signals if s["name"].startswith("estimated accuracy drop")]
+        details = accuracy["details"]
+        truth = float(pd.read_parquet(scored[name])["correct"].mean())
+        low, high = details["interval"]
+        assert abs(details["estimated_accuracy"] - truth) < 0.06, (name, details, truth)
+        assert low - 0.03 <= truth <= high + 0.03, (name, details, truth)
+        estimates[name] = (details["estimated_accuracy"], truth, accuracy["alert"])
+    assert estimates["harder"][1] < estimates["same"][1] - 0.05  # the harder night is harder
+    assert estimates["same"][2] is False and estimates["harder"][2] is True

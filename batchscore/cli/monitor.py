@@ -87,6 +87,14 @@ SHARE = click.FloatRange(0, 1)
     show_default=True,
     help="Alert when the error rate rose by more than this.",
 )
+@click.option(
+    "--max-accuracy-drop",
+    type=SHARE,
+    default=_DEFAULTS.max_accuracy_drop,
+    show_default=True,
+    help="With a labelled reference: alert when the accuracy estimated without labels is this"
+    " much below the reference's.",
+)
 def monitor_command(
     dataset: str,
     reference: str,
@@ -102,6 +110,7 @@ def monitor_command(
     low_confidence: float,
     max_low_confidence_rise: float,
     max_error_rate_rise: float,
+    max_accuracy_drop: float,
 ) -> None:
     """Does tonight's scoring still look like the reference? Exit 3 on an alert.
 
@@ -130,6 +139,7 @@ def monitor_command(
         low_confidence=low_confidence,
         max_low_confidence_rise=max_low_confidence_rise,
         max_error_rate_rise=max_error_rate_rise,
+        max_accuracy_drop=max_accuracy_drop,
     )
     result = monitor(dataset, reference, settings)
     if report_dir is not None:

@@ -10,6 +10,8 @@
 #   4 more than MAX_ERROR_RATE of the new images failed (their rows are written)
 #   75 another run holds the dataset's lock: nothing done, the next run catches up
 #   130/143 stopped by SIGINT/SIGTERM (passed on to batchscore): the next run resumes
+#   3 (with MONITOR_REFERENCE) scored, then `batchscore monitor` found drift: an ALERT line in
+#     the log, the report in DATASET/_monitor/<run date>/
 #
 # Settings: environment variables, or the flags beside them (a flag wins).
 #   UPLOADS         --uploads DIR        folder of images to score (required)
@@ -26,6 +28,9 @@
 #   WORKERS         --workers N          worker processes (default: one per CPU)
 #   BATCHSCORE      --batchscore CMD     how to run batchscore, split on spaces (default:
 #                                        batchscore; e.g. "/opt/venv/bin/python -m batchscore")
+#   MONITOR_REFERENCE  --monitor-reference PATH  after a successful run, compare it with this
+#                                        reference (a canary --report folder, a dataset, a date
+#                                        partition or a file) with `batchscore monitor`
 # Arguments after `--` go to `batchscore score` as they are.
 #
 # Example:
@@ -43,6 +48,7 @@ RETRY_ERRORS=${RETRY_ERRORS:-0}
 WAIT_LOCK=${WAIT_LOCK:-0}
 WORKERS=${WORKERS:-}
 BATCHSCORE=${BATCHSCORE:-batchscore}
+MONITOR_REFERENCE=${MONITOR_REFERENCE:-}
 
 die() {
     echo "nightly.sh: $*" >&2
@@ -55,7 +61,8 @@ usage() {
 
 while (($#)); do
     case $1 in
-        --uploads | --dataset | --model | --log | --max-error-rate | --workers | --batchscore)
+        --uploads | --dataset | --model | --log | --max-error-rate | --workers | --batchscore | \
+            --monitor-reference)
             (($# >= 2)) || die "$1 needs a value"
             case $1 in
                 --uploads) UPLOADS=$2 ;;
@@ -65,6 +72,7 @@ while (($#)); do
                 --max-error-rate) MAX_ERROR_RATE=$2 ;;
                 --workers) WORKERS=$2 ;;
                 --batchscore) BATCHSCORE=$2 ;;
+                --monitor-reference) MONITOR_REFERENCE=$2 ;;
             esac
             shift 2
             ;;
@@ -102,6 +110,7 @@ meaning() {
     case $1 in
         0) echo "done" ;;
         2) echo "bad configuration" ;;
+        3) echo "ALERT: monitor found drift against $MONITOR_REFERENCE" ;;
         4) echo "too many images failed; their rows are written" ;;
         75) echo "another run holds the dataset's lock; nothing done" ;;
         130 | 143) echo "stopped by a signal; the next run resumes" ;;
@@ -126,6 +135,12 @@ while :; do
     if [[ -z $forwarded ]]; then break; fi # a forwarded signal cut the wait short: wait again
 done
 trap - TERM INT
+
+if ((status == 0)) && [[ -n $MONITOR_REFERENCE ]]; then
+    report="$DATASET/_monitor/$(date -u +%Y-%m-%d)"
+    "${batchscore[@]}" monitor "$DATASET" --reference "$MONITOR_REFERENCE" --report "$report" \
+        >&3 2>&3 || status=$?
+fi
 
 echo "$(stamp) nightly.sh[$$] exit $status: $(meaning "$status") ($((SECONDS - started)) s)" >&3
 exec 3>&-

@@ -301,3 +301,30 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
         text=True,
     )
     assert done.returncode == 0 and not done.stderr, done.stderr
+
+
+def test_nightly_runs_monitor_after_scoring_and_a_drifted_night_is_an_alert(
+    tmp_path: Path,
+) -> None:
+    model = color_model(tmp_path / "model")
+    reference_images, reference = tmp_path / "reference_images", tmp_path / "reference"
+    write_images(reference_images, TRUTH * 3)
+    args = ["-m", "batchscore", "score", str(reference_images), "-o", f"{reference}/"]
+    args += ["--model", str(model), "--workers", "0"]
+    assert subprocess.run([sys.executable, *args], check=False).returncode == 0
+    uploads, dataset = tmp_path / "uploads", tmp_path / "preds"
+    settings = {"UPLOADS": uploads, "DATASET": dataset, "MODEL": model,
+                "MONITOR_REFERENCE": reference}  # fmt: skip
+
+    write_images(uploads, TRUTH * 3)  # a night like the reference
+    quiet = job("nightly.sh", **settings)
+    assert quiet.returncode == 0, quiet.stderr
+    assert list((dataset / "_monitor").glob("*/monitor.json"))
+
+    write_images(uploads, ["red"] * 27, start=100)  # a night of one colour only
+    alert = job("nightly.sh", **settings)
+    assert alert.returncode == 3, alert.stderr
+    log = (dataset / "_logs" / "nightly.log").read_text()
+    assert f"exit 3: ALERT: monitor found drift against {reference}" in log
+    assert "ALERT prediction drift (Jensen-Shannon)" in log
+    assert "ALERT" in alert.stderr  # a failed night's lines go to cron mail

@@ -18,7 +18,10 @@ Signals, each a number, a threshold and a verdict (`drift` holds the statistics)
   rows in each of `CALIBRATION_BINS` probability bins); tonight's accuracy is estimated as the
   mean calibrated probability of tonight's rows, with a 95% interval, and compared with the
   reference's measured accuracy (alert on a drop of more than `max_accuracy_drop`). It holds
-  while the model's calibration does: drift in which images come, not in what they mean.
+  while the model's calibration does: drift in which images come, not in what they mean;
+- input drift: how the images look, from the columns every run records while decoding:
+  brightness, contrast, saturation, width and height (two-sample KS each, alert like the
+  confidence drift) and the file format (Jensen-Shannon distance, alert like the predictions).
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ from batchscore.settings import MonitorSettings
 
 BINS = 10_000
 CALIBRATION_BINS = 20
+INPUT_BINS = 1_000
+# Input statistics, each binned on [0, 1]: the 0-1 ones as they are, sizes as log2(px) / 16.
+INPUT_STATS = ("brightness", "contrast", "saturation", "width", "height")
 COLUMNS = ["status", "pred_label", "pred_prob", "model_sha256"]
 CANARY_PREDICTIONS = "predictions.parquet"
 JSON_FILE = "monitor.json"
@@ -63,6 +69,8 @@ class Side:
     # Rows with a label, and those right, per probability bin (for the calibration).
     labelled: np.ndarray = field(default_factory=lambda: np.zeros(BINS, dtype=np.int64))
     right: np.ndarray = field(default_factory=lambda: np.zeros(BINS, dtype=np.int64))
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    formats: Counter[str] = field(default_factory=Counter)
 
     @property
     def n_ok(self) -> int:
@@ -78,6 +86,7 @@ class Side:
         self.classes.update(dict(zip(names, counts, strict=True)))  # no Python str per row
         probs = pc.filter(batch.column("pred_prob"), ok).drop_null().to_numpy()
         self.confidence += np.bincount(_bins(probs), minlength=BINS)
+        self._add_inputs(batch, ok)
         if "correct" in batch.schema.names:
             correct = pc.filter(batch.column("correct"), ok)
             known = correct.is_valid().to_numpy(zero_copy_only=False)
@@ -85,6 +94,22 @@ class Side:
             hits = correct.fill_null(False).to_numpy(zero_copy_only=False)
             self.labelled += np.bincount(_bins(scored[known]), minlength=BINS)
             self.right += np.bincount(_bins(scored[known & hits]), minlength=BINS)
+
+    def _add_inputs(self, batch: pa.RecordBatch, ok: pa.Array) -> None:
+        for name in INPUT_STATS:
+            if name not in batch.schema.names:
+                continue
+            values = pc.filter(batch.column(name), ok).drop_null().to_numpy(zero_copy_only=False)
+            values = np.asarray(values, dtype=np.float64)
+            if name in ("width", "height"):
+                values = np.log2(np.maximum(values, 1)) / 16
+            scaled = np.clip((values * INPUT_BINS).astype(np.int64), 0, INPUT_BINS - 1)
+            counts = np.bincount(scaled, minlength=INPUT_BINS)
+            self.inputs[name] = self.inputs.get(name, np.zeros(INPUT_BINS, np.int64)) + counts
+        if "format" in batch.schema.names:
+            counted = pc.value_counts(pc.filter(batch.column("format"), ok).drop_null())
+            names = counted.field("values").to_pylist()
+            self.formats.update(dict(zip(names, counted.field("counts").to_pylist(), strict=True)))
 
     def calibration(self) -> np.ndarray | None:
         """Accuracy per coarse probability bin, from the labelled rows; None without labels.
@@ -207,6 +232,30 @@ def _accuracy_signal(base: Side, current: Side, settings: MonitorSettings) -> li
     ]
 
 
+def _input_signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
+    """Only for what both sides recorded (datasets older than these columns have none)."""
+    signals = []
+    for name in INPUT_STATS:
+        if name in base.inputs and name in current.inputs:
+            ks, p_value = ks_from_histograms(base.inputs[name], current.inputs[name])
+            alert = ks > settings.max_ks and p_value < settings.alpha
+            signals.append(
+                Signal(f"input drift: {name} (Kolmogorov-Smirnov)", ks, settings.max_ks, alert,
+                       {"p_value": p_value})
+            )  # fmt: skip
+    if base.formats and current.formats:
+        names = sorted(set(base.formats) | set(current.formats))
+        ref = np.array([base.formats[n] for n in names])
+        cur = np.array([current.formats[n] for n in names])
+        js = js_distance(ref, cur)
+        details = {"reference": dict(base.formats), "window": dict(current.formats)}
+        signals.append(
+            Signal("input drift: format (Jensen-Shannon)", js, settings.max_js,
+                   js > settings.max_js, details)
+        )  # fmt: skip
+    return signals
+
+
 def _signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
     names = sorted(set(base.classes) | set(current.classes))
     ref_counts = np.array([base.classes[n] for n in names], dtype=np.int64)
@@ -235,6 +284,7 @@ def _signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signa
                err_cur - err_ref > settings.max_error_rate_rise,
                {"reference": err_ref, "window": err_cur}),
         *_accuracy_signal(base, current, settings),
+        *_input_signals(base, current, settings),
     ]  # fmt: skip
 
 
@@ -277,7 +327,8 @@ def _read(files: list[Path], condition: ds.Expression | None) -> Side:
     if not files:
         return side
     dataset = ds.dataset([str(f) for f in files], format="parquet")
-    columns = [*COLUMNS, *(["correct"] if "correct" in dataset.schema.names else [])]
+    optional = ["correct", "format", *INPUT_STATS]
+    columns = [*COLUMNS, *(name for name in optional if name in dataset.schema.names)]
     batches = dataset.to_batches(
         columns=columns,
         filter=condition,

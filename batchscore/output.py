@@ -32,6 +32,13 @@ METADATA_PREFIX = "batchscore."
 ROW_GROUP_ROWS = 2048
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+# How each image looked (see `preprocess.ImageStats`): what input-drift monitoring compares.
+INPUT_STATS_FIELDS = (
+    pa.field("format", pa.string()),
+    pa.field("brightness", pa.float32()),
+    pa.field("contrast", pa.float32()),
+    pa.field("saturation", pa.float32()),
+)
 # Never a column: a dataset's partition key (readers add it from the folder name) and the
 # column pandas keeps its index in.
 RESERVED_NAMES = ("run_date", "__index_level_0__")
@@ -74,6 +81,7 @@ def output_schema(layout: OutputLayout) -> pa.Schema:
     fields += [
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        *INPUT_STATS_FIELDS,
         pa.field("fingerprint", pa.string()),
     ]
     if layout.has_label:
@@ -164,6 +172,7 @@ def chunk_to_batch(
     columns += [
         pa.array(output.widths, type=pa.int32()),
         pa.array(output.heights, type=pa.int32()),
+        *_stats_columns(output.stats),
         pa.array([ref.fingerprint for ref in refs], type=pa.string()),
     ]
     if layout.has_label:
@@ -181,6 +190,14 @@ def chunk_to_batch(
         pa.array([result.finished_at] * n, type=pa.timestamp("us", tz="UTC")),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _stats_columns(stats: list[Any]) -> list[pa.Array]:
+    """format, brightness, contrast, saturation (see `preprocess.ImageStats`); null in errors."""
+    return [pa.array([None if s is None else s.format for s in stats], type=pa.string())] + [
+        pa.array([None if s is None else getattr(s, name) for s in stats], type=pa.float32())
+        for name in ("brightness", "contrast", "saturation")
+    ]
 
 
 def _extra_column(values: list[Any], dtype: pa.DataType) -> pa.Array:

@@ -28,7 +28,7 @@ import os
 import stat
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -389,6 +389,32 @@ class Decoded:
     width: int
     height: int
     warnings: tuple[str, ...] = ()
+    format: str | None = None  # Pillow's name of the file format: JPEG, PNG, ...
+
+
+@dataclass(frozen=True)
+class ImageStats:
+    """What an image looked like, for input-drift monitoring; from the pixels the model gets
+    (every 4th row and column: about 3,000 pixels, tens of microseconds)."""
+
+    format: str | None
+    brightness: float  # mean luma, 0-1 (ITU-R 601 weights)
+    contrast: float  # standard deviation of luma, 0-1
+    saturation: float  # mean chroma (max - min of R, G, B), 0-1
+
+
+def image_stats(decoded: Decoded) -> ImageStats:
+    """Elementwise numpy only (a BLAS call costs more than the sum here): ~45 us an image."""
+    sample = decoded.pixels[::4, ::4]
+    r, g, b = (sample[:, :, i].astype(np.float32) for i in range(3))
+    luma = r * 0.299 + g * 0.587 + b * 0.114
+    chroma = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+    return ImageStats(
+        decoded.format,
+        float(luma.mean()) / 255,
+        float(luma.std()) / 255,
+        float(chroma.mean()) / 255,
+    )
 
 
 def load_image(
@@ -408,7 +434,7 @@ def load_image(
             decoded = _load_image(path, config, max_pixels=max_pixels, fast_jpeg=fast_jpeg)
         if caught:
             messages = tuple(dict.fromkeys(str(w.message) for w in caught))
-            decoded = Decoded(decoded.pixels, decoded.width, decoded.height, messages)
+            decoded = replace(decoded, warnings=messages)
         return decoded
     except ImageError:
         raise
@@ -452,8 +478,9 @@ def _load_image(
         if image.size != before and image.size == before[::-1]:
             width, height = height, width
         rgb = to_rgb(image)
+        kind = image.format
     pixels = resize_and_crop(rgb, config)
-    return Decoded(pixels=pixels, width=width, height=height)
+    return Decoded(pixels=pixels, width=width, height=height, format=kind)
 
 
 def resize_and_crop(rgb: Image.Image, config: PreprocessConfig) -> np.ndarray:

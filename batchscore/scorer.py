@@ -25,7 +25,9 @@ import onnxruntime as ort
 from batchscore.model import ModelSpec, create_session, first_line
 from batchscore.preprocess import (
     ImageError,
+    ImageStats,
     PreprocessConfig,
+    image_stats,
     init_pillow,
     load_image,
     tensor_batch,
@@ -53,6 +55,7 @@ class ChunkOutput:
     heights: list[int | None]
     scores: list[ModelScores]
     warnings: list[str | None]
+    stats: list[ImageStats | None]  # of the first preprocessing's decode, for monitoring
 
 
 @dataclass
@@ -96,6 +99,7 @@ class Scorer:
         widths: list[int | None] = [None] * n
         heights: list[int | None] = [None] * n
         notes: list[list[str]] = [[] for _ in range(n)]
+        stats: list[ImageStats | None] = [None] * n
         pixels: dict[PreprocessConfig, list[np.ndarray | None]] = {}
         for config in self.configs:  # decode once per distinct preprocessing, not per model
             pixels[config] = [None] * n
@@ -116,13 +120,15 @@ class Scorer:
                 notes[i] += decoded.warnings
                 pixels[config][i] = decoded.pixels
                 widths[i], heights[i] = decoded.width, decoded.height
+                if stats[i] is None:
+                    stats[i] = image_stats(decoded)
         all_probs = [
             self._infer(spec, session, pixels[spec.preprocess], errors)
             for spec, session in zip(self.specs, self.sessions, strict=True)
         ]
         for i, error in enumerate(errors):
             if error is not None:  # also clears scores of an image a later model rejected
-                widths[i] = heights[i] = None
+                widths[i] = heights[i] = stats[i] = None
                 for probs in all_probs:
                     probs[i] = 0.0
         k = self.options.top_k
@@ -131,7 +137,7 @@ class Scorer:
             "; ".join(dict.fromkeys(found)) if found and error is None else None
             for found, error in zip(notes, errors, strict=True)
         ]
-        return ChunkOutput(errors, widths, heights, scores, warnings)
+        return ChunkOutput(errors, widths, heights, scores, warnings, stats)
 
     def _infer(
         self,
@@ -214,6 +220,7 @@ def failed_output(n: int, reason: str, specs: Sequence[ModelSpec], k: int) -> Ch
         widths=[None] * n,
         heights=[None] * n,
         warnings=[None] * n,
+        stats=[None] * n,
         scores=[
             ModelScores(
                 probs=np.zeros((n, spec.num_classes), dtype=np.float32),
@@ -231,6 +238,7 @@ def concat_outputs(parts: list[ChunkOutput]) -> ChunkOutput:
         widths=[w for p in parts for w in p.widths],
         heights=[h for p in parts for h in p.heights],
         warnings=[w for p in parts for w in p.warnings],
+        stats=[s for p in parts for s in p.stats],
         scores=[
             ModelScores(
                 probs=np.concatenate([p.scores[m].probs for p in parts]),

@@ -83,13 +83,16 @@ def _variants(image: Image.Image) -> list[Image.Image]:
 def nights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A reference and three nights, scored by the bundled model into one dataset each."""
     root = tmp_path_factory.mktemp("monitor")
-    folders = {name: root / name for name in ("reference", "same", "dark", "one_kind", "broken")}
+    names = ("reference", "same", "dark", "one_kind", "broken", "png")
+    folders = {name: root / name for name in names}
     for folder in folders.values():
         folder.mkdir()
     for sample in sorted(SAMPLES.glob("*.jpg")):
         for i, picture in enumerate(_variants(Image.open(sample).convert("RGB"))):
             for name in ("reference", "same", "broken"):
                 picture.save(folders[name] / f"{sample.stem}_{i}.jpg", quality=92)
+            same = Image.open(folders["same"] / f"{sample.stem}_{i}.jpg")
+            same.save(folders["png"] / f"{sample.stem}_{i}.png")  # the same pixels, as PNG
             dark = ImageEnhance.Brightness(picture).enhance(0.12)
             dark.save(folders["dark"] / f"{sample.stem}_{i}.jpg", quality=92)
     cat = Image.open(SAMPLES / "cat.jpg").convert("RGB")
@@ -116,8 +119,9 @@ def _monitor(dataset: Path, reference: Path, *extra: str) -> tuple[int, str]:
 
 
 def _alerts(output: str) -> set[str]:
+    """The names of the signals on ALERT lines ("ALERT name: value (threshold t)")."""
     return {
-        line.split("ALERT", 1)[1].split(":")[0].strip()
+        line.split("ALERT", 1)[1].rsplit(": ", 1)[0].strip()
         for line in output.splitlines()
         if "ALERT " in line
     }
@@ -132,7 +136,7 @@ def test_an_unchanged_night_raises_nothing_and_planted_drifts_raise_their_signal
     assert code == 0, output
     assert _alerts(output) == set()
     saved = json.loads((tmp_path / "report" / "monitor.json").read_text())
-    assert saved["alert"] is False and len(saved["signals"]) == 5
+    assert saved["alert"] is False and len(saved["signals"]) == 11  # no labels: no accuracy
     assert (tmp_path / "report" / "report.md").read_text().startswith("# Monitor: run night-same")
 
     code, output = _monitor(nights["one_kind"], reference)
@@ -142,7 +146,16 @@ def test_an_unchanged_night_raises_nothing_and_planted_drifts_raise_their_signal
 
     code, output = _monitor(nights["dark"], reference)
     assert code == 3
-    assert "low-confidence share rise (top-1 < 0.5)" in _alerts(output)
+    assert {
+        "low-confidence share rise (top-1 < 0.5)",
+        "input drift: brightness (Kolmogorov-Smirnov)",
+        "input drift: contrast (Kolmogorov-Smirnov)",
+    } <= _alerts(output)
+    assert "input drift: format (Jensen-Shannon)" not in _alerts(output)
+
+    code, output = _monitor(nights["png"], reference)
+    assert code == 3
+    assert _alerts(output) == {"input drift: format (Jensen-Shannon)"}
 
     code, output = _monitor(nights["broken"], reference)
     assert code == 3
@@ -235,3 +248,24 @@ def test_the_accuracy_estimated_without_labels_tracks_the_true_accuracy(tmp_path
         estimates[name] = (details["estimated_accuracy"], truth, accuracy["alert"])
     assert estimates["harder"][1] < estimates["same"][1] - 0.05  # the harder night is harder
     assert estimates["same"][2] is False and estimates["harder"][2] is True
+
+
+def test_input_statistics_are_written_and_mean_what_they_say(tmp_path: Path) -> None:
+    """Brightness and contrast against numpy on every pixel of what the model got (the column is
+    computed on every 4th row and column), saturation 0 for gray, the format as Pillow names it."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    gray = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+    Image.fromarray(gray).convert("RGB").save(folder / "gray.png")
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(folder / "red.jpg", quality=100)
+    model = color_model(tmp_path / "model", size=64)
+    out = tmp_path / "out.parquet"
+    args = ["score", str(folder), "-o", str(out), "--model", str(model), "--workers", "0"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    rows = pd.read_parquet(out).set_index("format")
+    assert rows.loc["PNG", "brightness"] == pytest.approx(gray.mean() / 255, abs=0.02)
+    assert rows.loc["PNG", "contrast"] == pytest.approx(gray.std() / 255, abs=0.02)
+    assert rows.loc["PNG", "saturation"] == pytest.approx(0.0, abs=1e-6)
+    assert rows.loc["JPEG", "saturation"] == pytest.approx(160 / 255, abs=0.03)
+    assert rows.loc["JPEG", "contrast"] == pytest.approx(0.0, abs=0.01)

@@ -27,8 +27,11 @@ from batchscore.metrics import (
     NO_PREDICTION,
     Metrics,
     PairedComparison,
+    brier_score,
     classification_metrics,
+    expected_calibration_error,
     paired_comparison,
+    reliability,
     wilson_interval,
 )
 from batchscore.output import STATUS_OK, read_metadata
@@ -50,6 +53,11 @@ class ModelEvaluation:
     metrics: Metrics
     n_topk_correct: int
     top_k: int
+    # Calibration, on the images with a prediction: None when no image had one (or, for the
+    # Brier score, when the predictions were written without --no-probs' probability vectors).
+    ece: float | None = None
+    brier: float | None = None
+    reliability: tuple[dict[str, float], ...] = ()
 
     @property
     def accuracy(self) -> float:
@@ -111,6 +119,11 @@ class ModelEvaluation:
             "confusion_matrix": {
                 "labels": self.labels,
                 "matrix": self.metrics.confusion.tolist(),
+            },
+            "calibration": {
+                "ece": self.ece,
+                "brier": self.brier,
+                "reliability": list(self.reliability),
             },
         }
 
@@ -353,8 +366,10 @@ def evaluate_predictions(predictions: Path, settings: CanarySettings) -> CanaryR
     if "baseline_class_map" in meta:
         models.append((BASELINE_PREFIX, tuple(meta["baseline_class_map"])))
     columns = ["path", "status", "error", "label"]
+    names_in_file = pq.read_schema(predictions).names
     for prefix, _ in models:
         columns += [f"{prefix}pred_index", f"{prefix}pred_label", f"{prefix}topk_labels"]
+        columns += [c for c in (f"{prefix}pred_prob", f"{prefix}probs") if c in names_in_file]
     table = pq.read_table(predictions, columns=columns)
 
     labels: list[str | None] = table.column("label").to_pylist()
@@ -420,6 +435,7 @@ def _evaluate(
     y_pred = pc.fill_null(taken.column(f"{prefix}pred_index"), NO_PREDICTION).to_numpy()
     topk = taken.column(f"{prefix}topk_labels").to_pylist()
     hits = sum(1 for label, top in zip(labels, topk, strict=True) if label in (top or ()))
+    ece, brier, bins = _calibration(taken, prefix, y_true, y_pred)
     evaluation = ModelEvaluation(
         model_file=str(meta[f"{prefix}model_file"]),
         model_sha256=str(meta[f"{prefix}model_sha256"]),
@@ -427,8 +443,32 @@ def _evaluate(
         metrics=classification_metrics(y_true, y_pred),
         n_topk_correct=hits,
         top_k=min(int(meta["top_k"]), len(names)),
+        ece=ece,
+        brier=brier,
+        reliability=bins,
     )
     return evaluation, y_true == y_pred
+
+
+def _calibration(
+    taken: pa.Table, prefix: str, y_true: np.ndarray, y_pred: np.ndarray
+) -> tuple[float | None, float | None, tuple[dict[str, float], ...]]:
+    """ECE, Brier score and the reliability table on the rows with a prediction."""
+    if f"{prefix}pred_prob" not in taken.column_names:
+        return None, None, ()
+    predicted = y_pred != NO_PREDICTION
+    if not predicted.any():
+        return None, None, ()
+    confidence = np.asarray(taken.column(f"{prefix}pred_prob").to_numpy(zero_copy_only=False))
+    right = (y_true == y_pred)[predicted]
+    ece = expected_calibration_error(confidence[predicted].astype(np.float64), right)
+    bins = tuple(reliability(confidence[predicted].astype(np.float64), right))
+    brier = None
+    if f"{prefix}probs" in taken.column_names:
+        rows = taken.column(f"{prefix}probs").to_pylist()
+        probs = np.array([rows[i] for i in np.flatnonzero(predicted)], dtype=np.float64)
+        brier = brier_score(probs, y_true[predicted])
+    return ece, brier, bins
 
 
 def _index(names: Sequence[str]) -> dict[str, int]:

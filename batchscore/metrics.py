@@ -182,3 +182,52 @@ def paired_comparison(
 
 
 # --- one model's evaluation and the gate --------------------------------------------------
+
+
+CALIBRATION_BINS = 15
+
+
+def reliability(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS
+) -> list[dict[str, float]]:
+    """Equal-width confidence bins: each non-empty one's range, count, mean confidence and
+    accuracy (sklearn's calibration_curve with strategy="uniform", plus the counts)."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, bins - 1)
+    table = []
+    for b in range(bins):
+        mask = index == b
+        if mask.any():
+            table.append(
+                {
+                    "low": float(edges[b]),
+                    "high": float(edges[b + 1]),
+                    "n": int(mask.sum()),
+                    "confidence": float(confidence[mask].mean()),
+                    "accuracy": float(correct[mask].mean()),
+                }
+            )
+    return table
+
+
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS
+) -> float:
+    """Sum over the bins of (share of rows) x |accuracy - mean confidence|."""
+    n = len(confidence)
+    if n == 0:
+        return 0.0
+    return float(
+        sum(
+            r["n"] / n * abs(r["accuracy"] - r["confidence"])
+            for r in reliability(confidence, correct, bins)
+        )
+    )
+
+
+def brier_score(probs: np.ndarray, y_true: np.ndarray) -> float:
+    """Multi-class Brier score: the mean over rows of the squared distance between the
+    probability vector and the one-hot truth (0 is perfect, 2 is the worst)."""
+    onehot = np.zeros_like(probs, dtype=np.float64)
+    onehot[np.arange(len(y_true)), y_true] = 1.0
+    return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))

@@ -126,7 +126,15 @@ def _model_rows(label: str, evaluation: ModelEvaluation) -> list[list[object]]:
         [f"{label} accuracy", f"{evaluation.accuracy:.4f} (95% CI {low:.4f} to {high:.4f})"],
         [f"{label} top-{evaluation.top_k} accuracy", f"{evaluation.topk_accuracy:.4f}"],
         [f"{label} macro F1", f"{evaluation.metrics.macro_avg()['f1']:.4f}"],
+        [f"{label} calibration", _calibration_text(evaluation)],
     ]
+
+
+def _calibration_text(evaluation: ModelEvaluation) -> str:
+    if evaluation.ece is None:
+        return "-"
+    brier = "" if evaluation.brier is None else f", Brier score {evaluation.brier:.4f}"
+    return f"expected calibration error {evaluation.ece:.4f}{brier} (canary.json: reliability)"
 
 
 def markdown(result: CanaryResult) -> str:

@@ -317,6 +317,20 @@ def test_report_files_and_metrics_equal_sklearn_on_predictions(
     ]
     df = pd.read_parquet(report / "predictions.parquet")
     assert len(df) == 12 and {"label", "correct", "pred_label", "probs"} <= set(df.columns)
+    calibration = data["calibration"]
+    confidence = df["pred_prob"].to_numpy()
+    by_hand = sum(
+        r["n"] / 12 * abs(r["accuracy"] - r["confidence"]) for r in calibration["reliability"]
+    )
+    assert calibration["ece"] == pytest.approx(by_hand)
+    assert sum(r["n"] for r in calibration["reliability"]) == 12
+    assert calibration["reliability"][-1]["confidence"] <= confidence.max() + 1e-6
+    names = data["confusion_matrix"]["labels"]
+    onehot = np.array([[label == name for name in names] for label in df["label"]], dtype=float)
+    assert calibration["brier"] == pytest.approx(
+        float(np.mean(np.sum((np.stack(df["probs"].to_numpy()) - onehot) ** 2, axis=1))), abs=1e-6
+    )
+    assert "expected calibration error" in (report / "report.md").read_text()
     y_true, y_pred = list(df["label"]), list(df["pred_label"])
     assert data["accuracy"] == accuracy_score(y_true, y_pred) == df["correct"].mean()
     labels = ["red", "green", "blue"]
@@ -455,3 +469,25 @@ def test_bundled_model_on_the_sample_photos(tmp_path: Path) -> None:
     assert data["per_class"]["missile"]["precision"] == 0.5
     assert data["confusion_matrix"]["labels"] == ["Egyptian cat", "missile", "tripod", "espresso"]
     assert "accuracy        0.8000  95% CI [0.3755, 0.9638]" in result.stdout
+
+
+def test_calibration_metrics_match_their_definitions_and_sklearn() -> None:
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss
+
+    from batchscore.metrics import brier_score, expected_calibration_error, reliability
+
+    rng = np.random.default_rng(4)
+    confidence = rng.uniform(0.3, 1.0, 500)
+    correct = rng.random(500) < confidence**1.5  # overconfident
+    table = reliability(confidence, correct)
+    prob_true, prob_pred = calibration_curve(correct, confidence, n_bins=15, strategy="uniform")
+    np.testing.assert_allclose([r["accuracy"] for r in table], prob_true)
+    np.testing.assert_allclose([r["confidence"] for r in table], prob_pred)
+    by_hand = sum(r["n"] / 500 * abs(r["accuracy"] - r["confidence"]) for r in table)
+    assert expected_calibration_error(confidence, correct) == pytest.approx(by_hand)
+    assert expected_calibration_error(confidence, correct) > 0.05  # it is overconfident
+    p1 = rng.uniform(0, 1, 300)
+    y = (rng.random(300) < p1).astype(int)
+    probs = np.stack([1 - p1, p1], axis=1)
+    assert brier_score(probs, y) == pytest.approx(2 * brier_score_loss(y, p1))

@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from batchscore.charts import bar_chart, line_chart
 from batchscore.dataset import PARTITION, part_files, read_summaries
 from batchscore.drift import chi_square, js_distance, ks_from_histograms, psi
 from batchscore.errors import ConfigError
@@ -49,11 +50,15 @@ from batchscore.settings import MonitorSettings
 BINS = 10_000
 CALIBRATION_BINS = 20
 INPUT_BINS = 1_000
+TREND_RUNS = 30
+TOP_CLASSES = 12
 # Input statistics, each binned on [0, 1]: the 0-1 ones as they are, sizes as log2(px) / 16.
 INPUT_STATS = ("brightness", "contrast", "saturation", "width", "height")
 COLUMNS = ["status", "pred_label", "pred_prob", "model_sha256"]
 CANARY_PREDICTIONS = "predictions.parquet"
 JSON_FILE = "monitor.json"
+TREND_FILE = "trend.svg"
+CLASSES_FILE = "classes.svg"
 _SINCE = re.compile(r"^(\d+)d$")
 
 
@@ -163,6 +168,8 @@ class MonitorResult:
     reference: str
     signals: list[Signal]
     sides: dict[str, dict[str, Any]]
+    trend: list[dict[str, Any]] = field(default_factory=list)  # one entry per night
+    classes: dict[str, list[Any]] = field(default_factory=dict)  # top classes, both shares
 
     @property
     def alert(self) -> bool:
@@ -180,6 +187,8 @@ class MonitorResult:
             "reference": self.reference,
             "signals": [asdict(signal) for signal in self.signals],
             "sides": self.sides,
+            "trend": self.trend,
+            "classes": self.classes,
         }
 
 
@@ -205,7 +214,59 @@ def monitor(
         )
     signals = _signals(base, current, settings)
     sides = {"reference": base.summary(), "window": current.summary()}
-    return MonitorResult(window, str(reference), signals, sides)
+    trend = [_night(root, run, base, settings) for run in _trend_runs(root, settings)]
+    return MonitorResult(window, str(reference), signals, sides, trend, _top_classes(base, current))
+
+
+def _trend_runs(root: Path, settings: MonitorSettings) -> list[dict[str, Any]]:
+    """The nights drawn in the trend: the window's runs, or up to TREND_RUNS runs ending with
+    the monitored one."""
+    runs = [s for s in read_summaries(root) if s.get("status") == "complete" and s.get("n_images")]
+    if settings.date is not None:
+        return [s for s in runs if any(f"{PARTITION}={settings.date}" in p for p in s["parts"])]
+    if settings.since is not None:
+        days = int(settings.since.rstrip("d"))
+        start = (datetime.now(timezone.utc) - timedelta(days=days)).isoformat()
+        return [s for s in runs if str(s.get("started_at", "")) >= start]
+    if settings.run is not None:
+        ends = [i for i, s in enumerate(runs) if s["run_id"] == settings.run]
+        runs = runs[: ends[0] + 1] if ends else runs
+    return runs[-TREND_RUNS:]
+
+
+def _night(
+    root: Path, run: dict[str, Any], base: Side, settings: MonitorSettings
+) -> dict[str, Any]:
+    """One night's numbers for the trend: class drift, low confidence, errors, accuracy."""
+    night = _read(part_files(root), pc.field("run_id") == run["run_id"])
+    names = sorted(set(base.classes) | set(night.classes))
+    js = js_distance(
+        np.array([base.classes[n] for n in names]), np.array([night.classes[n] for n in names])
+    )
+    calibration = base.calibration()
+    estimate = None if calibration is None else night.estimated_accuracy(calibration)[0]
+    return {
+        "run_id": run["run_id"],
+        "started_at": run.get("started_at"),
+        "rows": night.n_rows,
+        "js_distance": js,
+        "low_confidence_share": night.low_share(settings.low_confidence),
+        "error_rate": night.n_errors / night.n_rows if night.n_rows else None,
+        "estimated_accuracy": estimate,
+    }
+
+
+def _top_classes(base: Side, current: Side) -> dict[str, list[Any]]:
+    """The classes most predicted on either side, with their share on each."""
+    ref_n, cur_n = sum(base.classes.values()) or 1, sum(current.classes.values()) or 1
+    combined = Counter({k: v / ref_n for k, v in base.classes.items()})
+    combined.update({k: v / cur_n for k, v in current.classes.items()})
+    names = [name for name, _ in combined.most_common(TOP_CLASSES)]
+    return {
+        "names": names,
+        "reference": [base.classes[n] / ref_n for n in names],
+        "window": [current.classes[n] / cur_n for n in names],
+    }
 
 
 def _bins(probs: np.ndarray) -> np.ndarray:
@@ -362,4 +423,24 @@ def write_report(result: MonitorResult, folder: Path) -> None:
         lines.append(
             f"| {key} | {result.sides['reference'][key]} | {result.sides['window'][key]} |"
         )
+    trend = result.trend
+    labels = [str(night["run_id"]) for night in trend]
+    series = {
+        "Jensen-Shannon distance": [night["js_distance"] for night in trend],
+        "low-confidence share": [night["low_confidence_share"] for night in trend],
+        "error rate": [night["error_rate"] for night in trend],
+        "estimated accuracy": [night["estimated_accuracy"] for night in trend],
+    }
+    atomic_write_text(
+        folder / TREND_FILE, line_chart("The monitored nights", labels, series, top=1.0)
+    )
+    atomic_write_text(
+        folder / CLASSES_FILE,
+        bar_chart(
+            f"Top classes: {result.window} against the reference",
+            result.classes["names"],
+            {"reference": result.classes["reference"], "window": result.classes["window"]},
+        ),
+    )
+    lines += ["", f"![trend]({TREND_FILE})", "", f"![classes]({CLASSES_FILE})"]
     atomic_write_text(folder / "report.md", "\n".join(lines) + "\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pandas as pd
@@ -176,6 +177,16 @@ def test_the_window_and_the_reference_can_be_chosen_and_models_must_match(
     assert code == 3 and output.startswith("run night-one_kind")
     code, output = _monitor(dataset, nights["reference"], "--run", "night-reference")
     assert code == 0, output
+    report = tmp_path / "report"
+    _monitor(dataset, nights["reference"], "--report", str(report))
+    saved = json.loads((report / "monitor.json").read_text())
+    assert [night["run_id"] for night in saved["trend"]] == ["night-reference", "night-one_kind"]
+    assert saved["trend"][0]["js_distance"] == 0 and saved["trend"][1]["js_distance"] > 0.1
+    assert saved["classes"]["names"][0] == "Egyptian cat"  # the cats' night leads
+    for picture in ("trend.svg", "classes.svg"):
+        svg = ElementTree.parse(report / picture).getroot()
+        assert svg.tag.endswith("svg") and len(list(svg.iter())) > 10
+    assert "![trend](trend.svg)" in (report / "report.md").read_text()
     canary = tmp_path / "canary"
     canary.mkdir()
     part = next(nights["reference"].glob("run_date=*/*.parquet"))

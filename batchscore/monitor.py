@@ -51,6 +51,7 @@ BINS = 10_000
 CALIBRATION_BINS = 20
 INPUT_BINS = 1_000
 TREND_RUNS = 30
+MIN_CLASS_ROWS = 20
 TOP_CLASSES = 12
 # Input statistics, each binned on [0, 1]: the 0-1 ones as they are, sizes as log2(px) / 16.
 INPUT_STATS = ("brightness", "contrast", "saturation", "width", "height")
@@ -76,6 +77,8 @@ class Side:
     right: np.ndarray = field(default_factory=lambda: np.zeros(BINS, dtype=np.int64))
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
     formats: Counter[str] = field(default_factory=Counter)
+    low_confidence: float = 0.5
+    low_by_class: Counter[str] = field(default_factory=Counter)  # predictions below it
 
     @property
     def n_ok(self) -> int:
@@ -91,6 +94,10 @@ class Side:
         self.classes.update(dict(zip(names, counts, strict=True)))  # no Python str per row
         probs = pc.filter(batch.column("pred_prob"), ok).drop_null().to_numpy()
         self.confidence += np.bincount(_bins(probs), minlength=BINS)
+        low = pc.and_(ok, pc.less(batch.column("pred_prob"), self.low_confidence))
+        counted = pc.value_counts(pc.filter(batch.column("pred_label"), low).drop_null())
+        names = counted.field("values").to_pylist()
+        self.low_by_class.update(dict(zip(names, counted.field("counts").to_pylist(), strict=True)))
         self._add_inputs(batch, ok)
         if "correct" in batch.schema.names:
             correct = pc.filter(batch.column("correct"), ok)
@@ -201,10 +208,10 @@ def monitor(
     if not root.is_dir():
         raise ConfigError(f"no batchscore dataset at {root}")
     files, window_filter, window = _window(root, settings)
-    current = _read(files, window_filter)
+    current = _read(files, window_filter, settings.low_confidence)
     if current.n_rows == 0:
         raise ConfigError(f"nothing scored in {root} for {window}")
-    base = _read(_reference_files(Path(reference)), None)
+    base = _read(_reference_files(Path(reference)), None, settings.low_confidence)
     if base.n_rows == 0:
         raise ConfigError(f"no rows in the reference {reference}")
     if base.models != current.models and not settings.allow_model_change:
@@ -238,7 +245,7 @@ def _night(
     root: Path, run: dict[str, Any], base: Side, settings: MonitorSettings
 ) -> dict[str, Any]:
     """One night's numbers for the trend: class drift, low confidence, errors, accuracy."""
-    night = _read(part_files(root), pc.field("run_id") == run["run_id"])
+    night = _read(part_files(root), pc.field("run_id") == run["run_id"], settings.low_confidence)
     names = sorted(set(base.classes) | set(night.classes))
     js = js_distance(
         np.array([base.classes[n] for n in names]), np.array([night.classes[n] for n in names])
@@ -293,6 +300,27 @@ def _accuracy_signal(base: Side, current: Side, settings: MonitorSettings) -> li
     ]
 
 
+def _class_low_confidence_signal(base: Side, current: Side, settings: MonitorSettings) -> Signal:
+    """The class whose low-confidence share rose most, among classes predicted at least
+    MIN_CLASS_ROWS times on both sides (a drift one class hides in the overall share)."""
+    rises = {
+        name: current.low_by_class[name] / current.classes[name]
+        - base.low_by_class[name] / base.classes[name]
+        for name in set(base.classes) & set(current.classes)
+        if min(base.classes[name], current.classes[name]) >= MIN_CLASS_ROWS
+    }
+    worst = max(rises, key=lambda name: rises[name], default=None)
+    value = rises[worst] if worst is not None else 0.0
+    top = dict(sorted(rises.items(), key=lambda item: -item[1])[:10])
+    return Signal(
+        "low-confidence share rise, worst class",
+        value,
+        settings.max_low_confidence_rise,
+        value > settings.max_low_confidence_rise,
+        {"class": worst, "by_class": top, "min_rows": MIN_CLASS_ROWS},
+    )
+
+
 def _input_signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
     """Only for what both sides recorded (datasets older than these columns have none)."""
     signals = []
@@ -344,6 +372,7 @@ def _signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signa
         Signal("error rate rise", err_cur - err_ref, settings.max_error_rate_rise,
                err_cur - err_ref > settings.max_error_rate_rise,
                {"reference": err_ref, "window": err_cur}),
+        _class_low_confidence_signal(base, current, settings),
         *_accuracy_signal(base, current, settings),
         *_input_signals(base, current, settings),
     ]  # fmt: skip
@@ -383,8 +412,8 @@ def _reference_files(reference: Path) -> list[Path]:
     raise ConfigError(f"reference not found: {reference}")
 
 
-def _read(files: list[Path], condition: ds.Expression | None) -> Side:
-    side = Side()
+def _read(files: list[Path], condition: ds.Expression | None, low_confidence: float) -> Side:
+    side = Side(low_confidence=low_confidence)
     if not files:
         return side
     dataset = ds.dataset([str(f) for f in files], format="parquet")

@@ -15,6 +15,7 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
+from batchscore.charts import line_chart
 from batchscore.files import atomic_write_text
 
 if TYPE_CHECKING:
@@ -23,20 +24,36 @@ if TYPE_CHECKING:
 JSON_FILE = "canary.json"
 MARKDOWN_FILE = "report.md"
 HEATMAP_FILE = "confusion_matrix.svg"
+RELIABILITY_FILE = "reliability.svg"
 HEATMAP_CLASSES = 20  # more classes than this: show the most-confused ones
 LISTED_ERRORS = 50  # report.md lists this many error images; canary.json lists all
 CONFUSED_PAIRS = 10
 
 
 def write_report(result: CanaryResult, folder: Path) -> None:
-    """canary.json, report.md and the heatmap, each replaced atomically."""
+    """canary.json, report.md, the heatmap and the reliability diagram, each atomically."""
     atomic_write_text(folder / JSON_FILE, json.dumps(result.as_dict(), indent=2) + "\n")
     candidate = result.candidate
     atomic_write_text(
         folder / HEATMAP_FILE,
         confusion_svg(candidate.labels, candidate.metrics.confusion, HEATMAP_CLASSES),
     )
+    if candidate.reliability:
+        atomic_write_text(folder / RELIABILITY_FILE, reliability_svg(candidate))
     atomic_write_text(folder / MARKDOWN_FILE, markdown(result))
+
+
+def reliability_svg(evaluation: ModelEvaluation) -> str:
+    """Accuracy against mean top-1 probability per probability bin: on the diagonal when the
+    model is calibrated, below it when it is overconfident."""
+    bins = evaluation.reliability
+    labels = [f"{b['low']:.2f}-{b['high']:.2f} (n={b['n']})" for b in bins]
+    series = {
+        "accuracy": [b["accuracy"] for b in bins],
+        "mean top-1 probability": [b["confidence"] for b in bins],
+    }
+    title = f"Reliability: {evaluation.model_file} (ECE {evaluation.ece:.3f})"
+    return line_chart(title, labels, series, top=1.0)
 
 
 # --- terminal -----------------------------------------------------------------------------

@@ -296,6 +296,7 @@ def test_report_files_and_metrics_equal_sklearn_on_predictions(
         "predictions.parquet",
         "report.md",
         "confusion_matrix.svg",
+        "reliability.svg",
     }
     data = read_report(report)
     for key in (
@@ -331,6 +332,8 @@ def test_report_files_and_metrics_equal_sklearn_on_predictions(
         float(np.mean(np.sum((np.stack(df["probs"].to_numpy()) - onehot) ** 2, axis=1))), abs=1e-6
     )
     assert "expected calibration error" in (report / "report.md").read_text()
+    svg = (report / "reliability.svg").read_text()
+    assert svg.startswith("<svg") and f"ECE {calibration['ece']:.3f}" in svg
     y_true, y_pred = list(df["label"]), list(df["pred_label"])
     assert data["accuracy"] == accuracy_score(y_true, y_pred) == df["correct"].mean()
     labels = ["red", "green", "blue"]

@@ -137,7 +137,7 @@ def test_an_unchanged_night_raises_nothing_and_planted_drifts_raise_their_signal
     assert code == 0, output
     assert _alerts(output) == set()
     saved = json.loads((tmp_path / "report" / "monitor.json").read_text())
-    assert saved["alert"] is False and len(saved["signals"]) == 11  # no labels: no accuracy
+    assert saved["alert"] is False and len(saved["signals"]) == 12  # no labels: no accuracy
     assert (tmp_path / "report" / "report.md").read_text().startswith("# Monitor: run night-same")
 
     code, output = _monitor(nights["one_kind"], reference)
@@ -259,6 +259,38 @@ def test_the_accuracy_estimated_without_labels_tracks_the_true_accuracy(tmp_path
         estimates[name] = (details["estimated_accuracy"], truth, accuracy["alert"])
     assert estimates["harder"][1] < estimates["same"][1] - 0.05  # the harder night is harder
     assert estimates["same"][2] is False and estimates["harder"][2] is True
+
+
+def test_a_class_whose_confidence_drops_is_seen_even_when_the_overall_share_is_not(
+    tmp_path: Path,
+) -> None:
+    """Two classes, 200 predictions each; one night the green ones turn unsure (mixed with
+    blue) while the red ones get surer: the overall low-confidence share barely moves."""
+    rng = np.random.default_rng(5)
+    model = color_model(tmp_path / "model", size=8, scale=4.0)
+
+    def night(name: str, green_mix: float, red_mix: float) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(200):
+            for base, other, mix in (("green", "blue", green_mix), ("red", "blue", red_mix)):
+                color = (1 - mix) * np.array(COLORS[base]) + mix * np.array(COLORS[other])
+                pixels = np.clip(color + rng.normal(0, 6, (8, 8, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{base}_{i:03d}.png")
+        dataset = tmp_path / f"preds_{name}"
+        args = ["score", str(folder), "-o", f"{dataset}/", "--model", str(model), "-q"]
+        assert CliRunner().invoke(cli, [*args, "--workers", "0"]).exit_code == 0
+        return dataset
+
+    reference = night("reference", 0.25, 0.45)
+    shifted = night("shifted", 0.45, 0.25)
+    report = tmp_path / "report"
+    _monitor(shifted, reference, "--report", str(report))
+    signals = {s["name"]: s for s in json.loads((report / "monitor.json").read_text())["signals"]}
+    overall = signals["low-confidence share rise (top-1 < 0.5)"]
+    worst = signals["low-confidence share rise, worst class"]
+    assert abs(overall["value"]) < 0.1 and not overall["alert"]
+    assert worst["alert"] and worst["details"]["class"] == "green", worst
 
 
 def test_input_statistics_are_written_and_mean_what_they_say(tmp_path: Path) -> None:

@@ -38,6 +38,14 @@ def _axes(top: float) -> list[str]:
     return lines
 
 
+def _legend(n: int, name: str, color: str) -> str:
+    y = TOP + 16 * n
+    return (
+        f'<rect x="{WIDTH - RIGHT + 12}" y="{y}" width="10" height="10" fill="{color}"/>'
+        f'<text x="{WIDTH - RIGHT + 28}" y="{y + 9}">{escape(name)}</text>'
+    )
+
+
 def _x_labels(labels: Sequence[str], step: float) -> list[str]:
     every = max(1, len(labels) // 12)
     out = []
@@ -81,11 +89,7 @@ def line_chart(
                 f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}">'
                 f"<title>{escape(name)} {escape(label)}: {v:.4f}</title></circle>"
             )
-        legend_y = TOP + 16 * n
-        parts.append(
-            f'<rect x="{WIDTH - RIGHT + 12}" y="{legend_y}" width="10" height="10" fill="{color}"/>'
-            f'<text x="{WIDTH - RIGHT + 28}" y="{legend_y + 9}">{escape(name)}</text>'
-        )
+        parts.append(_legend(n, name, color))
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
@@ -108,10 +112,6 @@ def bar_chart(title: str, categories: Sequence[str], groups: Mapping[str, Sequen
                 f' height="{height:.1f}" fill="{color}"><title>{escape(name)}'
                 f" {escape(category)}: {value:.4f}</title></rect>"
             )
-        legend_y = TOP + 16 * n
-        parts.append(
-            f'<rect x="{WIDTH - RIGHT + 12}" y="{legend_y}" width="10" height="10" fill="{color}"/>'
-            f'<text x="{WIDTH - RIGHT + 28}" y="{legend_y + 9}">{escape(name)}</text>'
-        )
+        parts.append(_legend(n, name, color))
     parts.append("</svg>")
     return "\n".join(parts) + "\n"

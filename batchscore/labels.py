@@ -3,7 +3,8 @@
 `--labels FILE` wins. Otherwise, beside the model: `class_map.json` (batchscore's own),
 `labels.txt` (one name per line), a synset file (`n01440764 tench, Tinca tinca`), Keras'
 `imagenet_class_index.json`, a Hugging Face or timm `config.json` (`id2label`, `label_names`),
-and last the ONNX file's `class_map` metadata. The first found is used, and where the names
+and last the ONNX file's metadata: `class_map` (JSON, batchscore's) or `character` (one name
+per line, PaddleOCR/PaddleClas exports). The first found is used, and where the names
 came from is recorded with the run.
 """
 
@@ -109,7 +110,10 @@ def find_labels(
         except json.JSONDecodeError as exc:
             raise ModelError(f"model metadata 'class_map' is not valid JSON: {exc}") from exc
         return parse_class_map(data, "in model metadata"), "the model's metadata (class_map)"
+    if metadata.get("character", "").strip():
+        names = tuple(line.strip() for line in metadata["character"].splitlines() if line.strip())
+        return names, "the model's metadata (character)"
     raise ModelError(
         f"no class names for the model in {folder}: looked for {', '.join(LABEL_FILES)} and"
-        " 'class_map' in its metadata; pass --labels FILE"
+        " 'class_map' or 'character' in its metadata; pass --labels FILE"
     )

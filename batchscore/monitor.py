@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -89,20 +90,16 @@ class Side:
         ok = pc.equal(batch.column("status"), STATUS_OK)
         self.n_errors += batch.num_rows - int(pc.sum(ok).as_py() or 0)
         self.models.update(v for v in batch.column("model_sha256").unique().to_pylist() if v)
-        counted = pc.value_counts(pc.filter(batch.column("pred_label"), ok).drop_null())
-        names, counts = counted.field("values").to_pylist(), counted.field("counts").to_pylist()
-        self.classes.update(dict(zip(names, counts, strict=True)))  # no Python str per row
-        probs = pc.filter(batch.column("pred_prob"), ok).drop_null().to_numpy()
-        self.confidence += np.bincount(_bins(probs), minlength=BINS)
+        self.classes.update(_value_counts(pc.filter(batch.column("pred_label"), ok)))
+        scored = pc.filter(batch.column("pred_prob"), ok)
+        self.confidence += np.bincount(_bins(scored.drop_null().to_numpy()), minlength=BINS)
         low = pc.and_(ok, pc.less(batch.column("pred_prob"), self.low_confidence))
-        counted = pc.value_counts(pc.filter(batch.column("pred_label"), low).drop_null())
-        names = counted.field("values").to_pylist()
-        self.low_by_class.update(dict(zip(names, counted.field("counts").to_pylist(), strict=True)))
+        self.low_by_class.update(_value_counts(pc.filter(batch.column("pred_label"), low)))
         self._add_inputs(batch, ok)
         if "correct" in batch.schema.names:
             correct = pc.filter(batch.column("correct"), ok)
             known = correct.is_valid().to_numpy(zero_copy_only=False)
-            scored = pc.filter(batch.column("pred_prob"), ok).to_numpy(zero_copy_only=False)
+            scored = scored.to_numpy(zero_copy_only=False)
             hits = correct.fill_null(False).to_numpy(zero_copy_only=False)
             self.labelled += np.bincount(_bins(scored[known]), minlength=BINS)
             self.right += np.bincount(_bins(scored[known & hits]), minlength=BINS)
@@ -119,9 +116,7 @@ class Side:
             counts = np.bincount(scaled, minlength=INPUT_BINS)
             self.inputs[name] = self.inputs.get(name, np.zeros(INPUT_BINS, np.int64)) + counts
         if "format" in batch.schema.names:
-            counted = pc.value_counts(pc.filter(batch.column("format"), ok).drop_null())
-            names = counted.field("values").to_pylist()
-            self.formats.update(dict(zip(names, counted.field("counts").to_pylist(), strict=True)))
+            self.formats.update(_value_counts(pc.filter(batch.column("format"), ok)))
 
     def calibration(self) -> np.ndarray | None:
         """Accuracy per coarse probability bin, from the labelled rows; None without labels.
@@ -143,8 +138,9 @@ class Side:
         variance = float(np.sum(counts * calibration * (1 - calibration)) / n**2)
         return estimate, 1.96 * variance**0.5
 
-    def low_share(self, threshold: float) -> float:
-        below = int(self.confidence[: int(threshold * BINS)].sum())
+    def low_share(self) -> float:
+        """Share of the predictions below the side's low-confidence threshold."""
+        below = int(self.confidence[: int(self.low_confidence * BINS)].sum())
         return below / self.n_ok if self.n_ok else 0.0
 
     def summary(self) -> dict[str, Any]:
@@ -221,35 +217,45 @@ def monitor(
         )
     signals = _signals(base, current, settings)
     sides = {"reference": base.summary(), "window": current.summary()}
-    trend = [_night(root, run, base, settings) for run in _trend_runs(root, settings)]
+    runs = _trend_runs(_scored_runs(root), settings)
+    nights = _read_runs(part_files(root), [str(r["run_id"]) for r in runs], settings)
+    trend = [_night(run, nights[str(run["run_id"])], base) for run in runs]
     return MonitorResult(window, str(reference), signals, sides, trend, _top_classes(base, current))
 
 
-def _trend_runs(root: Path, settings: MonitorSettings) -> list[dict[str, Any]]:
+def _scored_runs(root: Path) -> list[dict[str, Any]]:
+    """Summaries of the complete runs that scored images, oldest first."""
+    return [s for s in read_summaries(root) if s.get("status") == "complete" and s.get("n_images")]
+
+
+def _since(settings: MonitorSettings) -> tuple[datetime, int] | None:
+    """The start of a `--since Nd` window and its N; None without --since."""
+    if settings.since is None:
+        return None
+    match = _SINCE.match(settings.since)
+    if match is None:
+        raise ConfigError(f"--since takes a number of days such as 30d, got {settings.since!r}")
+    days = int(match.group(1))
+    return datetime.now(timezone.utc) - timedelta(days=days), days
+
+
+def _trend_runs(runs: list[dict[str, Any]], settings: MonitorSettings) -> list[dict[str, Any]]:
     """The nights drawn in the trend: the window's runs, or up to TREND_RUNS runs ending with
     the monitored one."""
-    runs = [s for s in read_summaries(root) if s.get("status") == "complete" and s.get("n_images")]
     if settings.date is not None:
         return [s for s in runs if any(f"{PARTITION}={settings.date}" in p for p in s["parts"])]
-    if settings.since is not None:
-        days = int(settings.since.rstrip("d"))
-        start = (datetime.now(timezone.utc) - timedelta(days=days)).isoformat()
-        return [s for s in runs if str(s.get("started_at", "")) >= start]
+    since = _since(settings)
+    if since is not None:
+        return [s for s in runs if str(s.get("started_at", "")) >= since[0].isoformat()]
     if settings.run is not None:
         ends = [i for i, s in enumerate(runs) if s["run_id"] == settings.run]
         runs = runs[: ends[0] + 1] if ends else runs
     return runs[-TREND_RUNS:]
 
 
-def _night(
-    root: Path, run: dict[str, Any], base: Side, settings: MonitorSettings
-) -> dict[str, Any]:
+def _night(run: dict[str, Any], night: Side, base: Side) -> dict[str, Any]:
     """One night's numbers for the trend: class drift, low confidence, errors, accuracy."""
-    night = _read(part_files(root), pc.field("run_id") == run["run_id"], settings.low_confidence)
-    names = sorted(set(base.classes) | set(night.classes))
-    js = js_distance(
-        np.array([base.classes[n] for n in names]), np.array([night.classes[n] for n in names])
-    )
+    js = js_distance(*_aligned(base.classes, night.classes))
     calibration = base.calibration()
     estimate = None if calibration is None else night.estimated_accuracy(calibration)[0]
     return {
@@ -257,7 +263,7 @@ def _night(
         "started_at": run.get("started_at"),
         "rows": night.n_rows,
         "js_distance": js,
-        "low_confidence_share": night.low_share(settings.low_confidence),
+        "low_confidence_share": night.low_share(),
         "error_rate": night.n_errors / night.n_rows if night.n_rows else None,
         "estimated_accuracy": estimate,
     }
@@ -274,6 +280,22 @@ def _top_classes(base: Side, current: Side) -> dict[str, list[Any]]:
         "reference": [base.classes[n] / ref_n for n in names],
         "window": [current.classes[n] / cur_n for n in names],
     }
+
+
+def _value_counts(values: pa.Array) -> dict[str, int]:
+    """Counts per distinct non-null value, counted in Arrow: no Python object per row."""
+    counted = pc.value_counts(values.drop_null())
+    names, counts = counted.field("values").to_pylist(), counted.field("counts").to_pylist()
+    return dict(zip(names, counts, strict=True))
+
+
+def _aligned(a: Counter[str], b: Counter[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Two counters as count vectors over the union of their keys, in one order."""
+    names = sorted(set(a) | set(b))
+    return (
+        np.array([a[n] for n in names], dtype=np.int64),
+        np.array([b[n] for n in names], dtype=np.int64),
+    )
 
 
 def _bins(probs: np.ndarray) -> np.ndarray:
@@ -333,10 +355,7 @@ def _input_signals(base: Side, current: Side, settings: MonitorSettings) -> list
                        {"p_value": p_value})
             )  # fmt: skip
     if base.formats and current.formats:
-        names = sorted(set(base.formats) | set(current.formats))
-        ref = np.array([base.formats[n] for n in names])
-        cur = np.array([current.formats[n] for n in names])
-        js = js_distance(ref, cur)
+        js = js_distance(*_aligned(base.formats, current.formats))
         details = {"reference": dict(base.formats), "window": dict(current.formats)}
         signals.append(
             Signal("input drift: format (Jensen-Shannon)", js, settings.max_js,
@@ -346,16 +365,13 @@ def _input_signals(base: Side, current: Side, settings: MonitorSettings) -> list
 
 
 def _signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
-    names = sorted(set(base.classes) | set(current.classes))
-    ref_counts = np.array([base.classes[n] for n in names], dtype=np.int64)
-    cur_counts = np.array([current.classes[n] for n in names], dtype=np.int64)
+    ref_counts, cur_counts = _aligned(base.classes, current.classes)
     js = js_distance(ref_counts, cur_counts)
     stability = psi(ref_counts, cur_counts)
     statistic, p_value, dof = chi_square(ref_counts, cur_counts)
     prediction = {"chi2": statistic, "chi2_p": p_value, "chi2_dof": dof}
     ks, ks_p = ks_from_histograms(base.confidence, current.confidence)
-    low_ref = base.low_share(settings.low_confidence)
-    low_cur = current.low_share(settings.low_confidence)
+    low_ref, low_cur = base.low_share(), current.low_share()
     err_ref = base.n_errors / base.n_rows
     err_cur = current.n_errors / current.n_rows
     return [
@@ -385,17 +401,14 @@ def _window(root: Path, settings: MonitorSettings) -> tuple[list[Path], ds.Expre
         raise ConfigError(f"choose one of --run, --date, --since (got {', '.join(chosen)})")
     if settings.date is not None:
         return part_files(root / f"{PARTITION}={settings.date}"), None, f"date {settings.date}"
-    if settings.since is not None:
-        match = _SINCE.match(settings.since)
-        if match is None:
-            raise ConfigError(f"--since takes a number of days such as 30d, got {settings.since!r}")
-        start = datetime.now(timezone.utc) - timedelta(days=int(match.group(1)))
+    since = _since(settings)
+    if since is not None:
+        start, days = since
         recent = pc.field("scored_at") >= pa.scalar(start, pa.timestamp("us", tz="UTC"))
-        return part_files(root), recent, f"the last {match.group(1)} days"
+        return part_files(root), recent, f"the last {days} days"
     run = settings.run
     if run is None:
-        complete = [s for s in read_summaries(root) if s.get("status") == "complete"]
-        scored = [s for s in complete if s.get("n_images")]
+        scored = _scored_runs(root)
         if not scored:
             raise ConfigError(f"no complete run that scored images in {root}")
         run = str(scored[-1]["run_id"])
@@ -414,21 +427,41 @@ def _reference_files(reference: Path) -> list[Path]:
 
 def _read(files: list[Path], condition: ds.Expression | None, low_confidence: float) -> Side:
     side = Side(low_confidence=low_confidence)
+    for batch in _batches(files, condition):
+        side.add(batch)
+    return side
+
+
+def _read_runs(files: list[Path], run_ids: list[str], settings: MonitorSettings) -> dict[str, Side]:
+    """One side per run, all from a single scan (not one scan per night)."""
+    sides = {run_id: Side(low_confidence=settings.low_confidence) for run_id in run_ids}
+    if not run_ids:
+        return sides
+    for batch in _batches(files, pc.field("run_id").isin(run_ids), extra=["run_id"]):
+        runs = batch.column("run_id")
+        for run_id in runs.unique().to_pylist():
+            sides[run_id].add(batch.filter(pc.equal(runs, run_id)))
+    return sides
+
+
+def _batches(
+    files: list[Path], condition: ds.Expression | None, extra: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """The columns monitoring reads (those present), filtered in the scan, with bounded
+    readahead so that memory stays flat."""
     if not files:
-        return side
+        return
     dataset = ds.dataset([str(f) for f in files], format="parquet")
     optional = ["correct", "format", *INPUT_STATS]
-    columns = [*COLUMNS, *(name for name in optional if name in dataset.schema.names)]
-    batches = dataset.to_batches(
+    names = dataset.schema.names
+    columns = [*COLUMNS, *(extra or []), *(name for name in optional if name in names)]
+    yield from dataset.to_batches(
         columns=columns,
         filter=condition,
         batch_size=65_536,
         batch_readahead=2,
         fragment_readahead=1,
     )
-    for batch in batches:
-        side.add(batch)
-    return side
 
 
 def write_report(result: MonitorResult, folder: Path) -> None:

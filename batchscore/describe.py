@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from batchscore.model import create_session, load_model
+from batchscore.model import create_session, load_model, run_model
 from batchscore.preprocess import tensor_batch
-from batchscore.scorer import run_model
 
 SHOWN_LABELS = 5
 TIMED_RUNS = 5

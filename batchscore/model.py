@@ -160,7 +160,7 @@ def load_model(
     of several outputs (else the first)."""
     base = Path(location) if location is not None else bundled_model_dir()
     model_path = _find_model_file(base)
-    sha256, _ = model_sha256(model_path)
+    sha256 = model_sha256(model_path)
     if expected_sha256 and not sha256.startswith(expected_sha256.lower()):
         raise ModelError(
             f"model {model_path} has SHA-256 {sha256}, not the expected {expected_sha256}"
@@ -324,6 +324,25 @@ def _other_outputs(session: ort.InferenceSession, chosen: str) -> str:
     )
 
 
+def run_model(spec: ModelSpec, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+    """The model's raw output for `batch`, as float32. A model exported with a fixed batch axis
+    gets its batch in pieces of that size, the last one padded with zeros."""
+    if spec.fixed_batch is None:
+        (out,) = session.run([spec.output_name], {spec.input_name: batch})
+        return np.asarray(out, dtype=np.float32).reshape(len(batch), -1)  # [N, C, 1, 1] too
+    size = spec.fixed_batch
+    pieces = []
+    for start in range(0, len(batch), size):
+        piece = batch[start : start + size]
+        if len(piece) < size:
+            pad = np.zeros((size - len(piece), *piece.shape[1:]), dtype=piece.dtype)
+            piece = np.concatenate([piece, pad])
+        (out,) = session.run([spec.output_name], {spec.input_name: piece})
+        rows = np.asarray(out, dtype=np.float32).reshape(size, -1)
+        pieces.append(rows[: min(size, len(batch) - start)])
+    return np.concatenate(pieces)
+
+
 def _check_forward(session: ort.InferenceSession, spec: ModelSpec) -> np.ndarray:
     """One forward pass on a few test images (noise, then a blank one): catches graphs that
     load but cannot run, and returns their outputs."""
@@ -334,17 +353,11 @@ def _check_forward(session: ort.InferenceSession, spec: ModelSpec) -> np.ndarray
     batch = tensor_batch(
         images, spec.preprocess, spec.input_dtype, layout=spec.layout, channels=spec.channels
     )
-    pieces = []
     try:
-        for image in batch:  # one by one: a fixed batch axis gets what it expects
-            size = spec.fixed_batch or 1
-            piece = np.repeat(image[None], size, axis=0)
-            (output,) = session.run([spec.output_name], {spec.input_name: piece})
-            pieces.append(np.asarray(output, dtype=np.float32).reshape(size, -1)[:1])
+        outputs = run_model(spec, session, batch)
     except Exception as exc:  # ORT's runtime errors carry no useful type
         raise ModelError(f"model {spec.path} fails on a test input: {first_line(exc)}") from exc
-    outputs = np.concatenate(pieces)
-    if outputs.ndim != 2 or outputs.shape[1] != spec.num_classes:
+    if outputs.shape[1] != spec.num_classes:
         raise ModelError(
             f"model outputs shape {list(outputs.shape)} but the class map has"
             f" {spec.num_classes} classes"

@@ -111,8 +111,8 @@ def external_data_files(model_path: Path, graph_bytes: bytes) -> list[Path]:
     return files
 
 
-def model_sha256(model_path: Path) -> tuple[str, list[Path]]:
-    """The model's identity and its external data files.
+def model_sha256(model_path: Path) -> str:
+    """The model's identity.
 
     For a model in one file: the SHA-256 of its bytes (what `sha256sum model.onnx` prints).
     With external data: the SHA-256 of the graph file's bytes, then, for each data file in
@@ -132,4 +132,4 @@ def model_sha256(model_path: Path) -> tuple[str, list[Path]]:
                     digest.update(block)
         except OSError as exc:
             raise ModelError(f"cannot read model data {path}: {exc.strerror or exc}") from exc
-    return digest.hexdigest(), files
+    return digest.hexdigest()

@@ -40,9 +40,10 @@ from batchscore.model import (
     create_session,
     first_line,
     load_model,
+    run_model,
 )
 from batchscore.preprocess import ImageError, load_image, tensor_batch
-from batchscore.scorer import probabilities, run_model, top_k_indices
+from batchscore.scorer import probabilities, top_k_indices
 from batchscore.settings import CALIBRATION_METHODS, QuantizeOptions
 from batchscore.sources import iter_refs, open_sources
 

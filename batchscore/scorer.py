@@ -22,7 +22,7 @@ from itertools import islice
 import numpy as np
 import onnxruntime as ort
 
-from batchscore.model import ModelSpec, create_session, first_line
+from batchscore.model import ModelSpec, create_session, first_line, run_model
 from batchscore.preprocess import (
     ImageError,
     ImageStats,
@@ -171,25 +171,6 @@ class Scorer:
         return probs
 
 
-def run_model(spec: ModelSpec, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
-    """The model's raw output for `batch`, as float32. A model exported with a fixed batch axis
-    gets its batch in pieces of that size, the last one padded with zeros."""
-    if spec.fixed_batch is None:
-        (out,) = session.run([spec.output_name], {spec.input_name: batch})
-        return np.asarray(out, dtype=np.float32).reshape(len(batch), -1)  # [N, C, 1, 1] too
-    size = spec.fixed_batch
-    pieces = []
-    for start in range(0, len(batch), size):
-        piece = batch[start : start + size]
-        if len(piece) < size:
-            pad = np.zeros((size - len(piece), *piece.shape[1:]), dtype=piece.dtype)
-            piece = np.concatenate([piece, pad])
-        (out,) = session.run([spec.output_name], {spec.input_name: piece})
-        rows = np.asarray(out, dtype=np.float32).reshape(size, -1)
-        pieces.append(rows[: min(size, len(batch) - start)])
-    return np.concatenate(pieces)
-
-
 def probabilities(spec: ModelSpec, outputs: np.ndarray) -> np.ndarray:
     """Outputs as probabilities: softmax for a model that returns logits."""
     return softmax(outputs) if spec.preprocess.output == "logits" else outputs
@@ -254,7 +235,7 @@ def task_of(refs: Sequence[ImageRef]) -> Task:
     return [(ref.path, ref.problem) for ref in refs]
 
 
-def chunks(refs: Iterable[ImageRef], size: int) -> Iterator[list[ImageRef]]:
+def chunk_refs(refs: Iterable[ImageRef], size: int) -> Iterator[list[ImageRef]]:
     """Consecutive lists of `size` refs (the last one shorter), read lazily."""
     iterator = iter(refs)
     while chunk := list(islice(iterator, size)):

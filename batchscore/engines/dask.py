@@ -66,10 +66,8 @@ from batchscore.scorer import (
     ChunkOutput,
     ChunkResult,
     Scorer,
+    chunk_refs,
     one_at_a_time,
-)
-from batchscore.scorer import (
-    chunks as chunk_refs,
 )
 from batchscore.settings import PipelineOptions
 from batchscore.sources import ImageRef

@@ -40,11 +40,9 @@ from batchscore.scorer import (
     ChunkResult,
     Scorer,
     Task,
+    chunk_refs,
     one_at_a_time,
     task_of,
-)
-from batchscore.scorer import (
-    chunks as chunk_refs,
 )
 from batchscore.settings import PipelineOptions
 from batchscore.sources import ImageRef

@@ -27,7 +27,7 @@ import math
 import os
 import stat
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -148,11 +148,15 @@ def _parse_channels(name: str, value: Any) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
-def _parse_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    text = str(value).upper()
-    if text not in choices:
-        raise ModelError(f"preprocess '{name}' must be one of {choices}, got {value!r}")
-    return text
+def _parse_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    """One of `choices`, matched in any case, spelled as the choice is."""
+    spelled = {choice.lower(): choice for choice in choices}
+    text = str(value).lower()
+    if text not in spelled:
+        raise ModelError(
+            f"preprocess '{name}' must be one of {sorted(spelled.values())}, got {value!r}"
+        )
+    return spelled[text]
 
 
 def resolve_preprocess(
@@ -165,12 +169,7 @@ def resolve_preprocess(
         if unknown:
             raise ModelError(f"unknown preprocess keys: {sorted(unknown)}")
         merged.update({key: value for key, value in layer.items() if value is not None})
-    interpolation = str(merged["interpolation"]).lower()
-    if interpolation not in INTERPOLATIONS:
-        raise ModelError(
-            f"preprocess 'interpolation' must be one of {sorted(INTERPOLATIONS)},"
-            f" got {merged['interpolation']!r}"
-        )
+    interpolation = _parse_choice("interpolation", merged["interpolation"], INTERPOLATIONS)
     output = str(merged["output"])
     if output not in OUTPUT_KINDS:
         raise ModelError(f"preprocess 'output' must be one of {OUTPUT_KINDS}, got {output!r}")
@@ -180,9 +179,7 @@ def resolve_preprocess(
     resize = _parse_size("resize_size", merged["resize_size"], allow_none=False)
     crop = _parse_size("crop_size", merged["crop_size"], allow_none=True)
     assert resize is not None
-    mode = str(merged["resize_mode"]).lower()
-    if mode not in RESIZE_MODES:
-        raise ModelError(f"preprocess 'resize_mode' must be one of {RESIZE_MODES}, got {mode!r}")
+    mode = _parse_choice("resize_mode", merged["resize_mode"], RESIZE_MODES)
     if mode == "pad" and (isinstance(resize, int) or crop is not None):
         raise ModelError(
             "preprocess 'resize_mode' pad fits the image inside resize_size [height, width]"
@@ -193,11 +190,7 @@ def resolve_preprocess(
             "preprocess 'resize_size' as a single int keeps the aspect ratio, so images differ"
             " in size: set 'crop_size' too, or give resize_size as [height, width]"
         )
-    position = str(merged["pad_position"]).lower()
-    if position not in PAD_POSITIONS:
-        raise ModelError(
-            f"preprocess 'pad_position' must be one of {sorted(PAD_POSITIONS)}, got {position!r}"
-        )
+    position = _parse_choice("pad_position", merged["pad_position"], PAD_POSITIONS)
     return PreprocessConfig(
         resize_size=resize,
         crop_size=crop,
@@ -206,9 +199,7 @@ def resolve_preprocess(
         std=std,
         output=output,
         channel_order=_parse_choice("channel_order", merged["channel_order"], CHANNEL_ORDERS),
-        layout=None
-        if merged["layout"] is None
-        else _parse_choice("layout", merged["layout"], LAYOUTS),
+        layout=_parse_layout(merged["layout"]),
         resize_mode=mode,
         pad_value=_parse_pad_value(merged["pad_value"]),
         pad_position=position,

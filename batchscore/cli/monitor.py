@@ -6,11 +6,48 @@ from pathlib import Path
 
 import click
 
+from batchscore.cli.options import F
 from batchscore.errors import GateFailed, exit_codes_help
 from batchscore.settings import MonitorSettings
 
 _DEFAULTS = MonitorSettings()
 SHARE = click.FloatRange(0, 1)
+# (MonitorSettings field, value range, help): each becomes --field-name with its default.
+THRESHOLDS = (
+    ("max_js", SHARE, "Alert above this Jensen-Shannon distance of predicted classes."),
+    ("max_psi", click.FloatRange(0), "Alert above this PSI of predicted classes."),
+    (
+        "max_ks",
+        SHARE,
+        "Alert above this Kolmogorov-Smirnov statistic of top-1 probabilities (when"
+        " significant at --alpha).",
+    ),
+    ("alpha", SHARE, "Significance level of the KS test."),
+    ("low_confidence", SHARE, "A top-1 probability below this is low-confidence."),
+    (
+        "max_low_confidence_rise",
+        SHARE,
+        "Alert when the low-confidence share rose by more than this.",
+    ),
+    ("max_error_rate_rise", SHARE, "Alert when the error rate rose by more than this."),
+    (
+        "max_accuracy_drop",
+        SHARE,
+        "With a labelled reference: alert when the accuracy estimated without labels is this"
+        " much below the reference's.",
+    ),
+)
+
+
+def threshold_options(func: F) -> F:
+    """One option per alert threshold, its default taken from MonitorSettings."""
+    for name, kind, text in reversed(THRESHOLDS):
+        flag = "--" + name.replace("_", "-")
+        default = getattr(_DEFAULTS, name)
+        func = click.option(flag, name, type=kind, default=default, show_default=True, help=text)(
+            func
+        )
+    return func
 
 
 @click.command("monitor", epilog=exit_codes_help())
@@ -30,71 +67,14 @@ SHARE = click.FloatRange(0, 1)
     "report_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Write monitor.json and report.md here.",
+    help="Write monitor.json, report.md, trend.svg and classes.svg here.",
 )
 @click.option(
     "--allow-model-change",
     is_flag=True,
     help="Compare even when the two sides were scored by different models.",
 )
-@click.option(
-    "--max-js",
-    type=SHARE,
-    default=_DEFAULTS.max_js,
-    show_default=True,
-    help="Alert above this Jensen-Shannon distance of predicted classes.",
-)
-@click.option(
-    "--max-psi",
-    type=click.FloatRange(0),
-    default=_DEFAULTS.max_psi,
-    show_default=True,
-    help="Alert above this PSI of predicted classes.",
-)
-@click.option(
-    "--max-ks",
-    type=SHARE,
-    default=_DEFAULTS.max_ks,
-    show_default=True,
-    help="Alert above this Kolmogorov-Smirnov statistic of top-1 probabilities"
-    " (when significant at --alpha).",
-)
-@click.option(
-    "--alpha",
-    type=SHARE,
-    default=_DEFAULTS.alpha,
-    show_default=True,
-    help="Significance level of the KS test.",
-)
-@click.option(
-    "--low-confidence",
-    type=SHARE,
-    default=_DEFAULTS.low_confidence,
-    show_default=True,
-    help="A top-1 probability below this is low-confidence.",
-)
-@click.option(
-    "--max-low-confidence-rise",
-    type=SHARE,
-    default=_DEFAULTS.max_low_confidence_rise,
-    show_default=True,
-    help="Alert when the low-confidence share rose by more than this.",
-)
-@click.option(
-    "--max-error-rate-rise",
-    type=SHARE,
-    default=_DEFAULTS.max_error_rate_rise,
-    show_default=True,
-    help="Alert when the error rate rose by more than this.",
-)
-@click.option(
-    "--max-accuracy-drop",
-    type=SHARE,
-    default=_DEFAULTS.max_accuracy_drop,
-    show_default=True,
-    help="With a labelled reference: alert when the accuracy estimated without labels is this"
-    " much below the reference's.",
-)
+@threshold_options
 def monitor_command(
     dataset: str,
     reference: str,
@@ -103,14 +83,7 @@ def monitor_command(
     since: str | None,
     report_dir: Path | None,
     allow_model_change: bool,
-    max_js: float,
-    max_psi: float,
-    max_ks: float,
-    alpha: float,
-    low_confidence: float,
-    max_low_confidence_rise: float,
-    max_error_rate_rise: float,
-    max_accuracy_drop: float,
+    **thresholds: float,
 ) -> None:
     """Does tonight's scoring still look like the reference? Exit 3 on an alert.
 
@@ -132,14 +105,7 @@ def monitor_command(
         date=date,
         since=since,
         allow_model_change=allow_model_change,
-        max_js=max_js,
-        max_psi=max_psi,
-        max_ks=max_ks,
-        alpha=alpha,
-        low_confidence=low_confidence,
-        max_low_confidence_rise=max_low_confidence_rise,
-        max_error_rate_rise=max_error_rate_rise,
-        max_accuracy_drop=max_accuracy_drop,
+        **thresholds,
     )
     result = monitor(dataset, reference, settings)
     if report_dir is not None:

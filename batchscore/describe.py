@@ -41,7 +41,6 @@ def describe_model(location: str | Path | None = None, **load_options: Any) -> d
     if spec.preprocess.layout is None:
         preprocess["layout"] = spec.layout
         sources["layout"] = "the model's input shape"
-    labels_from = next(n.split(" from ", 1)[1] for n in spec.notes if n.startswith("labels:"))
     softmax = spec.preprocess.output == "logits"
     return {
         "model": spec.path,
@@ -60,7 +59,7 @@ def describe_model(location: str | Path | None = None, **load_options: Any) -> d
         "classes": {
             "count": spec.num_classes,
             "first": list(spec.class_names[:SHOWN_LABELS]),
-            "from": labels_from,
+            "from": spec.labels_from,
         },
         "softmax": {
             "applied": softmax,

@@ -60,6 +60,7 @@ class ModelSpec:
     # metadata); lines starting with "assumed" are also shown as warnings.
     notes: tuple[str, ...] = ()
     preprocess_sources: tuple[tuple[str, str], ...] = ()  # (key, where its value came from)
+    labels_from: str = ""  # where the class names came from
 
     @functools.cached_property
     def setup_sha256(self) -> str:
@@ -205,7 +206,12 @@ def load_model(
         spec = _detect_output_kind(spec, outputs, notes)
         if spec.preprocess.output == "probabilities":
             sources["output"] = "detected: the model's outputs are probability vectors"
-    return replace(spec, notes=tuple(notes), preprocess_sources=tuple(sources.items()))
+    return replace(
+        spec,
+        notes=tuple(notes),
+        preprocess_sources=tuple(sources.items()),
+        labels_from=labels_from,
+    )
 
 
 def _model_config(folder: Path, metadata: Mapping[str, str]) -> tuple[Any, str]:

@@ -28,7 +28,6 @@ from batchscore.preprocess import (
     ImageStats,
     PreprocessConfig,
     image_stats,
-    init_pillow,
     load_image,
     tensor_batch,
 )
@@ -91,7 +90,6 @@ class Scorer:
         self.options = options
         self.sessions = [create_session(spec, options.threads_per_worker) for spec in specs]
         self.configs = list(dict.fromkeys(spec.preprocess for spec in specs))
-        init_pillow()
 
     def score(self, task: Task) -> ChunkOutput:
         n = len(task)

@@ -4,6 +4,7 @@ The tree (exit code in brackets)::
 
     BatchscoreError [1]           unexpected failure inside the job
     +-- WriteFailed [1]           the output broke mid-run (disk full, I/O error)
+    +-- StoreUnavailable [1]      an object store stopped answering mid-run (retries spent)
     +-- ConfigError [2]           bad usage or configuration, found before work starts
     |   +-- SourceError           a missing source, an unreadable manifest, no `path` column
     |   +-- ModelError            a broken model, class map or preprocessing config
@@ -33,7 +34,7 @@ class Summary(Protocol):
 
 EXIT_CODES = {
     "0": "done (error rows included)",
-    "1": "unexpected failure or a write that failed mid-run",
+    "1": "unexpected failure, or output or object store that failed mid-run",
     "2": "bad usage or configuration",
     "3": "a gate failed",
     "4": "--max-error-rate exceeded (output written)",
@@ -73,6 +74,11 @@ class OutputError(ConfigError):
 
 class WriteFailed(BatchscoreError):
     """Writing output failed after the run started; the temporary file was removed."""
+
+
+class StoreUnavailable(BatchscoreError):
+    """An object store kept failing (throttling, timeouts, resets) after every retry; the
+    work committed so far is kept and a rerun resumes."""
 
 
 class GateFailed(BatchscoreError):
@@ -116,4 +122,5 @@ __all__ = [
     "ModelError",
     "OutputError",
     "SourceError",
+    "StoreUnavailable",
 ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from itertools import islice
 from pathlib import Path
@@ -33,12 +34,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from batchscore import storage
+from batchscore.bucket import bucket_part_files
 from batchscore.dataset import part_files
+from batchscore.errors import ConfigError
 from batchscore.files import file_sha256
-from batchscore.names import readable
+from batchscore.names import is_url, readable
 from batchscore.sources import ImageRef
+from batchscore.storage import StorageOptions
 
 _CHUNK = 4096
+_HEADS_AT_ONCE = 32
 
 
 def fingerprint(
@@ -109,24 +115,33 @@ class DoneSet:
 
 
 def load_done(
-    root: Path,
+    root: str | Path,
     model_sha256: str,
     *,
     use_fingerprint: bool,
     include_errors: bool,
     setup_sha256: str | None = None,
+    storage_options: StorageOptions | None = None,
 ) -> DoneSet:
     """Rows of this model already in the dataset (ok rows; error rows too if asked). With
     `setup_sha256`, only rows scored with the same class names and preprocessing count (rows
-    written before batchscore recorded it count as the same)."""
-    files = part_files(root)
+    written before batchscore recorded it count as the same). `root` may be a bucket URL."""
+    filesystem = None
+    if isinstance(root, str):
+        files = bucket_part_files(root, storage_options or {})
+        if files:
+            filesystem = storage.filesystem(files[0], storage_options or {})[0]
+            files = [storage.filesystem(url, storage_options or {})[1] for url in files]
+    else:
+        files = [str(f) for f in part_files(root)]
     if not files:
         return DoneSet(np.empty(0, dtype=np.uint64), use_fingerprint)
     condition = pc.field("model_sha256") == model_sha256
     if not include_errors:
         condition = condition & (pc.field("status") == "ok")
     parts = []
-    for fragment in ds.dataset([str(f) for f in files], format="parquet").get_fragments():
+    dataset = ds.dataset(files, format="parquet", filesystem=filesystem)
+    for fragment in dataset.get_fragments():
         # Parts written before `path_bytes` existed hold only UTF-8 paths: those bytes.
         has_bytes = "path_bytes" in fragment.physical_schema.names
         columns = ["image_id", "path_bytes" if has_bytes else "path"]
@@ -155,10 +170,44 @@ class SkipCounter:
 
 
 def with_fingerprints(
-    refs: Iterable[ImageRef], kind: str, should_stop: Callable[[], bool] = lambda: False
+    refs: Iterable[ImageRef],
+    kind: str,
+    should_stop: Callable[[], bool] = lambda: False,
+    *,
+    storage_options: StorageOptions | None = None,
 ) -> Iterator[ImageRef]:
-    for ref in refs:
-        yield replace(ref, fingerprint=fingerprint(ref.path, kind, should_stop))
+    """Each ref with its fingerprint. An object listed from a bucket prefix has one already,
+    from the listing. Other objects (listed in a manifest) are asked for theirs (a HEAD each,
+    `_HEADS_AT_ONCE` at a time) only when `storage_options` is given, i.e. on incremental
+    runs: elsewhere the fingerprint is only recorded, and a request per image would not pay."""
+    iterator = iter(refs)
+    while chunk := list(islice(iterator, _CHUNK)):
+        remote = [
+            i
+            for i, ref in enumerate(chunk)
+            if ref.fingerprint is None and ref.path is not None and is_url(ref.path)
+        ]
+        prints: dict[int, str | None] = {}
+        if remote and storage_options is not None:
+            with ThreadPoolExecutor(_HEADS_AT_ONCE) as pool:
+                found = pool.map(lambda i: _object_print(chunk[i].path, storage_options), remote)
+                prints = dict(zip(remote, found, strict=True))
+        for i, ref in enumerate(chunk):
+            if ref.fingerprint is not None:
+                yield ref
+            elif i in prints or (ref.path is not None and is_url(ref.path)):
+                yield replace(ref, fingerprint=prints.get(i))
+            else:
+                yield replace(ref, fingerprint=fingerprint(ref.path, kind, should_stop))
+
+
+def _object_print(url: str | None, options: StorageOptions) -> str | None:
+    """An object's fingerprint, or None when it cannot be asked for (the read will fail and
+    say why)."""
+    try:
+        return storage.object_fingerprint(storage.stat_object(str(url), options))
+    except (OSError, ValueError, ConfigError):
+        return None
 
 
 def skip_done(refs: Iterable[ImageRef], done: DoneSet, counter: SkipCounter) -> Iterator[ImageRef]:

@@ -14,6 +14,16 @@ Every other text written to the output (ids, labels, reasons, manifest fields) g
 from __future__ import annotations
 
 import os
+import re
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# Query parameters that carry a credential: presigned S3 / GCS URLs, Azure SAS tokens.
+_SECRET_PARAMETER = re.compile(
+    r"signature|credential|token|secret|password|key|^sig$|^se$|^sp$|^sv$|^skoid$|^sktid$"
+    r"|googleaccessid",
+    re.IGNORECASE,
+)
 
 
 def has_surrogates(text: str) -> bool:
@@ -45,9 +55,9 @@ def readable_or_none(text: str | None) -> str | None:
 
 
 def name_bytes(path: str) -> bytes | None:
-    """The exact bytes of a file name, or None when no file can have this name."""
+    """The exact bytes of a file name (a URL's, redacted), or None when no file can have it."""
     try:
-        return os.fsencode(path)
+        return os.fsencode(written_name(path))
     except UnicodeEncodeError:
         return None
 
@@ -59,3 +69,25 @@ def path_problem(path: str) -> str | None:
     if name_bytes(path) is None:
         return f"path {readable(path)!r} holds characters that no file name can hold"
     return None
+
+
+def is_url(text: str) -> bool:
+    """Whether `text` names an object by URL (`s3://`, `gs://`, `https://`...), not a path."""
+    return bool(_URL.match(text))
+
+
+def redact_url(url: str) -> str:
+    """`url` without what must never be written down: user info, and the value of every query
+    parameter that carries a credential (a presigned URL's signature, an Azure SAS token)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(_SECRET_PARAMETER.search(k) for k, _ in query):
+        cleaned = [(k, "REDACTED" if _SECRET_PARAMETER.search(k) else v) for k, v in query]
+        return urlunsplit(parts._replace(netloc=netloc, query=urlencode(cleaned, safe="/:")))
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def written_name(path: str) -> str:
+    """A path as the output records it: a URL with its secrets removed, a file name as is."""
+    return redact_url(path) if is_url(path) else path

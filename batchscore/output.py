@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchscore.files import output_errors, write_errors
-from batchscore.names import readable, readable_or_none
+from batchscore.names import readable, readable_or_none, written_name
 
 if TYPE_CHECKING:
     from batchscore.model import ModelSpec
@@ -157,7 +157,10 @@ def chunk_to_batch(
     n = len(refs)
     valid = np.array([error is None for error in output.errors], dtype=bool)
     columns: list[pa.Array] = [
-        pa.array([readable_or_none(ref.path) for ref in refs], type=pa.string()),
+        pa.array(
+            [None if ref.path is None else readable(written_name(ref.path)) for ref in refs],
+            type=pa.string(),
+        ),
         pa.array([ref.path_bytes for ref in refs], type=pa.binary()),
         pa.array([readable(ref.image_id) for ref in refs], type=pa.string()),
         pa.array([STATUS_OK if ok else STATUS_ERROR for ok in valid], type=pa.string()),

@@ -23,6 +23,7 @@ instead of going to the terminal.
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 import stat
@@ -414,15 +415,19 @@ def load_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     fast_jpeg: bool = True,
+    data: bytes | None = None,
 ) -> Decoded:
-    """Decode, orient, convert, resize and crop one file; raises ImageError with a reason."""
+    """Decode, orient, convert, resize and crop one file (or, given `data`, the bytes read from
+    the object `path` names); raises ImageError with a reason."""
     init_pillow()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # Pillow warns from half its limit on; the limit that counts is --max-pixels.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            decoded = _load_image(path, config, max_pixels=max_pixels, fast_jpeg=fast_jpeg)
+            decoded = _load_image(
+                path, config, max_pixels=max_pixels, fast_jpeg=fast_jpeg, data=data
+            )
         if caught:
             messages = tuple(dict.fromkeys(str(w.message) for w in caught))
             decoded = replace(decoded, warnings=messages)
@@ -436,17 +441,18 @@ def load_image(
 
 
 def _load_image(
-    path: str, config: PreprocessConfig, *, max_pixels: int, fast_jpeg: bool
+    path: str, config: PreprocessConfig, *, max_pixels: int, fast_jpeg: bool, data: bytes | None
 ) -> Decoded:
-    info = os.stat(path)  # follows symlinks; a broken one raises FileNotFoundError
-    if stat.S_ISDIR(info.st_mode):
-        raise ImageError("is a directory, not an image file")
-    if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block the worker forever
-        raise ImageError("not a regular file")
-    if info.st_size == 0:
+    if data is None:
+        info = os.stat(path)  # follows symlinks; a broken one raises FileNotFoundError
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageError("is a directory, not an image file")
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block the worker forever
+            raise ImageError("not a regular file")
+    if (len(data) if data is not None else info.st_size) == 0:
         raise ImageError("empty file (0 bytes)")
     _pillow_pixel_limit(None)  # the file's own size is checked here, with a clearer reason
-    with Image.open(path) as image:  # reads the header only
+    with Image.open(path if data is None else io.BytesIO(data)) as image:  # the header only
         width, height = image.size
         if width * height > max_pixels:
             raise ImageError(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import posixpath
 import re
 import sys
 import time
@@ -21,13 +22,14 @@ import onnxruntime as ort
 import pyarrow as pa
 from tqdm import tqdm
 
-from batchscore import __version__
+from batchscore import __version__, storage
+from batchscore.bucket import BucketDatasetWriter, BucketFileSink, Lease, bucket_lock
 from batchscore.dataset import DatasetWriter, is_dataset_path, output_lock, remove_stale_temporaries
 from batchscore.engines import RunContext, engine
 from batchscore.errors import ConfigError, ErrorRateExceeded, Interrupted, OutputError
 from batchscore.incremental import DoneSet, SkipCounter, load_done, skip_done, with_fingerprints
 from batchscore.model import ModelSpec, load_model
-from batchscore.names import has_surrogates, readable
+from batchscore.names import has_surrogates, is_url, readable, redact_url, written_name
 from batchscore.output import FileSink, OutputLayout, Sink, output_schema
 from batchscore.settings import BASELINE_PREFIX, FINGERPRINTS, ScoreSettings
 from batchscore.signals import StopFlag
@@ -147,25 +149,40 @@ def score(
     engine(settings.engine)  # an unknown engine or a missing extra fails before any work
     if settings.engine == "dask" and not dataset:
         raise ConfigError("--engine dask writes one part per partition: -o must be a directory")
+    options = settings.storage_options
+    remote = isinstance(output, str) and is_url(output)
     if not dataset:
-        opened = open_sources(sources, labelled_folders=settings.labelled_folders)
+        opened = open_sources(
+            sources, labelled_folders=settings.labelled_folders, storage_options=options
+        )
         specs = load_models(settings)
-        return _run(opened, Path(output), specs, settings, done=None)
-    root = Path(output)
+        if remote:
+            storage.check_reachable(str(output), options)
+        return _run(opened, output if remote else Path(output), specs, settings, done=None)
     # The lock comes first: a second run of a nightly job must leave at once, before it
     # spends seconds loading and test-running the model.
-    with output_lock(root, wait=settings.wait_lock):
-        opened = open_sources(sources, labelled_folders=settings.labelled_folders)
+    lock = (
+        bucket_lock(str(output), options, wait=settings.wait_lock)
+        if remote
+        else output_lock(Path(output), wait=settings.wait_lock)
+    )
+    with lock as lease:
+        root = output if remote else Path(output)
+        opened = open_sources(
+            sources, labelled_folders=settings.labelled_folders, storage_options=options
+        )
         specs = load_models(settings)
-        remove_stale_temporaries(root)
+        if isinstance(root, Path):
+            remove_stale_temporaries(root)
         done = load_done(
             root,
             specs[0].sha256,
             use_fingerprint=settings.incremental,
             include_errors=not settings.retry_errors,
             setup_sha256=specs[0].setup_sha256,
+            storage_options=options,
         )
-        return _run(opened, root, specs, settings, done=done)
+        return _run(opened, root, specs, settings, done=done, lease=lease)
 
 
 def check_output(output: str | Path) -> bool:
@@ -173,6 +190,17 @@ def check_output(output: str | Path) -> bool:
     nor a `.parquet` file name."""
     if not str(output).strip():
         raise OutputError("empty output path: give a .parquet file or a dataset directory")
+    if isinstance(output, str) and is_url(output):
+        storage.check_url(output)
+        suffix = posixpath.splitext(output)[1].lower()
+        if output.endswith("/") or not suffix:
+            return True
+        if suffix != ".parquet":
+            raise OutputError(
+                f"output {redact_url(output)} is neither a .parquet object nor a prefix ending"
+                " in '/': batchscore writes Parquet, to FILE.parquet or DIR/"
+            )
+        return False
     if has_surrogates(os.path.abspath(output)):
         raise OutputError(
             f"output path {readable(os.path.abspath(output))!r} is not valid UTF-8, which"
@@ -190,11 +218,12 @@ def check_output(output: str | Path) -> bool:
 
 def _run(
     opened: Sequence[Source],
-    output: Path,
+    output: str | Path,
     specs: list[ModelSpec],
     settings: ScoreSettings,
     *,
     done: DoneSet | None,
+    lease: Lease | None = None,
 ) -> RunSummary:
     spec = specs[0]
     run_id = settings.run_id or new_run_id()
@@ -205,7 +234,9 @@ def _run(
         prefixes=("", BASELINE_PREFIX)[: len(specs)],
     )
     metadata = run_metadata(specs, opened, run_id, settings)
-    sink = _open_sink(output, output_schema(layout), metadata, run_id, settings, dataset=done)
+    sink = _open_sink(
+        output, output_schema(layout), metadata, run_id, settings, dataset=done, lease=lease
+    )
     scored = engine(settings.engine)
     assumed = tuple(note for s in specs for note in s.notes if note.startswith("assumed"))
     stats = RunStats()
@@ -213,18 +244,24 @@ def _run(
     stop = StopFlag()
     started_at = datetime.now(timezone.utc)
     started = time.perf_counter()
-    refs = with_fingerprints(iter_refs(opened), settings.fingerprint, stop)
+    refs = with_fingerprints(
+        iter_refs(opened),
+        settings.fingerprint,
+        stop,
+        storage_options=settings.storage_options if settings.incremental else None,
+    )
     if done is not None:
         refs = skip_done(refs, done, skips)
 
     def summarize(status: str) -> tuple[RunSummary, dict[str, Any]]:
         elapsed = time.perf_counter() - started
         details = {**stats.as_dict(), "n_skipped": skips.skipped}
-        summary = RunSummary(run_id, str(output), spec.sha256, details, elapsed, assumed)
+        shown = written_name(str(output))
+        summary = RunSummary(run_id, shown, spec.sha256, details, elapsed, assumed)
         record = {
             **details,
             "status": status,
-            "output": str(output),
+            "output": shown,
             "started_at": started_at.isoformat(),
             "finished_at": datetime.now(timezone.utc).isoformat(),
             "elapsed_s": elapsed,
@@ -258,15 +295,32 @@ def _run(
 
 
 def _open_sink(
-    output: Path,
+    output: str | Path,
     schema: pa.Schema,
     metadata: dict[str, Any],
     run_id: str,
     settings: ScoreSettings,
     *,
     dataset: DoneSet | None,
+    lease: Lease | None,
 ) -> Sink:
-    """A file, or (when the dataset's state was read) the dataset directory."""
+    """A file, or (when the dataset's state was read) the dataset directory; in a bucket when
+    `output` is a URL."""
+    options = settings.storage_options
+    if isinstance(output, str):
+        if dataset is None:
+            return BucketFileSink(output, schema, metadata, options)
+        assert lease is not None, "a dataset in a bucket is written under its lease"
+        return BucketDatasetWriter(
+            output,
+            schema,
+            metadata,
+            run_id=run_id,
+            options=options,
+            lease=lease,
+            part_rows=settings.part_rows,
+            part_seconds=settings.part_seconds,
+        )
     if dataset is None:
         return FileSink(output, schema, metadata)
     return DatasetWriter(

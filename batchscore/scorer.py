@@ -66,7 +66,8 @@ class ChunkResult:
     finished_at: datetime
 
 
-Task = list[tuple[str | None, str | None]]  # (path, problem) per image
+# (path, problem, bytes already read from an object store) per image
+Task = list[tuple[str | None, str | None, bytes | None]]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -93,7 +94,7 @@ class Scorer:
 
     def score(self, task: Task) -> ChunkOutput:
         n = len(task)
-        errors: list[str | None] = [problem for _, problem in task]
+        errors: list[str | None] = [problem for _, problem, _ in task]
         widths: list[int | None] = [None] * n
         heights: list[int | None] = [None] * n
         notes: list[list[str]] = [[] for _ in range(n)]
@@ -101,7 +102,7 @@ class Scorer:
         pixels: dict[PreprocessConfig, list[np.ndarray | None]] = {}
         for config in self.configs:  # decode once per distinct preprocessing, not per model
             pixels[config] = [None] * n
-            for i, (path, _) in enumerate(task):
+            for i, (path, _, data) in enumerate(task):
                 if errors[i] is not None or path is None:
                     continue
                 with c_stderr_into(notes[i]):
@@ -111,6 +112,7 @@ class Scorer:
                             config,
                             max_pixels=self.options.max_pixels,
                             fast_jpeg=self.options.fast_jpeg,
+                            data=data,
                         )
                     except ImageError as exc:
                         errors[i] = str(exc)
@@ -229,8 +231,9 @@ def concat_outputs(parts: list[ChunkOutput]) -> ChunkOutput:
 
 
 def task_of(refs: Sequence[ImageRef]) -> Task:
-    """What a worker needs of each ref: its path, or the reason it has none."""
-    return [(ref.path, ref.problem) for ref in refs]
+    """What a worker needs of each ref: its path (and bytes, when fetched), or the reason it
+    has none."""
+    return [(ref.path, ref.problem, ref.data) for ref in refs]
 
 
 def chunk_refs(refs: Iterable[ImageRef], size: int) -> Iterator[list[ImageRef]]:

@@ -64,6 +64,8 @@ class ScoreSettings:
     dask_address: str | None = None  # None: start a LocalCluster sized to this machine
     part_rows: int = DEFAULT_PART_ROWS
     part_seconds: float = DEFAULT_PART_SECONDS
+    # passed to the object store's fsspec backend (endpoint_url=..., anon=true...): URLs only
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,16 @@ field it is written as `\\xNN` and the row gets a warning saying so.
 
 from __future__ import annotations
 
+import atexit
 import csv
 import functools
 import json
 import math
 import os
+import posixpath
+import shutil
 import stat
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +31,10 @@ from typing import Any, TextIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchscore.errors import SourceError
-from batchscore.names import has_surrogates, name_bytes, path_problem, readable
+from batchscore import storage
+from batchscore.errors import ConfigError, SourceError
+from batchscore.names import has_surrogates, is_url, name_bytes, path_problem, readable, redact_url
+from batchscore.storage import StorageOptions
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet", ".txt")
@@ -47,6 +53,7 @@ class ImageRef:
     problem: str | None = None
     fingerprint: str | None = None  # content fingerprint, see batchscore.incremental
     warning: str | None = None  # something the row's reader should know (not an error)
+    data: bytes | None = field(default=None, repr=False)  # the object's bytes, once fetched
 
     @property
     def path_bytes(self) -> bytes | None:
@@ -57,8 +64,9 @@ class ImageRef:
 class Source:
     """Base class: a named, re-iterable stream of `ImageRef`s."""
 
-    def __init__(self, location: Path) -> None:
+    def __init__(self, location: Path, *, shown: str | None = None) -> None:
         self.location = location
+        self.shown = shown or str(location)  # what messages and metadata call it (redacted)
 
     def __iter__(self) -> Iterator[ImageRef]:
         raise NotImplementedError
@@ -76,7 +84,7 @@ class Source:
         return False
 
     def __str__(self) -> str:
-        return str(self.location)
+        return self.shown
 
 
 class DirectorySource(Source):
@@ -145,8 +153,63 @@ class ImageFileSource(Source):
         return 1
 
 
+class ObjectPrefixSource(Source):
+    """The image objects below a bucket prefix (or any fsspec URL), sorted by key, with the
+    same extension rule as folders. Each ref carries its fingerprint (size + ETag or
+    generation) from the listing itself, so an incremental run costs no request per object.
+
+    With `labelled`, a key's first part below the prefix is its label (ImageFolder layout)."""
+
+    def __init__(self, url: str, options: StorageOptions, *, labelled: bool = False) -> None:
+        super().__init__(Path(), shown=redact_url(url))
+        self.url = url.rstrip("/")
+        self.options = options
+        self.labelled = labelled
+
+    @functools.cached_property
+    def _objects(self) -> list[tuple[str, dict[str, Any]]]:
+        try:
+            found = storage.list_objects(self.url, self.options)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise SourceError(f"cannot list {self}: {storage.reason(exc)}") from exc
+        images = [(url, info) for url, info in found if url.lower().endswith(IMAGE_EXTENSIONS)]
+        if not images:
+            accepted = ", ".join(IMAGE_EXTENSIONS)
+            raise SourceError(f"no images found under {self} (looked for {accepted}, any case)")
+        return images
+
+    def __iter__(self) -> Iterator[ImageRef]:
+        for url, info in self._objects:
+            relative = url[len(self.url) + 1 :]
+            label = relative.split("/", 1)[0] if self.labelled and "/" in relative else None
+            yield ImageRef(
+                path=url,
+                image_id=redact_url(url),
+                label=label,
+                fingerprint=storage.object_fingerprint(info),
+            )
+
+    def count(self) -> int:
+        return len(self._objects)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labelled
+
+
 class ManifestSource(Source):
-    """Common handling of manifest rows: `path`, optional `id` and `label`, extras."""
+    """Common handling of manifest rows: `path`, optional `id` and `label`, extras.
+
+    A path is a URL, or relative to where the manifest itself lives: its folder, or for a
+    manifest read from a bucket or web server, the URL of that folder. A manifest from an
+    object store is downloaded once, to a temporary file, and read from there."""
+
+    def __init__(self, location: Path, *, url: str | None = None) -> None:
+        super().__init__(location, shown=None if url is None else redact_url(url))
+        self.base = posixpath.dirname(url) if url else os.fsdecode(location.parent)
+        self.name = posixpath.basename(redact_url(url)) if url else location.name
 
     def _resolve(self, raw: object) -> str | None:
         if raw is None or (isinstance(raw, float) and math.isnan(raw)):
@@ -154,12 +217,20 @@ class ManifestSource(Source):
         text = _text(raw).strip()
         if not text:
             return None
-        return os.path.abspath(os.path.join(os.fsdecode(self.location.parent), text))
+        if is_url(text):
+            return text
+        if is_url(self.base):
+            return f"{self.base}/{text.removeprefix('./')}"
+        return os.path.abspath(os.path.join(self.base, text))
 
     def _ref(self, row: dict[str, Any], where: str) -> ImageRef:
         path = self._resolve(row.get("path"))
         raw_id = row.get("id")
-        image_id = _text(raw_id) if raw_id not in (None, "", b"") else (path or where)
+        image_id = (
+            _text(raw_id)
+            if raw_id not in (None, "", b"")
+            else (redact_url(path) if path and is_url(path) else path or where)
+        )
         raw_label = row.get("label")
         label = _text(raw_label) if raw_label not in (None, "", b"") else None
         extras = {
@@ -170,7 +241,7 @@ class ManifestSource(Source):
         if path is None:
             problem: str | None = f"{where}: empty or missing 'path'"
         else:
-            reason = path_problem(path)
+            reason = storage.url_problem(path) if is_url(path) else path_problem(path)
             problem = f"{where}: {reason}" if reason else None
         not_utf8 = [
             name
@@ -223,10 +294,10 @@ class CsvSource(ManifestSource):
             with self._open() as handle:
                 header = next(csv.reader(handle), None)
         except (OSError, csv.Error) as exc:
-            raise SourceError(f"cannot read manifest {self.location}: {exc}") from exc
+            raise SourceError(f"cannot read manifest {self}: {exc}") from exc
         if not header or "path" not in header:
             shown = [readable(name) for name in header or []]
-            raise SourceError(f"manifest {self.location} has no 'path' column (header: {shown})")
+            raise SourceError(f"manifest {self} has no 'path' column (header: {shown})")
         return header
 
     def extra_columns(self) -> dict[str, pa.DataType]:
@@ -249,14 +320,14 @@ class CsvSource(ManifestSource):
                 except StopIteration:
                     return
                 except csv.Error as exc:
-                    where = f"{self.location.name} line {reader.line_num}"
+                    where = f"{self.name} line {reader.line_num}"
                     yield ImageRef(None, where, problem=f"{where}: unreadable CSV row ({exc})")
                     continue
                 if not values:
                     continue  # a blank line, as csv.DictReader skips it
                 row: dict[str, Any] = dict.fromkeys(header)
                 row.update((k, v or None) for k, v in zip(header, values, strict=False))
-                yield self._ref(row, f"{self.location.name} line {reader.line_num}")
+                yield self._ref(row, f"{self.name} line {reader.line_num}")
 
 
 class JsonlSource(ManifestSource):
@@ -267,7 +338,7 @@ class JsonlSource(ManifestSource):
         try:
             handle = self.location.open(encoding="utf-8", errors="surrogateescape")
         except OSError as exc:
-            raise SourceError(f"cannot read manifest {self.location}: {exc}") from exc
+            raise SourceError(f"cannot read manifest {self}: {exc}") from exc
         with handle:
             for line_no, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -306,7 +377,7 @@ class JsonlSource(ManifestSource):
 
     def __iter__(self) -> Iterator[ImageRef]:
         for line_no, row, problem in self._rows():
-            where = f"{self.location.name} line {line_no}"
+            where = f"{self.name} line {line_no}"
             if row is None:
                 yield ImageRef(path=None, image_id=where, problem=f"{where}: {problem}")
                 continue
@@ -328,7 +399,7 @@ class TextSource(ManifestSource):
         try:
             handle = self.location.open("rb")
         except OSError as exc:
-            raise SourceError(f"cannot read manifest {self.location}: {exc}") from exc
+            raise SourceError(f"cannot read manifest {self}: {exc}") from exc
         with handle:
             for line_no, line in enumerate(handle, start=1):
                 raw = line.removeprefix(b"\xef\xbb\xbf") if line_no == 1 else line
@@ -341,7 +412,7 @@ class TextSource(ManifestSource):
 
     def __iter__(self) -> Iterator[ImageRef]:
         for line_no, text in self._lines():
-            yield self._ref({"path": text}, f"{self.location.name} line {line_no}")
+            yield self._ref({"path": text}, f"{self.name} line {line_no}")
 
 
 class ParquetSource(ManifestSource):
@@ -352,11 +423,10 @@ class ParquetSource(ManifestSource):
         try:
             parquet = pq.ParquetFile(self.location)
         except (OSError, pa.ArrowException) as exc:
-            raise SourceError(f"cannot read manifest {self.location}: {exc}") from exc
+            raise SourceError(f"cannot read manifest {self}: {exc}") from exc
         if "path" not in parquet.schema_arrow.names:
             raise SourceError(
-                f"manifest {self.location} has no 'path' column"
-                f" (columns: {parquet.schema_arrow.names})"
+                f"manifest {self} has no 'path' column (columns: {parquet.schema_arrow.names})"
             )
         return parquet
 
@@ -376,7 +446,7 @@ class ParquetSource(ManifestSource):
         for batch in self._file().iter_batches(batch_size=_BATCH_ROWS):
             for row in batch.to_pylist():
                 row_no += 1
-                yield self._ref(row, f"{self.location.name} row {row_no}")
+                yield self._ref(row, f"{self.name} row {row_no}")
 
 
 _MANIFESTS: dict[str, type[ManifestSource]] = {
@@ -388,13 +458,20 @@ _MANIFESTS: dict[str, type[ManifestSource]] = {
 }
 
 
-def open_source(location: str | Path, *, labelled_folders: bool = False) -> Source:
-    """Pick the source type for a path: a folder, a manifest, or a single image.
+def open_source(
+    location: str | Path,
+    *,
+    labelled_folders: bool = False,
+    storage_options: StorageOptions | None = None,
+) -> Source:
+    """Pick the source type for a path or URL: a folder (or prefix), a manifest, an image.
 
     With `labelled_folders`, a folder is read in ImageFolder layout (label = sub-folder).
     """
     if not str(location).strip():
         raise SourceError("empty source path: pass an image folder, an image or a manifest")
+    if isinstance(location, str) and is_url(location):
+        return _open_url(location, labelled_folders, storage_options or {})
     path = Path(location)
     if path.is_dir():
         directory = ImageFolderSource(path) if labelled_folders else DirectorySource(path)
@@ -414,12 +491,62 @@ def open_source(location: str | Path, *, labelled_folders: bool = False) -> Sour
     )
 
 
+def _open_url(url: str, labelled: bool, options: StorageOptions) -> Source:
+    storage.check_url(url)
+    suffix = posixpath.splitext(url.split("?", 1)[0])[1].lower()
+    if suffix in _MANIFESTS:
+        manifest = _MANIFESTS[suffix](_downloaded(url, suffix, options), url=url)
+        manifest.extra_columns()
+        return manifest
+    if suffix in IMAGE_EXTENSIONS:
+        return ObjectListSource([url])
+    storage.check_reachable(url, options)
+    prefix = ObjectPrefixSource(url, options, labelled=labelled)
+    prefix.count()  # lists now: an empty or unreadable prefix fails before any work
+    return prefix
+
+
+def _downloaded(url: str, suffix: str, options: StorageOptions) -> Path:
+    """A manifest object copied to a temporary file that lives as long as the process."""
+    folder = tempfile.mkdtemp(prefix="batchscore-manifest-")
+    atexit.register(shutil.rmtree, folder, True)
+    local = Path(folder) / f"manifest{suffix}"
+    try:
+        local.write_bytes(storage.read_object(url, options))
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"cannot read manifest {redact_url(url)}: {storage.reason(exc)}") from exc
+    return local
+
+
+class ObjectListSource(Source):
+    """Objects named one by one on the command line."""
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        super().__init__(Path(), shown=", ".join(redact_url(url) for url in urls))
+        self.urls = list(urls)
+
+    def __iter__(self) -> Iterator[ImageRef]:
+        for url in self.urls:
+            yield ImageRef(path=url, image_id=redact_url(url))
+
+    def count(self) -> int:
+        return len(self.urls)
+
+
 def open_sources(
-    locations: Sequence[str | Path], *, labelled_folders: bool = False
+    locations: Sequence[str | Path],
+    *,
+    labelled_folders: bool = False,
+    storage_options: StorageOptions | None = None,
 ) -> list[Source]:
     if not locations:
         raise SourceError("no source given: pass an image folder or a manifest")
-    return [open_source(loc, labelled_folders=labelled_folders) for loc in locations]
+    return [
+        open_source(loc, labelled_folders=labelled_folders, storage_options=storage_options)
+        for loc in locations
+    ]
 
 
 def merged_extra_columns(sources: Sequence[Source]) -> dict[str, pa.DataType]:

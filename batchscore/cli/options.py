@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -129,6 +130,14 @@ def pipeline_options(func: F) -> F:
             show_default=True,
             help="Images with more pixels become error rows (decompression-bomb guard).",
         ),
+        click.option(
+            "--storage-option",
+            "storage_option",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Passed to the object store's client for s3://, gs://, az:// URLs, e.g."
+            " endpoint_url=http://minio:9000 (repeatable; docs/object-storage.md).",
+        ),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)
@@ -172,7 +181,23 @@ _SCORING_KEYS = (
     "top_k",
     "fast_jpeg",
     "max_pixels",
+    "storage_option",
 )
+
+
+def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """KEY=VALUE pairs; true/false and numbers become JSON values (anon=true -> True)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--storage-option")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        options[key.strip()] = parsed if isinstance(parsed, (bool, int, float)) else value
+    return options
 
 
 def scoring_options(func: F) -> F:
@@ -202,6 +227,7 @@ def scoring_options(func: F) -> F:
                 fast_jpeg=values["fast_jpeg"],
                 max_pixels=values["max_pixels"],
             ),
+            "storage_options": parse_storage_options(values["storage_option"]),
         }
         return func(*args, scoring=scoring, **kwargs)
 

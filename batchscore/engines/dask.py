@@ -68,6 +68,7 @@ from batchscore.scorer import (
     Scorer,
     chunk_refs,
     one_at_a_time,
+    task_of,
 )
 from batchscore.settings import PipelineOptions
 from batchscore.sources import ImageRef
@@ -128,7 +129,7 @@ class RunPlugin(WorkerPlugin):
         """Score `refs` as one batch on this thread's sessions."""
         if self.problem is not None:
             raise OutputError(f"this Dask worker cannot use the run's files: {self.problem}")
-        return self.scorer().score([(ref.path, ref.problem) for ref in refs])
+        return self.scorer().score(task_of(refs))
 
     def score_partition(self, path: Path, refs: Sequence[ImageRef]) -> pa.RecordBatch:
         """Score `refs` in input order, batch by batch, into the part at `path`."""

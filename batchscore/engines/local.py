@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from batchscore.engines import RunContext
 from batchscore.errors import ConfigError
+from batchscore.fetch import prefetched
 from batchscore.model import ModelSpec
 from batchscore.output import Sink, chunk_to_batch
 from batchscore.scorer import (
@@ -60,8 +61,10 @@ def score(
     refs: Iterator[ImageRef], context: RunContext, sink: Sink, stop: Callable[[], bool]
 ) -> Iterator[pa.RecordBatch]:
     """The engine: score `refs` in a local process pool, write each chunk to `sink` in input
-    order, and yield what was written."""
-    for result in run_pipeline(refs, context.specs, context.settings.pipeline, stop):
+    order, and yield what was written. Objects in a bucket are read ahead here, in the parent,
+    and travel to the workers with their chunk."""
+    fetched = prefetched(refs, context.settings.storage_options)
+    for result in run_pipeline(fetched, context.specs, context.settings.pipeline, stop):
         batch = chunk_to_batch(result, context.specs, sink.schema, context.layout, context.run_id)
         sink.write(batch)
         yield batch

@@ -1,0 +1,316 @@
+"""Outputs in a bucket: the dataset directory's promises kept with object-store primitives.
+
+- A part is written to a local staging file, then uploaded as one object (one PUT, or a
+  multipart upload that becomes visible only when completed): no reader ever sees half a part,
+  and a killed run leaves only complete parts. Same for run summaries and single-file outputs.
+- The lock is an object created with a conditional create (S3 `If-None-Match: *`): of two runs
+  starting at once exactly one gets it. It holds a lease that its run renews while it works
+  (a conditional `If-Match` overwrite of its own version). A run killed with the lock leaves
+  a lease that expires; the next run takes it over with the same conditional overwrite, so of
+  two runs taking over, again exactly one wins. Lease times are the store's own clock
+  (the lock's Last-Modified), so the hosts' clocks need not agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from batchscore import storage
+from batchscore.dataset import LOCK_NAME, RUNS_DIR, DatasetWriter
+from batchscore.errors import LockHeld, OutputError, StoreUnavailable, WriteFailed
+from batchscore.names import redact_url
+from batchscore.output import FileSink
+from batchscore.storage import StorageOptions
+
+LEASE_S = 300.0  # a dead run's lock is taken over this long after its last renewal
+RENEW_EVERY_S = 60.0
+WAIT_POLL_S = 10.0
+
+
+def is_part(relative: str) -> bool:
+    """The rule readers use: a .parquet file with no name or folder starting with '.' or '_'."""
+    names = relative.split("/")
+    return names[-1].endswith(".parquet") and not any(n.startswith((".", "_")) for n in names)
+
+
+def bucket_part_files(root: str, options: StorageOptions) -> list[str]:
+    """The committed parts of a dataset in a bucket, as URLs, sorted."""
+    root = root.rstrip("/")
+    try:
+        found = storage.list_objects(root, options)
+    except FileNotFoundError:
+        return []
+    return [url for url, _ in found if is_part(url[len(root) + 1 :])]
+
+
+def read_bucket_summaries(root: str, options: StorageOptions) -> list[dict[str, Any]]:
+    """All run summaries of a dataset in a bucket, oldest first (see `read_summaries`)."""
+    root = root.rstrip("/")
+    try:
+        found = storage.list_objects(f"{root}/{RUNS_DIR}", options)
+    except FileNotFoundError:
+        found = []
+    if not found and not bucket_part_files(root, options):
+        raise OutputError(f"no batchscore dataset at {redact_url(root)}")
+    summaries = []
+    for url, _ in found:
+        if not url.endswith(".json"):
+            continue
+        try:
+            summaries.append(json.loads(storage.read_object(url, options)))
+        except (OSError, ValueError):
+            name = url.rsplit("/", 1)[1].removesuffix(".json")
+            summaries.append({"run_id": name, "status": "unreadable summary"})
+    return sorted(summaries, key=lambda s: (str(s.get("started_at", "")), str(s["run_id"])))
+
+
+class Lease:
+    """The lock object of a dataset in a bucket, held and renewed by this run."""
+
+    def __init__(self, root: str, options: StorageOptions) -> None:
+        self.url = f"{root.rstrip('/')}/{LOCK_NAME}"
+        self.options = options
+        self.fs, self.path = storage.filesystem(self.url, options)
+        self.version: str | None = None
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "lease_s": LEASE_S}
+        return json.dumps(holder).encode()
+
+    def acquire(self, *, wait: bool) -> None:
+        while True:
+            try:
+                self._create()
+            except FileExistsError:
+                held = self._held()
+                if held is None:
+                    continue  # released between our create and our look: try again
+                info, holder = held
+                if self._expired(info) and self._take_over(info):
+                    break
+                if not wait:
+                    raise LockHeld(
+                        f"another batchscore run (host {holder.get('host')}, pid"
+                        f" {holder.get('pid')}) is writing to"
+                        f" {redact_url(self.url.rsplit('/', 1)[0])}; it was left alone (use"
+                        " --wait-lock to wait for it; a dead run's lease expires"
+                        f" {LEASE_S:.0f} s after its last renewal)"
+                    ) from None
+                time.sleep(WAIT_POLL_S)
+                continue
+            break
+        self._renewer = threading.Thread(target=self._renew_loop, daemon=True)
+        self._renewer.start()
+
+    def _create(self) -> None:
+        response = storage.retried(
+            lambda: self.fs.pipe_file(self.path, self._body(), mode="create"), self.url, "PUT"
+        )
+        self.version = _etag(response) or self._version()
+
+    def _version(self) -> str | None:
+        info = storage.stat_object(self.url, self.options)
+        return str(info.get("ETag") or info.get("generation") or "") or None
+
+    def _held(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        try:
+            info = storage.stat_object(self.url, self.options)
+            holder = json.loads(storage.read_object(self.url, self.options))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            holder = {}
+        return info, holder if isinstance(holder, dict) else {}
+
+    @staticmethod
+    def _expired(info: Mapping[str, Any]) -> bool:
+        modified = info.get("LastModified") or info.get("updated") or info.get("mtime")
+        if not isinstance(modified, datetime):
+            return False  # no time to judge by: never take a lock over
+        return (datetime.now(timezone.utc) - modified).total_seconds() > LEASE_S
+
+    def _take_over(self, info: Mapping[str, Any]) -> bool:
+        """Overwrite an expired lock only if it is still the version we saw."""
+        try:
+            response = self._overwrite_if(str(info.get("ETag")))
+        except (OSError, ValueError):
+            return False  # another run took it over first
+        self.version = _etag(response) or self._version()
+        return True
+
+    def _overwrite_if(self, version: str) -> Any:
+        return self.fs.pipe_file(self.path, self._body(), IfMatch=version)
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(RENEW_EVERY_S):
+            self.renew()
+
+    def renew(self) -> None:
+        try:
+            response = self._overwrite_if(str(self.version))
+            self.version = _etag(response) or self._version()
+        except Exception as exc:
+            if storage.is_permanent(exc):
+                self.lost = "another run took over this run's lock (its lease had expired)"
+            # a transient failure is retried at the next renewal, well within the lease
+
+    def check(self) -> None:
+        """Raise before committing anything once the lock is no longer this run's."""
+        if self.lost is not None:
+            raise WriteFailed(f"{redact_url(self.url)}: {self.lost}; nothing more was written")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        if self.lost is None:
+            with suppress(Exception):  # best effort: an unreleased lease expires by itself
+                if self._version() == self.version:
+                    storage.delete_object(self.url, self.options)
+
+
+def _etag(response: object) -> str | None:
+    if isinstance(response, dict) and response.get("ETag"):
+        return str(response["ETag"])
+    return None
+
+
+@contextmanager
+def bucket_lock(root: str, options: StorageOptions, *, wait: bool = False) -> Iterator[Lease]:
+    """Hold the dataset's lock in the bucket for the run (see the module's docstring)."""
+    storage.check_reachable(root, options)
+    lease = Lease(root, options)
+    try:
+        lease.acquire(wait=wait)
+    except StoreUnavailable as exc:
+        raise OutputError(f"cannot take the lock of {redact_url(root)}: {exc}") from exc
+    try:
+        yield lease
+    finally:
+        lease.release()
+
+
+class BucketDatasetWriter(DatasetWriter):
+    """A run written into a dataset in a bucket: parts staged locally, uploaded whole."""
+
+    def __init__(
+        self,
+        root: str,
+        schema: pa.Schema,
+        metadata: Mapping[str, Any],
+        *,
+        run_id: str,
+        options: StorageOptions,
+        lease: Lease,
+        part_rows: int,
+        part_seconds: float,
+    ) -> None:
+        self.staging = Path(tempfile.mkdtemp(prefix="batchscore-parts-"))
+        super().__init__(
+            self.staging,
+            schema,
+            metadata,
+            run_id=run_id,
+            part_rows=part_rows,
+            part_seconds=part_seconds,
+        )
+        self.url = root.rstrip("/")
+        self.options = options
+        self.lease = lease
+
+    def _commit_part(self) -> None:
+        current = self._current
+        if current is None:
+            return
+        current.commit({"part_rows": current.rows})
+        self._current = None
+        relative = current.path.relative_to(self.root).as_posix()
+        self.lease.check()
+        try:
+            storage.put_file(str(current.path), f"{self.url}/{relative}", self.options)
+        except StoreUnavailable:
+            raise
+        except OSError as exc:
+            raise WriteFailed(f"cannot write {self.url}/{relative}: {storage.reason(exc)}") from exc
+        finally:
+            current.path.unlink(missing_ok=True)
+        self.parts.append(relative)
+
+    def _write_summary(self, record: Mapping[str, Any]) -> None:
+        summary = {**self.metadata, **record, "parts": self.parts}
+        summary.pop("class_map", None)
+        data = json.dumps(summary, indent=2, sort_keys=True, default=str).encode()
+        url = f"{self.url}/{RUNS_DIR}/{summary['run_id']}.json"
+        try:
+            storage.put_bytes(url, data, self.options)
+        except (OSError, StoreUnavailable) as exc:
+            raise WriteFailed(f"cannot write {url}: {exc}") from exc
+
+    def finish(self, record: Mapping[str, Any]) -> None:
+        try:
+            super().finish(record)
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def stop(self, record: Mapping[str, Any]) -> str:
+        try:
+            return super().stop(record)
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def abort(self, record: Mapping[str, Any]) -> None:
+        try:
+            super().abort(record)
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class BucketFileSink(FileSink):
+    """A single Parquet file in a bucket: written locally, uploaded only once complete."""
+
+    def __init__(
+        self, url: str, schema: pa.Schema, metadata: Mapping[str, Any], options: StorageOptions
+    ) -> None:
+        self.staging = Path(tempfile.mkdtemp(prefix="batchscore-output-"))
+        super().__init__(self.staging / "output.parquet", schema, metadata)
+        self.url = url
+        self.options = options
+
+    def finish(self, record: Mapping[str, Any]) -> None:
+        try:
+            super().finish(record)
+            storage.put_file(str(self.file.path), self.url, self.options)
+        except OSError as exc:
+            raise WriteFailed(
+                f"cannot write {redact_url(self.url)}: {storage.reason(exc)}"
+            ) from exc
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def stop(self, record: Mapping[str, Any]) -> str:
+        try:
+            return super().stop(record)
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def abort(self, record: Mapping[str, Any]) -> None:
+        try:
+            super().abort(record)
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)

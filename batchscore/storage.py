@@ -1,0 +1,223 @@
+"""Objects in buckets (S3, GCS, Azure) and on web servers: listed, read and written with retries.
+
+Everything remote goes through fsspec and its backends (s3fs, gcsfs, adlfs, aiohttp for
+HTTP), installed as extras. pyarrow's own filesystems, which batchscore already has, lack
+three things a nightly job needs (docs/object-storage.md): the ETag or generation of an
+object (the incremental fingerprint), a conditional create (the dataset lock), and `https://`.
+Dask's `storage_options` convention is fsspec's too.
+
+Credentials come only from where each backend's SDK looks (environment, config files,
+instance or service-account metadata) or from `--storage-option`; a URL that carries them
+is refused, and every URL written down is redacted first (`names.redact_url`).
+
+Failures are sorted in two: an object that is missing (404) or forbidden (403) is that
+image's problem and becomes an error row; throttling (503 SlowDown), timeouts and resets are
+the store's, retried with exponential backoff, and when they persist the run stops with
+`StoreUnavailable` (committed parts stay; a rerun resumes).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping
+from importlib.util import find_spec
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from batchscore.errors import ConfigError, StoreUnavailable
+from batchscore.names import redact_url
+
+StorageOptions = Mapping[str, Any]
+T = TypeVar("T")
+
+# URL scheme -> (fsspec protocol, the module its backend needs, the batchscore extra)
+SCHEMES = {
+    "s3": ("s3", "s3fs", "s3"),
+    "s3a": ("s3", "s3fs", "s3"),
+    "gs": ("gcs", "gcsfs", "gcs"),
+    "gcs": ("gcs", "gcsfs", "gcs"),
+    "az": ("abfs", "adlfs", "azure"),
+    "abfs": ("abfs", "adlfs", "azure"),
+    "abfss": ("abfs", "adlfs", "azure"),
+    "http": ("http", "aiohttp", "http"),
+    "https": ("https", "aiohttp", "http"),
+}
+ATTEMPTS = 6  # first try + 5 retries: 0.2 + 0.4 + 0.8 + 1.6 + 3.2 s of backoff at most
+BACKOFF_S = 0.2
+MAX_OBJECT_BYTES = 512 << 20  # an "image" larger than this is an error row, not a 10 GB read
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def scheme(url: str) -> str:
+    return urlsplit(url).scheme.lower()
+
+
+def check_url(url: str) -> None:
+    """Refuse what cannot or must not be used: an unknown scheme, a missing extra, a URL that
+    carries credentials (they would end up in logs and shell history)."""
+    name = scheme(url)
+    if name not in SCHEMES:
+        known = ", ".join(f"{s}://" for s in SCHEMES)
+        raise ConfigError(f"{redact_url(url)}: unsupported URL scheme (supported: {known})")
+    if "@" in urlsplit(url).netloc:
+        raise ConfigError(
+            f"{redact_url(url)}: the URL carries credentials; batchscore reads them only from"
+            " the standard environment, config files or --storage-option, never from a URL"
+        )
+    _, module, extra = SCHEMES[name]
+    if find_spec(module) is None:
+        raise ConfigError(f"{name}:// needs the '{extra}' extra: pip install 'batchscore[{extra}]'")
+
+
+def url_problem(url: str) -> str | None:
+    """Why a URL listed in a manifest cannot be read, or None."""
+    try:
+        check_url(url)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def filesystem(url: str, options: StorageOptions) -> tuple[Any, str]:
+    """The fsspec filesystem for `url` and the path within it (instances are cached by
+    fsspec per protocol and options)."""
+    check_url(url)
+    from fsspec.core import url_to_fs  # noqa: PLC0415  (an extra's dependency, loaded on use)
+
+    protocol = SCHEMES[scheme(url)][0]
+    target = url if protocol in ("http", "https") else f"{protocol}://{url.split('://', 1)[1]}"
+    fs, path = url_to_fs(target, **options)
+    return fs, str(path)
+
+
+def join(url: str, *names: str) -> str:
+    return "/".join([url.rstrip("/"), *names])
+
+
+def status_of(exc: BaseException) -> int | None:
+    """The HTTP status behind an exception, looked for along its chain of causes."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(code, int):
+                return code
+        code = getattr(seen, "status", None) or getattr(seen, "code", None)
+        if isinstance(code, int) and 100 <= code < 600:
+            return code
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether retrying cannot help: the object is missing or forbidden, the request wrong."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return True
+    status = status_of(exc)
+    return status is not None and 400 <= status < 500 and status not in _TRANSIENT_STATUS
+
+
+def reason(exc: BaseException) -> str:
+    """What an error row says about an object that could not be read."""
+    status = status_of(exc)
+    if isinstance(exc, FileNotFoundError) or status == 404:
+        return "object not found (404)"
+    if isinstance(exc, PermissionError) or status == 403:
+        return "access denied (403): check the credentials' permissions on this object"
+    if isinstance(exc, IsADirectoryError):
+        return "is a prefix (folder), not an object"
+    text = str(exc).strip().splitlines()
+    label = f"HTTP {status}: " if status else ""
+    return f"cannot read object: {label}{text[0] if text else type(exc).__name__}"
+
+
+def retried(action: Callable[[], T], url: str, what: str) -> T:
+    """`action()`, retried with exponential backoff and jitter while the store's failure is
+    transient; a permanent one is raised as it is, a persistent one as StoreUnavailable."""
+    for attempt in range(ATTEMPTS):
+        try:
+            return action()
+        except Exception as exc:
+            if is_permanent(exc):
+                raise
+            if attempt == ATTEMPTS - 1:
+                raise StoreUnavailable(
+                    f"{redact_url(url)}: {what} failed {ATTEMPTS} times, the store is not"
+                    f" answering ({reason(exc).removeprefix('cannot read object: ')});"
+                    " committed work is kept, run again to resume"
+                ) from exc
+            time.sleep(BACKOFF_S * 2**attempt * random.uniform(0.5, 1.0))
+    raise AssertionError("unreachable")
+
+
+def read_object(url: str, options: StorageOptions) -> bytes:
+    """The bytes of one object, at most MAX_OBJECT_BYTES (a bigger one raises ValueError)."""
+    fs, path = filesystem(url, options)
+    data: bytes = retried(lambda: fs.cat_file(path, start=0, end=MAX_OBJECT_BYTES + 1), url, "GET")
+    if len(data) > MAX_OBJECT_BYTES:
+        raise ValueError(f"object larger than {MAX_OBJECT_BYTES >> 20} MiB")
+    return data
+
+
+def object_fingerprint(info: Mapping[str, Any]) -> str:
+    """Size + the store's version of the content (GCS generation, else ETag), never a time:
+    objects copied between buckets keep the ETag of their bytes, not their dates."""
+    version = info.get("generation") or info.get("ETag") or info.get("etag")
+    if version is None:
+        version = f"mtime:{info.get('LastModified') or info.get('mtime') or info.get('updated')}"
+    return f"{info.get('size')}-{str(version).strip(chr(34))}"
+
+
+def stat_object(url: str, options: StorageOptions) -> dict[str, Any]:
+    fs, path = filesystem(url, options)
+    info: dict[str, Any] = retried(lambda: fs.info(path), url, "HEAD")
+    return info
+
+
+def list_objects(url: str, options: StorageOptions) -> list[tuple[str, dict[str, Any]]]:
+    """Every object below the prefix `url`, sorted by key, as (URL, info)."""
+    fs, path = filesystem(url, options)
+    found: dict[str, dict[str, Any]] = retried(
+        lambda: fs.find(path.rstrip("/"), detail=True), url, "LIST"
+    )
+    prefix = url.split("://", 1)[0]
+    return [
+        (f"{prefix}://{name}", info)
+        for name, info in sorted(found.items())
+        if info.get("type", "file") == "file"
+    ]
+
+
+def put_file(local: str, url: str, options: StorageOptions) -> None:
+    """Upload a finished local file as one object: readers see all of it or nothing (a
+    multipart upload becomes visible only when completed)."""
+    fs, path = filesystem(url, options)
+    retried(lambda: fs.put_file(local, path), url, "PUT")
+
+
+def put_bytes(url: str, data: bytes, options: StorageOptions) -> None:
+    fs, path = filesystem(url, options)
+    retried(lambda: fs.pipe_file(path, data), url, "PUT")
+
+
+def delete_object(url: str, options: StorageOptions) -> None:
+    fs, path = filesystem(url, options)
+    retried(lambda: fs.rm_file(path), url, "DELETE")
+
+
+def check_reachable(url: str, options: StorageOptions) -> None:
+    """Fail before any work, in one line, when the store does not answer or refuses us."""
+    fs, path = filesystem(url, options)
+    bucket = path.split("/", 1)[0]
+    try:
+        retried(lambda: fs.ls(bucket, detail=False), url, "LIST")
+    except (StoreUnavailable, OSError) as exc:
+        raise ConfigError(f"cannot use {redact_url(url)}: {_short(exc)}") from exc
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, StoreUnavailable):
+        return str(exc).split(": ", 1)[1].split(";")[0]
+    return reason(exc).removeprefix("cannot read object: ")

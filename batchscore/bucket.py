@@ -29,9 +29,9 @@ from typing import Any
 import pyarrow as pa
 
 from batchscore import storage
-from batchscore.dataset import LOCK_NAME, RUNS_DIR, DatasetWriter
+from batchscore.dataset import LOCK_NAME, RUNS_DIR, DatasetWriter, read_summaries
 from batchscore.errors import LockHeld, OutputError, StoreUnavailable, WriteFailed
-from batchscore.names import redact_url
+from batchscore.names import is_url, redact_url
 from batchscore.output import FileSink
 from batchscore.storage import StorageOptions
 
@@ -75,6 +75,14 @@ def read_bucket_summaries(root: str, options: StorageOptions) -> list[dict[str, 
             name = url.rsplit("/", 1)[1].removesuffix(".json")
             summaries.append({"run_id": name, "status": "unreadable summary"})
     return sorted(summaries, key=lambda s: (str(s.get("started_at", "")), str(s["run_id"])))
+
+
+def dataset_summaries(location: str | Path, options: StorageOptions) -> list[dict[str, Any]]:
+    """The run summaries of a dataset directory or of a dataset in a bucket, oldest first."""
+    if isinstance(location, str) and is_url(location):
+        storage.check_url(location)
+        return read_bucket_summaries(location, options)
+    return read_summaries(Path(location))
 
 
 class Lease:

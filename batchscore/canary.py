@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batchscore import storage
 from batchscore.errors import ConfigError, SourceError
 from batchscore.files import output_errors
 from batchscore.metrics import (
@@ -34,6 +35,7 @@ from batchscore.metrics import (
     reliability,
     wilson_interval,
 )
+from batchscore.names import is_url
 from batchscore.output import STATUS_OK, read_metadata
 from batchscore.score import score
 from batchscore.settings import BASELINE_PREFIX, ScoreSettings
@@ -162,7 +164,8 @@ class CanarySettings:
     """The scoring settings plus the gate. No gate threshold at all: report only."""
 
     score: ScoreSettings = field(default_factory=ScoreSettings)
-    report_dir: Path | None = None  # None: predictions go to a temporary dir, no report
+    # None: predictions go to a temporary dir, no report; a URL: uploaded to that prefix
+    report_dir: str | Path | None = None
     min_accuracy: float | None = None
     max_drop: float | None = None  # needs score.baseline_model
     require_significant: bool = False  # max_drop fails only when McNemar p < alpha
@@ -269,7 +272,7 @@ class CanaryResult:
     n_unlabelled: int  # images without any label (also excluded)
     errors: list[FailedImage]
     errors_count_as_wrong: bool
-    report_dir: Path | None = None
+    report_dir: str | Path | None = None
 
     @property
     def passed(self) -> bool:
@@ -327,16 +330,26 @@ def run_canary(
     """
     settings = settings or CanarySettings()
     check_canary_settings(settings)
-    if not any(source.has_labels for source in open_sources(sources, labelled_folders=True)):
+    options = settings.score.storage_options
+    opened = open_sources(sources, labelled_folders=True, storage_options=options)
+    if not any(source.has_labels for source in opened):
         raise SourceError(
             "the canary set has no labels: pass folders in ImageFolder layout (one sub-folder"
             " per class) or manifests with a 'label' column"
         )
     score_settings = replace(settings.score, labelled_folders=True)
-    with _predictions_folder(settings.report_dir) as folder:
+    report_dir = settings.report_dir
+    remote = isinstance(report_dir, str) and is_url(report_dir)
+    if report_dir is not None and remote:
+        storage.check_reachable(str(report_dir), options)
+    local = None if report_dir is None or remote else Path(report_dir)
+    with _predictions_folder(local) as folder:
         predictions = folder / PREDICTIONS_FILE
         score(sources, predictions, score_settings)
         result = evaluate_predictions(predictions, settings)
+        if remote:
+            url = storage.join(str(report_dir), PREDICTIONS_FILE)
+            storage.put_file(str(predictions), url, options)
     if settings.report_dir is not None:
         result = replace(result, report_dir=settings.report_dir)
     return result

@@ -15,8 +15,11 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
+from batchscore import storage
 from batchscore.charts import line_chart
 from batchscore.files import atomic_write_text
+from batchscore.names import is_url, written_name
+from batchscore.storage import StorageOptions
 
 if TYPE_CHECKING:
     from batchscore.canary import CanaryResult, ModelEvaluation
@@ -30,17 +33,24 @@ LISTED_ERRORS = 50  # report.md lists this many error images; canary.json lists 
 CONFUSED_PAIRS = 10
 
 
-def write_report(result: CanaryResult, folder: Path) -> None:
-    """canary.json, report.md, the heatmap and the reliability diagram, each atomically."""
-    atomic_write_text(folder / JSON_FILE, json.dumps(result.as_dict(), indent=2) + "\n")
+def write_report(
+    result: CanaryResult, folder: str | Path, storage_options: StorageOptions | None = None
+) -> None:
+    """canary.json, report.md, the heatmap and the reliability diagram, each atomically (a
+    folder), or each as one object (a bucket prefix URL)."""
     candidate = result.candidate
-    atomic_write_text(
-        folder / HEATMAP_FILE,
-        confusion_svg(candidate.labels, candidate.metrics.confusion, HEATMAP_CLASSES),
-    )
+    files = {
+        JSON_FILE: json.dumps(result.as_dict(), indent=2) + "\n",
+        HEATMAP_FILE: confusion_svg(candidate.labels, candidate.metrics.confusion, HEATMAP_CLASSES),
+    }
     if candidate.reliability:
-        atomic_write_text(folder / RELIABILITY_FILE, reliability_svg(candidate))
-    atomic_write_text(folder / MARKDOWN_FILE, markdown(result))
+        files[RELIABILITY_FILE] = reliability_svg(candidate)
+    files[MARKDOWN_FILE] = markdown(result)  # last: its presence says the report is whole
+    for name, text in files.items():
+        if isinstance(folder, str) and is_url(folder):
+            storage.put_bytes(storage.join(folder, name), text.encode(), storage_options or {})
+        else:
+            atomic_write_text(Path(folder) / name, text)
 
 
 def reliability_svg(evaluation: ModelEvaluation) -> str:
@@ -114,7 +124,7 @@ def terminal_table(result: CanaryResult) -> str:
         "PASSED" if result.passed else f"FAILED: {failed} of {len(result.checks)} checks failed"
     )
     if result.report_dir is not None:
-        lines.append(f"report: {result.report_dir / MARKDOWN_FILE}")
+        lines.append(f"report: {storage.join(written_name(str(result.report_dir)), MARKDOWN_FILE)}")
     return "\n".join(lines)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -24,9 +23,10 @@ SHARE = click.FloatRange(0, 1)
 @click.option(
     "--report",
     "report_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(file_okay=False),
     default=None,
-    help="Write predictions.parquet, canary.json, report.md and confusion_matrix.svg here."
+    help="Write predictions.parquet, canary.json, report.md and confusion_matrix.svg here"
+    " (a folder, or a bucket prefix such as s3://reports/canary-v3/)."
     " Without it, predictions go to a temporary folder that is removed afterwards.",
 )
 @click.option("--min-accuracy", type=SHARE, default=None, help="Fail when accuracy is below this.")
@@ -76,7 +76,7 @@ SHARE = click.FloatRange(0, 1)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def canary_command(
     sources: tuple[str, ...],
-    report_dir: Path | None,
+    report_dir: str | None,
     min_accuracy: float | None,
     baseline: str | None,
     max_drop: float | None,
@@ -127,7 +127,7 @@ def canary_command(
     )
     result = run_canary(sources, settings)
     if report_dir is not None:
-        write_report(result, report_dir)
+        write_report(result, report_dir, settings.score.storage_options)
     _warn(result)
     click.echo(terminal_table(result))
     if not result.passed:

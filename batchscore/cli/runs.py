@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import click
+
+from batchscore.cli.options import parse_storage_options
 
 COLUMNS = (
     ("run_id", "run"),
@@ -58,7 +59,20 @@ def format_runs(summaries: list[dict[str, Any]]) -> str:
     help="Print only these fields of each run (comma-separated, e.g. run_id,model_sha256),"
     " tab-separated, one line per run: for scripts, which then need no JSON parsing.",
 )
-def runs_command(dataset: str, as_json: bool, status: str | None, field: str | None) -> None:
+@click.option(
+    "--storage-option",
+    "storage_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="For a dataset in a bucket: passed to the object store's client (repeatable).",
+)
+def runs_command(
+    dataset: str,
+    as_json: bool,
+    status: str | None,
+    field: str | None,
+    storage_option: tuple[str, ...],
+) -> None:
     """List the runs that wrote a dataset directory, oldest first.
 
     Each run's summary (DIR/_runs/RUN_ID.json) holds its counts by status and error reason,
@@ -70,10 +84,11 @@ def runs_command(dataset: str, as_json: bool, status: str | None, field: str | N
     \b
         batchscore runs /data/preds/
         batchscore runs /data/preds/ --status complete --field model_sha256
+        batchscore runs s3://preds/nightly/
     """
-    from batchscore.dataset import read_summaries  # noqa: PLC0415 (pyarrow)
+    from batchscore.bucket import dataset_summaries  # noqa: PLC0415 (pyarrow)
 
-    summaries = read_summaries(Path(dataset))
+    summaries = dataset_summaries(dataset, parse_storage_options(storage_option))
     if status is not None:
         summaries = [s for s in summaries if s.get("status") == status]
     if field is not None:

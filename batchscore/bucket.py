@@ -77,6 +77,21 @@ def read_bucket_summaries(root: str, options: StorageOptions) -> list[dict[str, 
     return sorted(summaries, key=lambda s: (str(s.get("started_at", "")), str(s["run_id"])))
 
 
+def remove_stale_bucket_temporaries(root: str, options: StorageOptions) -> int:
+    """Delete the hidden `.part-*.tmp` objects that a dead Dask run left (its token); call only
+    while holding the lock."""
+    root = root.rstrip("/")
+    try:
+        found = storage.list_objects(root, options)
+    except FileNotFoundError:
+        return 0
+    stale = [url for url, _ in found if url.rsplit("/", 1)[1].startswith(".part-")]
+    for url in stale:
+        with suppress(FileNotFoundError):
+            storage.delete_object(url, options)
+    return len(stale)
+
+
 def dataset_summaries(location: str | Path, options: StorageOptions) -> list[dict[str, Any]]:
     """The run summaries of a dataset directory or of a dataset in a bucket, oldest first."""
     if isinstance(location, str) and is_url(location):
@@ -259,6 +274,14 @@ class BucketDatasetWriter(DatasetWriter):
         finally:
             current.path.unlink(missing_ok=True)
         self.parts.append(relative)
+
+    def part_location(self, index: int) -> str:
+        """Where a Dask worker uploads part `index`: its URL."""
+        return f"{self.url}/{self.part_path(index).relative_to(self.root).as_posix()}"
+
+    @property
+    def partition_url(self) -> str:
+        return f"{self.url}/{self.partition.relative_to(self.root).as_posix()}"
 
     def _write_summary(self, record: Mapping[str, Any]) -> None:
         summary = {**self.metadata, **record, "parts": self.parts}

@@ -173,9 +173,13 @@ class DatasetWriter:
         engine that retries a partition replaces its part instead of adding rows twice."""
         return self.partition / f"part-{self.run_id}-{index:05d}.parquet"
 
-    def add_part(self, path: Path) -> None:
-        """Record a part committed by another process (a Dask worker) for the run summary."""
-        self.parts.append(str(path.relative_to(self.root)))
+    def part_location(self, index: int) -> str:
+        """Where another process (a Dask worker) writes part `index`: an absolute path."""
+        return os.path.abspath(self.part_path(index))
+
+    def add_part(self, index: int) -> None:
+        """Record part `index`, committed by another process, for the run summary."""
+        self.parts.append(self.part_path(index).relative_to(self.root).as_posix())
 
 
 def write_summary(root: Path, summary: Mapping[str, Any]) -> Path:

@@ -23,7 +23,13 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from batchscore import __version__, storage
-from batchscore.bucket import BucketDatasetWriter, BucketFileSink, Lease, bucket_lock
+from batchscore.bucket import (
+    BucketDatasetWriter,
+    BucketFileSink,
+    Lease,
+    bucket_lock,
+    remove_stale_bucket_temporaries,
+)
 from batchscore.dataset import DatasetWriter, is_dataset_path, output_lock, remove_stale_temporaries
 from batchscore.engines import RunContext, engine
 from batchscore.errors import ConfigError, ErrorRateExceeded, Interrupted, OutputError
@@ -174,6 +180,8 @@ def score(
         specs = load_models(settings)
         if isinstance(root, Path):
             remove_stale_temporaries(root)
+        else:
+            remove_stale_bucket_temporaries(root, options)
         done = load_done(
             root,
             specs[0].sha256,

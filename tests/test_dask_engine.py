@@ -320,9 +320,9 @@ def test_a_partition_commits_once_under_its_own_name(
         plugin = RunPlugin(context, sink, token=token, probe=refs[0].path, ignore_sigint=False)
         plugin.setup(worker=None)
         assert plugin.problem is None
-        counts = [plugin.score_partition(sink.part_path(3), refs) for _ in range(2)]
+        counts = [plugin.score_partition(sink.part_location(3), refs) for _ in range(2)]
         with pytest.raises(WriteFailed, match="cannot write"):  # one line for the CLI, exit 1
-            plugin.score_partition(sink.partition / "gone" / "part.parquet", refs)
+            plugin.score_partition(str(sink.partition / "gone" / "part.parquet"), refs)
     assert counts[0].equals(counts[1])
     assert counts[0].schema.names == ["status", "error", "pred_label", "pred_prob"]
     assert [p.name for p in part_files(sink.root)] == ["part-run-1-00003.parquet"]

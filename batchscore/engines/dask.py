@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -55,12 +56,15 @@ from distributed.comm.addressing import parse_address
 from distributed.comm.registry import get_backend
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from batchscore import __version__
+from batchscore import __version__, storage
+from batchscore.bucket import BucketDatasetWriter
 from batchscore.dataset import DatasetWriter, remove_stale_temporaries
 from batchscore.engines import RunContext
 from batchscore.errors import BatchscoreError, ConfigError, OutputError
+from batchscore.fetch import prefetched
 from batchscore.files import output_errors, write_errors
 from batchscore.model import ModelSpec
+from batchscore.names import is_url, redact_url
 from batchscore.output import AtomicParquetFile, OutputLayout, Sink, chunk_to_batch
 from batchscore.scorer import (
     ChunkOutput,
@@ -104,7 +108,12 @@ class RunPlugin(WorkerPlugin):
         self.run_id = context.run_id
         self.schema: pa.Schema = sink.schema
         self.metadata: dict[str, Any] = sink.metadata
-        self.partition = os.path.abspath(sink.partition)
+        self.partition = (
+            sink.partition_url
+            if isinstance(sink, BucketDatasetWriter)
+            else os.path.abspath(sink.partition)
+        )
+        self.storage_options = dict(context.settings.storage_options)
         self.token = token
         self.probe = probe
         self.ignore_sigint = ignore_sigint
@@ -115,7 +124,9 @@ class RunPlugin(WorkerPlugin):
         if self.ignore_sigint:  # our LocalCluster shares the terminal: Ctrl-C is the parent's
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         self._local = threading.local()
-        self.problem = storage_problem(self.partition, self.token, self.probe, self.metadata)
+        self.problem = storage_problem(
+            self.partition, self.token, self.probe, self.metadata, self.storage_options
+        )
 
     def scorer(self) -> Scorer:
         """This thread's scorer: Dask runs one task per thread at once, and a session is never
@@ -131,11 +142,23 @@ class RunPlugin(WorkerPlugin):
             raise OutputError(f"this Dask worker cannot use the run's files: {self.problem}")
         return self.scorer().score(task_of(refs))
 
-    def score_partition(self, path: Path, refs: Sequence[ImageRef]) -> pa.RecordBatch:
-        """Score `refs` in input order, batch by batch, into the part at `path`."""
-        size = self.options.batch_size
-        chunks = (list(refs[start : start + size]) for start in range(0, len(refs), size))
-        return self.write_part(path, (_result(chunk, self.score(chunk)) for chunk in chunks))
+    def score_partition(self, location: str, refs: Sequence[ImageRef]) -> pa.RecordBatch:
+        """Score `refs` in input order, batch by batch, into the part at `location` (a path,
+        or a URL: then this worker reads the objects and uploads the part itself)."""
+        fetched = prefetched(refs, self.storage_options)
+        chunks = chunk_refs(fetched, self.options.batch_size)
+        results = (_result(chunk, self.score(chunk)) for chunk in chunks)
+        if not is_url(location):
+            return self.write_part(Path(location), results)
+        with tempfile.TemporaryDirectory(prefix="batchscore-part-") as staging:
+            staged = Path(staging) / "part.parquet"
+            counts = self.write_part(staged, results)
+            storage.put_file(str(staged), location, self.storage_options)
+        return counts
+
+    def score_images(self, refs: Sequence[ImageRef]) -> ChunkOutput:
+        """Score refs (read from their bucket here when they name objects) as one batch."""
+        return self.score(list(prefetched(refs, self.storage_options)))
 
     def write_part(self, path: Path, results: Iterable[ChunkResult]) -> pa.RecordBatch:
         """Write `results` as one committed part; return the columns the run's counts need."""
@@ -147,7 +170,7 @@ class RunPlugin(WorkerPlugin):
                 batch = chunk_to_batch(result, self.specs, self.schema, self.layout, self.run_id)
                 part.write(batch)
                 counted.append(batch.select(list(STATS_COLUMNS)))
-            if not os.path.exists(self.token[0]):
+            if not self._token_present():
                 # The client is gone and the next run has removed its token: that run may have
                 # read the dataset already, so committing now could write rows twice.
                 raise BatchscoreError(f"run {self.run_id} is over; partition not committed")
@@ -158,15 +181,84 @@ class RunPlugin(WorkerPlugin):
         batches: list[pa.RecordBatch] = pa.Table.from_batches(counted).combine_chunks().to_batches()
         return batches[0]
 
+    def _token_present(self) -> bool:
+        where = self.token[0]
+        if not is_url(where):
+            return os.path.exists(where)
+        try:
+            storage.stat_object(where, self.storage_options)
+        except FileNotFoundError:
+            return False
+        return True
+
 
 def _result(refs: list[ImageRef], output: ChunkOutput) -> ChunkResult:
     return ChunkResult(refs, output, datetime.now(timezone.utc))
 
 
 def storage_problem(
-    partition: str, token: tuple[str, str], probe: str | None, metadata: Mapping[str, Any]
+    partition: str,
+    token: tuple[str, str],
+    probe: str | None,
+    metadata: Mapping[str, Any],
+    options: Mapping[str, Any],
 ) -> str | None:
     """Why this process cannot take part in the run, or None. Runs on each worker."""
+    problem = (
+        _bucket_problem(partition, token, probe, options)
+        if is_url(partition)
+        else _shared_disk_problem(partition, token, probe)
+    )
+    if problem is not None:
+        return problem
+    versions = (metadata["batchscore_version"], metadata["onnxruntime_version"])
+    if (__version__, ort.__version__) != versions:
+        return (
+            f"runs batchscore {__version__} with onnxruntime {ort.__version__}, the client"
+            f" {versions[0]} with onnxruntime {versions[1]}: install the same versions"
+        )
+    return None
+
+
+def _bucket_problem(
+    partition: str, token: tuple[str, str], probe: str | None, options: Mapping[str, Any]
+) -> str | None:
+    """A worker must read the client's token object, write into the dataset's prefix and read
+    the first input: with its own credentials, from where it runs."""
+    token_url, token_value = token
+    shown = redact_url(partition)
+    try:
+        seen = storage.read_object(token_url, options).decode()
+    except Exception as exc:
+        return f"cannot read {redact_url(token_url)} ({storage.reason(exc)})"
+    if seen != token_value:
+        return f"{shown} here is not the prefix the client writes (another endpoint?)"
+    scratch = f"{partition}/.part-check-{uuid.uuid4().hex}.tmp"
+    try:
+        storage.put_bytes(scratch, b"", options)
+        storage.delete_object(scratch, options)
+    except Exception as exc:
+        return f"cannot write into {shown}: {storage.reason(exc)}"
+    if probe is not None and is_url(probe):
+        try:
+            storage.read_object(probe, options)
+        except Exception as exc:
+            return f"cannot read input {redact_url(probe)} ({storage.reason(exc)})"
+    elif probe is not None:
+        return _local_probe_problem(probe)
+    return None
+
+
+def _local_probe_problem(probe: str) -> str | None:
+    try:
+        with open(probe, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        return f"cannot read input {probe} ({exc.strerror or exc}): is it on shared storage?"
+    return None
+
+
+def _shared_disk_problem(partition: str, token: tuple[str, str], probe: str | None) -> str | None:
     token_path, token_value = token
     try:
         seen = Path(token_path).read_text()
@@ -180,29 +272,17 @@ def storage_problem(
         scratch.unlink()
     except OSError as exc:
         return f"cannot write into {partition}: {exc.strerror or exc}"
-    if probe is not None:
-        try:
-            with open(probe, "rb") as handle:
-                handle.read(1)
-        except OSError as exc:
-            return f"cannot read input {probe} ({exc.strerror or exc}): is it on shared storage?"
-    versions = (metadata["batchscore_version"], metadata["onnxruntime_version"])
-    if (__version__, ort.__version__) != versions:
-        return (
-            f"runs batchscore {__version__} with onnxruntime {ort.__version__}, the client"
-            f" {versions[0]} with onnxruntime {versions[1]}: install the same versions"
-        )
-    return None
+    return None if probe is None else _local_probe_problem(probe)
 
 
-def score_partition(plugin_name: str, path: str, refs: Sequence[ImageRef]) -> pa.RecordBatch:
+def score_partition(plugin_name: str, location: str, refs: Sequence[ImageRef]) -> pa.RecordBatch:
     """The task: a module-level function, so workers unpickle it by reference."""
-    return _plugin(plugin_name).score_partition(Path(path), refs)
+    return _plugin(plugin_name).score_partition(location, refs)
 
 
 def score_images(plugin_name: str, refs: Sequence[ImageRef]) -> ChunkOutput:
     """The task that scores images of a partition that killed its workers, without writing."""
-    return _plugin(plugin_name).score(refs)
+    return _plugin(plugin_name).score_images(refs)
 
 
 def _plugin(plugin_name: str) -> RunPlugin:
@@ -233,7 +313,7 @@ def score(
     if first is None:
         return  # nothing left to score: no cluster to start
     settings = context.settings
-    readable = first.path is not None and os.access(first.path, os.R_OK)
+    readable = first.path is not None and (is_url(first.path) or os.access(first.path, os.R_OK))
     with (
         _connect(settings.dask_address, settings.pipeline.workers) as client,
         _shared_token(sink) as token,
@@ -310,8 +390,17 @@ def _connect(address: str | None, workers: int) -> Iterator[Client]:
 def _shared_token(sink: DatasetWriter) -> Iterator[tuple[str, str]]:
     """A file only this run can have written: a worker that reads it sees the same storage.
     Named like a part temporary, so the next run removes it if this one dies."""
-    path = Path(os.path.abspath(sink.partition)) / f".part-{sink.run_id}-shared.tmp"
     value = uuid.uuid4().hex
+    if isinstance(sink, BucketDatasetWriter):
+        url = f"{sink.partition_url}/.part-{sink.run_id}-shared.tmp"
+        storage.put_bytes(url, value.encode(), sink.options)
+        try:
+            yield url, value
+        finally:
+            with suppress(Exception):
+                storage.delete_object(url, sink.options)
+        return
+    path = Path(os.path.abspath(sink.partition)) / f".part-{sink.run_id}-shared.tmp"
     with output_errors(sink.root):
         path.write_text(value)
     try:
@@ -343,8 +432,9 @@ def _check_workers(client: Client, plugin_name: str) -> None:
         )
         raise ConfigError(
             "Dask workers cannot take part in this run (--engine dask needs the inputs and the"
-            " output directory on storage every worker mounts at the same path, and the same"
-            f" batchscore and onnxruntime versions): {listed}"
+            " output directory on storage every worker mounts at the same path, or in a bucket"
+            " every worker can reach, and the same batchscore and onnxruntime versions):"
+            f" {listed}"
         )
 
 
@@ -369,7 +459,7 @@ def _stream(
             future = client.submit(
                 score_partition,
                 plugin.name,
-                os.path.abspath(sink.part_path(index)),
+                sink.part_location(index),
                 chunk,
                 key=f"{plugin.name}-part-{index:05d}",
                 retries=TASK_RETRIES,
@@ -386,7 +476,7 @@ def _stream(
         except Exception as exc:  # drain what is running first, so its parts are recorded
             failure = failure or exc
             continue
-        sink.add_part(sink.part_path(index))
+        sink.add_part(index)
         yield batch
         if failure is None:
             submit_more()

@@ -107,6 +107,8 @@ class Lease:
         self.url = f"{root.rstrip('/')}/{LOCK_NAME}"
         self.options = options
         self.fs, self.path = storage.filesystem(self.url, options)
+        # S3's If-Match; other stores' backends have no conditional overwrite in fsspec
+        self.conditional_overwrite = storage.scheme(self.url) in ("s3", "s3a")
         self.version: str | None = None
         self.lost: str | None = None
         self._stop = threading.Event()
@@ -171,6 +173,10 @@ class Lease:
     def _take_over(self, info: Mapping[str, Any]) -> bool:
         """Overwrite an expired lock only if it is still the version we saw."""
         try:
+            if not self.conditional_overwrite:
+                self.fs.rm_file(self.path)  # then race for the create like a fresh start
+                self._create()
+                return True
             response = self._overwrite_if(str(info.get("ETag")))
         except (OSError, ValueError):
             return False  # another run took it over first
@@ -178,6 +184,8 @@ class Lease:
         return True
 
     def _overwrite_if(self, version: str) -> Any:
+        if not self.conditional_overwrite:
+            return self.fs.pipe_file(self.path, self._body())
         return self.fs.pipe_file(self.path, self._body(), IfMatch=version)
 
     def _renew_loop(self) -> None:

@@ -332,7 +332,7 @@ def test_a_partition_commits_once_under_its_own_name(
     # A partition still running when its client died, finishing after the next run has
     # started (which removes the dead run's token): it must not commit.
     with pytest.raises(BatchscoreError, match="partition not committed"):
-        plugin.score_partition(sink.part_path(4), refs)
+        plugin.score_partition(sink.part_location(4), refs)
     assert [p.name for p in part_files(sink.root)] == ["part-run-1-00003.parquet"]
     assert not list(sink.partition.glob(".*"))
 

@@ -234,7 +234,7 @@ def test_shipped_int8_model_agrees_with_fp32_on_confident_samples() -> None:
     assert (ARTIFACTS / INT8_FILENAME).stat().st_size < 6_000_000
     samples = sorted(str(p) for p in SAMPLES.glob("*.jpg"))
     scorer = Scorer([fp32, int8], PipelineOptions(workers=0))
-    output = scorer.score([(path, None) for path in samples])
+    output = scorer.score([(path, None, None) for path in samples])
     assert output.errors == [None] * len(samples)
     reference, candidate = output.scores
     confident = reference.probs.max(axis=1) >= 0.5

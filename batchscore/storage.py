@@ -19,6 +19,7 @@ the store's, retried with exponential backoff, and when they persist the run sto
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from importlib.util import find_spec
@@ -43,10 +44,18 @@ SCHEMES = {
     "http": ("http", "aiohttp", "http"),
     "https": ("https", "aiohttp", "http"),
 }
+# botocore retries nothing and gives up on a dead endpoint in seconds: `retried` decides.
+_S3_CLIENT_CONFIG = {
+    "retries": {"max_attempts": 1, "mode": "standard"},
+    "connect_timeout": 10,
+    "read_timeout": 60,
+}
 ATTEMPTS = 6  # first try + 5 retries: 0.2 + 0.4 + 0.8 + 1.6 + 3.2 s of backoff at most
 BACKOFF_S = 0.2
 MAX_OBJECT_BYTES = 512 << 20  # an "image" larger than this is an error row, not a 10 GB read
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# Client exceptions of a dropped or slow connection, by name: botocore's, aiohttp's, fsspec's
+_TRANSIENT_NAME = re.compile(r"Timeout|Connect|Disconnect|Reset|IncompleteRead|Payload|Throttl")
 
 
 def scheme(url: str) -> str:
@@ -87,7 +96,11 @@ def filesystem(url: str, options: StorageOptions) -> tuple[Any, str]:
 
     protocol = SCHEMES[scheme(url)][0]
     target = url if protocol in ("http", "https") else f"{protocol}://{url.split('://', 1)[1]}"
+    if protocol == "s3":
+        options = {"config_kwargs": _S3_CLIENT_CONFIG, **options}
     fs, path = url_to_fs(target, **options)
+    if protocol == "s3":
+        fs.retries = 1  # s3fs's own retry loop: `retried` is the one place that retries
     return fs, str(path)
 
 
@@ -111,12 +124,25 @@ def status_of(exc: BaseException) -> int | None:
     return None
 
 
-def is_permanent(exc: BaseException) -> bool:
-    """Whether retrying cannot help: the object is missing or forbidden, the request wrong."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
-        return True
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying again may help: throttling, a 5xx, a timeout, a dropped connection."""
     status = status_of(exc)
-    return status is not None and 400 <= status < 500 and status not in _TRANSIENT_STATUS
+    if status is not None:
+        return status in _TRANSIENT_STATUS
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ConnectionError, TimeoutError)) or _TRANSIENT_NAME.search(
+            type(seen).__name__
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether retrying cannot help: a missing or forbidden object, a wrong request, missing
+    credentials, anything not known to be transient."""
+    return not is_transient(exc)
 
 
 def reason(exc: BaseException) -> str:
@@ -161,12 +187,16 @@ def read_object(url: str, options: StorageOptions) -> bytes:
     return data
 
 
-def object_fingerprint(info: Mapping[str, Any]) -> str:
-    """Size + the store's version of the content (GCS generation, else ETag), never a time:
-    objects copied between buckets keep the ETag of their bytes, not their dates."""
+def object_fingerprint(info: Mapping[str, Any]) -> str | None:
+    """Size + the store's version of the content (GCS generation, else ETag), never a time
+    when a version exists: objects copied between buckets keep the ETag of their bytes, not
+    their dates. A web server that sends neither (nor a Last-Modified) gives None."""
     version = info.get("generation") or info.get("ETag") or info.get("etag")
     if version is None:
-        version = f"mtime:{info.get('LastModified') or info.get('mtime') or info.get('updated')}"
+        modified = info.get("LastModified") or info.get("Last-Modified") or info.get("mtime")
+        if modified is None:
+            return None
+        version = f"modified:{modified}"
     return f"{info.get('size')}-{str(version).strip(chr(34))}"
 
 
@@ -184,7 +214,7 @@ def list_objects(url: str, options: StorageOptions) -> list[tuple[str, dict[str,
     )
     prefix = url.split("://", 1)[0]
     return [
-        (f"{prefix}://{name}", info)
+        (name if "://" in name else f"{prefix}://{name}", info)  # http's names are URLs
         for name, info in sorted(found.items())
         if info.get("type", "file") == "file"
     ]
@@ -208,12 +238,26 @@ def delete_object(url: str, options: StorageOptions) -> None:
 
 
 def check_reachable(url: str, options: StorageOptions) -> None:
-    """Fail before any work, in one line, when the store does not answer or refuses us."""
+    """Fail before any work, in one line, when the store does not answer, refuses us, or has
+    no such bucket. A prefix that holds nothing yet (a new output) is fine."""
     fs, path = filesystem(url, options)
-    bucket = path.split("/", 1)[0]
     try:
-        retried(lambda: fs.ls(bucket, detail=False), url, "LIST")
-    except (StoreUnavailable, OSError) as exc:
+        try:
+            retried(lambda: fs.info(path.rstrip("/")), url, "HEAD")
+            return
+        except FileNotFoundError:
+            if SCHEMES[scheme(url)][0] in ("http", "https"):
+                raise
+        bucket = path.split("/", 1)[0]
+        try:
+            retried(lambda: fs.info(bucket), url, "HEAD")
+        except FileNotFoundError:
+            raise ConfigError(f"cannot use {redact_url(url)}: no bucket {bucket!r}") from None
+    except (StoreUnavailable, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot use {redact_url(url)}: {_short(exc)}") from exc
+    except ConfigError:
+        raise
+    except Exception as exc:  # the client's own errors (no credentials, a bad endpoint)
         raise ConfigError(f"cannot use {redact_url(url)}: {_short(exc)}") from exc
 
 

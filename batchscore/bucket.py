@@ -33,10 +33,10 @@ from batchscore.dataset import LOCK_NAME, RUNS_DIR, DatasetWriter, read_summarie
 from batchscore.errors import LockHeld, OutputError, StoreUnavailable, WriteFailed
 from batchscore.names import is_url, redact_url
 from batchscore.output import FileSink
+from batchscore.settings import DEFAULT_LEASE_S
 from batchscore.storage import StorageOptions
 
-LEASE_S = 300.0  # a dead run's lock is taken over this long after its last renewal
-RENEW_EVERY_S = 60.0
+RENEWALS_PER_LEASE = 5  # a lease survives four renewals failing in a row
 WAIT_POLL_S = 10.0
 
 
@@ -103,8 +103,9 @@ def dataset_summaries(location: str | Path, options: StorageOptions) -> list[dic
 class Lease:
     """The lock object of a dataset in a bucket, held and renewed by this run."""
 
-    def __init__(self, root: str, options: StorageOptions) -> None:
+    def __init__(self, root: str, options: StorageOptions, lease_s: float) -> None:
         self.url = f"{root.rstrip('/')}/{LOCK_NAME}"
+        self.lease_s = lease_s
         self.options = options
         self.fs, self.path = storage.filesystem(self.url, options)
         # S3's If-Match; other stores' backends have no conditional overwrite in fsspec
@@ -115,7 +116,7 @@ class Lease:
         self._renewer: threading.Thread | None = None
 
     def _body(self) -> bytes:
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "lease_s": LEASE_S}
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "lease_s": self.lease_s}
         return json.dumps(holder).encode()
 
     def acquire(self, *, wait: bool) -> None:
@@ -127,7 +128,7 @@ class Lease:
                 if held is None:
                     continue  # released between our create and our look: try again
                 info, holder = held
-                if self._expired(info) and self._take_over(info):
+                if self._expired(info, holder) and self._take_over(info):
                     break
                 if not wait:
                     raise LockHeld(
@@ -135,9 +136,10 @@ class Lease:
                         f" {holder.get('pid')}) is writing to"
                         f" {redact_url(self.url.rsplit('/', 1)[0])}; it was left alone (use"
                         " --wait-lock to wait for it; a dead run's lease expires"
-                        f" {LEASE_S:.0f} s after its last renewal)"
+                        f" {float(holder.get('lease_s', self.lease_s)):.0f} s after its last"
+                        " renewal)"
                     ) from None
-                time.sleep(WAIT_POLL_S)
+                time.sleep(min(WAIT_POLL_S, self.lease_s / RENEWALS_PER_LEASE))
                 continue
             break
         self._renewer = threading.Thread(target=self._renew_loop, daemon=True)
@@ -163,12 +165,14 @@ class Lease:
             holder = {}
         return info, holder if isinstance(holder, dict) else {}
 
-    @staticmethod
-    def _expired(info: Mapping[str, Any]) -> bool:
+    def _expired(self, info: Mapping[str, Any], holder: Mapping[str, Any]) -> bool:
+        """Whether the holder's own lease (as it wrote it) ran out since its last renewal."""
         modified = info.get("LastModified") or info.get("updated") or info.get("mtime")
         if not isinstance(modified, datetime):
             return False  # no time to judge by: never take a lock over
-        return (datetime.now(timezone.utc) - modified).total_seconds() > LEASE_S
+        lease = holder.get("lease_s", self.lease_s)
+        lease_s = float(lease) if isinstance(lease, (int, float)) else self.lease_s
+        return (datetime.now(timezone.utc) - modified).total_seconds() > lease_s
 
     def _take_over(self, info: Mapping[str, Any]) -> bool:
         """Overwrite an expired lock only if it is still the version we saw."""
@@ -189,7 +193,7 @@ class Lease:
         return self.fs.pipe_file(self.path, self._body(), IfMatch=version)
 
     def _renew_loop(self) -> None:
-        while not self._stop.wait(RENEW_EVERY_S):
+        while not self._stop.wait(self.lease_s / RENEWALS_PER_LEASE):
             self.renew()
 
     def renew(self) -> None:
@@ -223,10 +227,12 @@ def _etag(response: object) -> str | None:
 
 
 @contextmanager
-def bucket_lock(root: str, options: StorageOptions, *, wait: bool = False) -> Iterator[Lease]:
+def bucket_lock(
+    root: str, options: StorageOptions, *, wait: bool = False, lease_s: float = DEFAULT_LEASE_S
+) -> Iterator[Lease]:
     """Hold the dataset's lock in the bucket for the run (see the module's docstring)."""
     storage.check_reachable(root, options)
-    lease = Lease(root, options)
+    lease = Lease(root, options, lease_s)
     try:
         lease.acquire(wait=wait)
     except StoreUnavailable as exc:

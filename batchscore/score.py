@@ -80,6 +80,8 @@ def check_settings(settings: ScoreSettings) -> None:
         raise ConfigError("max pixels must be positive")
     if settings.fingerprint not in FINGERPRINTS:
         raise ConfigError(f"fingerprint must be one of {FINGERPRINTS}")
+    if settings.lock_lease_s <= 0:
+        raise ConfigError("the lock lease must be positive")
     if settings.part_rows < 1 or settings.part_seconds <= 0:
         raise ConfigError("part rows and part seconds must be positive")
     rate = settings.max_error_rate
@@ -168,7 +170,7 @@ def score(
     # The lock comes first: a second run of a nightly job must leave at once, before it
     # spends seconds loading and test-running the model.
     lock = (
-        bucket_lock(str(output), options, wait=settings.wait_lock)
+        bucket_lock(str(output), options, wait=settings.wait_lock, lease_s=settings.lock_lease_s)
         if remote
         else output_lock(Path(output), wait=settings.wait_lock)
     )

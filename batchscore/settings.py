@@ -20,6 +20,7 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # batchscore quantize
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default decompression-bomb error threshold
 DEFAULT_PART_ROWS = 10_000
 DEFAULT_PART_SECONDS = 60.0
+DEFAULT_LEASE_S = 300.0  # a dataset in a bucket: a dead run's lock expires this long after
 BASELINE_PREFIX = "baseline_"  # column prefix of the baseline model scored beside the main one
 
 
@@ -64,6 +65,7 @@ class ScoreSettings:
     dask_address: str | None = None  # None: start a LocalCluster sized to this machine
     part_rows: int = DEFAULT_PART_ROWS
     part_seconds: float = DEFAULT_PART_SECONDS
+    lock_lease_s: float = DEFAULT_LEASE_S  # a dataset in a bucket: see batchscore.bucket
     # passed to the object store's fsspec backend (endpoint_url=..., anon=true...): URLs only
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 

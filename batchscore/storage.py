@@ -46,7 +46,7 @@ SCHEMES = {
 }
 # botocore retries nothing and gives up on a dead endpoint in seconds: `retried` decides.
 _S3_CLIENT_CONFIG = {
-    "retries": {"max_attempts": 1, "mode": "standard"},
+    "retries": {"total_max_attempts": 1, "mode": "standard"},
     "connect_timeout": 10,
     "read_timeout": 60,
 }

@@ -12,6 +12,8 @@ from PIL import Image
 
 from tests.models import color_model
 
+pytest_plugins = ["tests.object_store"]  # the loopback S3 server and bucket fixtures
+
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "artifacts" / "samples"

@@ -16,6 +16,7 @@ import contextlib
 import email.utils
 import errno
 import http.client
+import importlib.util
 import mimetypes
 import os
 import re
@@ -57,12 +58,20 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-FAULT_KINDS = ("slowdown", "forbidden", "reset", "timeout")
+FAULT_KINDS = ("slowdown", "forbidden", "reset", "timeout", "disconnect")
 
 # Real S3 error replies, so clients run their actual error parsing and retry classification.
 S3_ERRORS: dict[str, tuple[int, str, str, str]] = {
     "slowdown": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
     "forbidden": (403, "Forbidden", "AccessDenied", "Access Denied"),
+}
+
+
+# Moto only checks that object requests carry *some* Authorization header (it does not verify
+# signatures); a raw request without one gets 403 with an empty body on a private object.
+MOTO_AUTH = {
+    "Authorization": "AWS4-HMAC-SHA256 Credential=testing/20240101/us-east-1/s3/aws4_request, "
+    "SignedHeaders=host, Signature=0"
 }
 
 
@@ -188,7 +197,8 @@ def _moto_env() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of one moto S3 server shared by the session (buckets keep tests apart)."""
-    pytest.importorskip("moto.server")
+    if importlib.util.find_spec("moto") is None:
+        pytest.skip("moto is not installed")
     with MotoServer(tmp_path_factory.mktemp("moto")) as server:
         yield server.url
 
@@ -221,11 +231,14 @@ class Bucket:
             data: bytes = body.read()
         return data
 
-    def keys(self, prefix: str = "") -> list[str]:
+    def keys(self, prefix: str = "", page_size: int = 1000) -> list[str]:
         """Every key under `prefix`, sorted (paginated, so past 1000 keys too)."""
         paginator = self.client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(
+            Bucket=self.name, Prefix=prefix, PaginationConfig={"PageSize": page_size}
+        )
         found: list[str] = []
-        for page in paginator.paginate(Bucket=self.name, Prefix=prefix):
+        for page in pages:
             found.extend(obj["Key"] for obj in page.get("Contents", []))
         return sorted(found)
 
@@ -255,7 +268,7 @@ def _clear_s3fs_cache() -> None:
 @pytest.fixture
 def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]:
     """AWS env aimed at moto with dummy credentials, and a new bucket named `bs-<8 hex>`."""
-    import boto3
+    boto3 = pytest.importorskip("boto3")
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -326,7 +339,8 @@ class _Server(ThreadingHTTPServer):
             isinstance(exc, OSError) and exc.errno in {errno.EBADF, errno.ENOTCONN}
         ):
             return
-        self.owner._errors.append(traceback.format_exc())
+        with self.owner._lock:
+            self.owner._errors.append(traceback.format_exc())
 
     def close_all(self, timeout_s: float) -> None:
         """Shut the listening socket, then every open connection, then join handler threads."""
@@ -438,13 +452,19 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length > 0 else b""
 
     def send_bytes(
-        self, status: int, body: bytes, headers: dict[str, str] | None = None, reason: str = ""
+        self,
+        status: int,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        reason: str = "",
+        length: int | None = None,
     ) -> None:
-        """A complete response with Content-Length; HEAD gets the headers only."""
+        """A complete response with Content-Length (`length` if given, for HEAD, else the
+        body's); HEAD gets the headers only."""
         self.send_response(status, reason or None)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(body) if length is None else length))
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -510,10 +530,11 @@ class _ProxyHandler(_Handler):
                 {"Content-Type": "application/xml", "x-amz-request-id": "FAULTPROXY"},
                 reason,
             )
-        elif fault.kind == "timeout":
-            proxy._closing.wait(fault.delay_s)
-            self.reset_connection()
+        elif fault.kind == "disconnect":
+            self.close_connection = True  # the stdlib then sends FIN: EOF instead of a reply
         else:
+            if fault.kind == "timeout":
+                proxy._closing.wait(fault.delay_s)
             self.reset_connection()
 
     def forward(self, proxy: FaultProxy, body: bytes) -> None:
@@ -549,9 +570,8 @@ class _ProxyHandler(_Handler):
         finally:
             conn.close()
         self.send_response_only(response.status, response.reason)
-        for name, value in response.getheaders():
-            if name.lower() not in HOP_BY_HOP | {"content-length"}:
-                self.send_header(name, value)
+        for name, value in _relayable(response.getheaders()):
+            self.send_header(name, value)
         no_body = self.command == "HEAD" or response.status < 200 or response.status in {204, 304}
         if no_body:
             length = response.getheader("Content-Length")
@@ -564,6 +584,21 @@ class _ProxyHandler(_Handler):
         self.end_headers()
         if not no_body:
             self.wfile.write(data)
+
+
+# Fields that may appear once. Moto sends Server twice (Werkzeug's and "amazon.com"), which
+# aiohttp's strict parser (python -X dev, PYTHONASYNCIODEBUG=1) rejects as a bad message.
+SINGLETON_FIELDS = frozenset(
+    {"content-location", "content-range", "content-type", "etag", "server", "max-forwards"}
+)
+
+
+def _relayable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Upstream response fields minus hop-by-hop ones and Content-Length (set by the proxy),
+    with one copy of each singleton field (the last, as the app's own comes after the server's)."""
+    kept = [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP | {"content-length"}]
+    last = {n.lower(): i for i, (n, _) in enumerate(kept) if n.lower() in SINGLETON_FIELDS}
+    return [(n, v) for i, (n, v) in enumerate(kept) if last.get(n.lower(), i) == i]
 
 
 class FaultProxy(_ThreadedServer):
@@ -615,8 +650,10 @@ class FaultProxy(_ThreadedServer):
         """Fail the next `times` requests (-1: all) whose path+query contains `match`.
 
         kind: "slowdown" (503 SlowDown XML), "forbidden" (403 AccessDenied XML), "reset" (TCP
-        RST, no reply), "timeout" (no reply for `delay_s`, then RST). Faults are checked in the
-        order added; the first that applies is used up."""
+        RST, no reply), "timeout" (no reply for `delay_s`, then RST), "disconnect" (clean FIN,
+        no reply: clients raise a different exception than for a reset). HEAD gets the error
+        status without a body, as from S3. Faults are checked in the order added; the first
+        that applies is used up."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
         if times < -1:
@@ -671,30 +708,17 @@ class _StaticHandler(_Handler):
             return
         data = path.read_bytes() if self.command == "GET" else b""
         if span is None:
-            if self.command == "HEAD":
-                self.send_response(200)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(size))
-                self.end_headers()
-            else:
-                self.send_bytes(200, data, headers)
+            self.send_bytes(200, data, headers, length=size)
             return
         start, end = span
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-        if self.command == "HEAD":
-            self.send_response(206)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(end - start + 1))
-            self.end_headers()
-        else:
-            self.send_bytes(206, data[start : end + 1], headers)
+        self.send_bytes(206, data[start : end + 1], headers, length=end - start + 1)
 
     do_HEAD = do_GET
 
     def do_PUT(self) -> None:
         self.read_body()
+        self.server.owner._record(self.command, self.path)
         self.send_bytes(405, b"read-only\n", {"Allow": "GET, HEAD", "Content-Type": "text/plain"})
 
     do_POST = do_DELETE = do_PATCH = do_PUT

@@ -11,6 +11,7 @@ from batchscore.cli.options import (
 )
 from batchscore.errors import ErrorRateExceeded, Summary, exit_codes_help
 from batchscore.settings import (
+    DEFAULT_LEASE_S,
     DEFAULT_PART_ROWS,
     DEFAULT_PART_SECONDS,
     ENGINES,
@@ -49,6 +50,15 @@ from batchscore.settings import (
     help="Dataset output: score images that failed in an earlier run again.",
 )
 @click.option("--wait-lock", is_flag=True, help="Wait for another run on the same dataset.")
+@click.option(
+    "--lock-lease",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_LEASE_S,
+    show_default=True,
+    metavar="SECONDS",
+    help="Dataset in a bucket: a killed run's lock blocks the next run this long after its"
+    " last renewal (the run renews it five times per lease).",
+)
 @click.option(
     "--engine",
     type=click.Choice(ENGINES),
@@ -101,6 +111,7 @@ def score_command(
     fingerprint: str,
     retry_errors: bool,
     wait_lock: bool,
+    lock_lease: float,
     engine: str,
     dask_address: str | None,
     part_rows: int,
@@ -135,6 +146,7 @@ def score_command(
         fingerprint=fingerprint,
         retry_errors=retry_errors,
         wait_lock=wait_lock,
+        lock_lease_s=lock_lease,
         engine=engine,
         dask_address=dask_address,
         part_rows=part_rows,

@@ -1,0 +1,410 @@
+"""Sources and outputs in buckets, end to end, against a real S3 server on loopback (moto).
+
+Faults come from a real HTTP proxy in front of that server (tests/object_store.py): the client
+code paths (signing, retries, error parsing) are the real ones. Images are real PNGs scored by
+the tiny colour model; what the tests check is what a reader of the bucket would see.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from click.testing import CliRunner, Result
+
+from batchscore.bucket import Lease
+from batchscore.cli import cli
+from batchscore.errors import LockHeld
+from tests.conftest import COLORS, noisy
+from tests.models import color_model
+from tests.object_store import Bucket, FaultProxy, StaticServer, free_port
+
+NAMES = list(COLORS)
+
+
+def png(color: str, seed: int = 0, size: int = 24) -> bytes:
+    buffer = io.BytesIO()
+    noisy(COLORS[color], (size, size), seed=seed).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def seed(bucket: Bucket, prefix: str, n: int) -> dict[str, str]:
+    """n images under `prefix`; returns {URL: colour}."""
+    truth = {}
+    for i in range(n):
+        color = NAMES[i % 3]
+        key = f"{prefix}img_{i:04d}_{color}.png"
+        bucket.put(key, png(color, seed=i))
+        truth[bucket.uri(key)] = color
+    return truth
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(cli, list(args))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(color_model(tmp_path_factory.mktemp("model")))
+
+
+@pytest.fixture
+def proxy(s3: Bucket, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
+    """Every S3 request of the test (and of the runs it starts) goes through the proxy."""
+    with FaultProxy(s3.endpoint) as front:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", front.url)
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield front
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def read_dataset(url: str) -> pd.DataFrame:
+    return pd.read_parquet(url)
+
+
+def parts(bucket: Bucket, prefix: str) -> list[str]:
+    return [k for k in bucket.keys(prefix) if k.endswith(".parquet") and "/_" not in k]
+
+
+def test_a_prefix_is_listed_in_key_order_and_scored_like_the_same_local_files(
+    s3: Bucket, model: str, tmp_path: Path
+) -> None:
+    truth = seed(s3, "uploads/2026/12/01/", 7)
+    s3.put("uploads/2026/12/01/notes.txt", b"not an image")
+    s3.put("uploads/2026/12/01/sub/LAST_BLUE.PNG", png("blue", seed=99))
+    truth[s3.uri("uploads/2026/12/01/sub/LAST_BLUE.PNG")] = "blue"
+    s3.put("uploads/2026/12/02/img_other_day.png", png("red"))  # outside the prefix
+
+    done = invoke(
+        "score", s3.uri("uploads/2026/12/01/"), "-o", str(tmp_path / "out.parquet"),
+        "--model", model, "--workers", "2",
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    scored = pd.read_parquet(tmp_path / "out.parquet")
+    assert scored["path"].tolist() == sorted(truth)
+    assert scored["image_id"].tolist() == sorted(truth)
+    assert scored["pred_label"].tolist() == [truth[p] for p in sorted(truth)]
+    assert scored["fingerprint"].str.fullmatch(r"\d+-[0-9a-f]{32}").all()  # size-ETag
+
+    local = tmp_path / "local"
+    local.mkdir()
+    for url in truth:
+        (local / url.rsplit("/", 1)[1]).write_bytes(s3.get(url.split("/", 3)[3]))
+    invoke("score", str(local), "-o", str(tmp_path / "local.parquet"), "--model", model)
+    here = pd.read_parquet(tmp_path / "local.parquet")
+    by_name = dict(zip(here["path"].str.rsplit("/", n=1).str[1], here["probs"], strict=True))
+    for path, probs in zip(scored["path"], scored["probs"], strict=True):
+        np.testing.assert_array_equal(probs, by_name[path.rsplit("/", 1)[1]])
+
+
+def test_a_manifest_in_a_bucket_mixes_relative_keys_urls_and_web_servers(
+    s3: Bucket, model: str, tmp_path: Path
+) -> None:
+    s3.put("lists/imgs/a_red.png", png("red"))
+    s3.put("other/b_blue.png", png("blue"))
+    web = tmp_path / "web"
+    web.mkdir()
+    (web / "c_green.png").write_bytes(png("green"))
+    with StaticServer(web) as server:
+        presigned = f"{server.url_for('c_green.png')}?X-Amz-Signature=s3cr3tsig&v=1"
+        rows = [
+            "imgs/a_red.png",
+            s3.uri("other/b_blue.png"),
+            presigned,
+            "imgs/missing.png",
+            f"s3://AKIAEXAMPLE:s3cr3tkey@{s3.name}/other/b_blue.png",
+            "ftp://example.org/x.png",
+        ]
+        s3.put("lists/tonight.csv", ("path\n" + "\n".join(rows) + "\n").encode())
+        done = invoke(
+            "score", s3.uri("lists/tonight.csv"), "-o", str(tmp_path / "out.parquet"),
+            "--model", model, "--workers", "0",
+        )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert out["status"].tolist() == ["ok", "ok", "ok", "error", "error", "error"]
+    assert out["pred_label"].tolist()[:3] == ["red", "blue", "green"]
+    assert out["path"].tolist()[:4] == [
+        s3.uri("lists/imgs/a_red.png"),
+        s3.uri("other/b_blue.png"),
+        f"{server.url_for('c_green.png')}?X-Amz-Signature=REDACTED&v=1",
+        s3.uri("lists/imgs/missing.png"),
+    ]
+    errors = out["error"].tolist()
+    assert errors[3] == "object not found (404)"
+    assert "carries credentials" in errors[4]
+    assert "unsupported URL scheme" in errors[5]
+    # No secret anywhere: not in a column, not in the file's metadata.
+    table = pq.read_table(tmp_path / "out.parquet")
+    everything = str(table.to_pylist()) + str(table.schema.metadata)
+    assert "s3cr3t" not in everything
+
+
+def test_a_dataset_in_a_bucket_resumes_and_rescores_objects_whose_etag_changed(
+    s3: Bucket, model: str
+) -> None:
+    truth = seed(s3, "uploads/", 6)
+    preds = s3.uri("preds/")
+    args = ("score", s3.uri("uploads/"), "-o", preds, "--model", model, "--incremental")
+    first = invoke(*args, "--workers", "0")
+    assert first.exit_code == 0, first.output
+    keys = s3.keys("preds/")
+    assert len(parts(s3, "preds/")) == 1
+    assert sum(k.startswith("preds/_runs/") for k in keys) == 1
+    assert "preds/_batchscore.lock" not in keys  # released
+
+    again = invoke(*args)
+    assert again.exit_code == 0
+    assert "nothing new to score (6 images already scored)" in again.output
+
+    changed = sorted(truth)[0]  # a red image, rewritten blue: new bytes, new ETag
+    s3.put(changed.split("/", 3)[3], png("blue", seed=50))
+    third = invoke(*args)
+    assert third.exit_code == 0, third.output
+    assert third.output.startswith("1 image: 1 ok")
+    rows = read_dataset(preds)
+    assert len(rows) == 7
+    latest = rows.sort_values("scored_at").drop_duplicates("path", keep="last")
+    assert latest.set_index("path").loc[changed, "pred_label"] == "blue"
+
+    runs = invoke("runs", preds, "--field", "status,n_images,n_skipped")
+    assert runs.output.splitlines() == ["complete\t6\t0", "complete\t0\t6", "complete\t1\t5"]
+
+
+def test_missing_and_forbidden_objects_are_rows_throttling_and_resets_are_retried(
+    s3: Bucket, proxy: FaultProxy, model: str, tmp_path: Path
+) -> None:
+    for name, color in [
+        ("a_red", "red"),
+        ("b_secret", "green"),
+        ("c_hot", "blue"),
+        ("d_cut", "red"),
+    ]:
+        s3.put(f"in/{name}.png", png(color))
+    proxy.add_fault("b_secret", "forbidden", times=-1, method="GET")
+    proxy.add_fault("c_hot", "slowdown", times=3, method="GET")
+    proxy.add_fault("d_cut", "reset", times=2, method="GET")
+    manifest = tmp_path / "list.txt"
+    names = ["a_red", "b_secret", "c_hot", "d_cut", "e_gone"]
+    manifest.write_text("".join(f"{s3.uri(f'in/{n}.png')}\n" for n in names))
+
+    done = invoke(
+        "score", str(manifest), "-o", str(tmp_path / "out.parquet"), "--model", model,
+        "--workers", "0",
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    out = pd.read_parquet(tmp_path / "out.parquet").set_index("path")
+    row = {n: out.loc[s3.uri(f"in/{n}.png")] for n in names}
+    assert row["a_red"]["pred_label"] == "red"
+    assert row["b_secret"]["error"].startswith("access denied (403)")
+    assert row["c_hot"]["pred_label"] == "blue"
+    assert row["d_cut"]["pred_label"] == "red"
+    assert row["e_gone"]["error"] == "object not found (404)"
+    assert proxy.count("c_hot", "GET") >= 4  # three 503s, then the answer
+    assert proxy.count("d_cut", "GET") >= 3
+    assert proxy.errors == []
+
+
+@pytest.mark.slow
+def test_a_store_that_is_down_at_start_is_exit_2_in_one_line(
+    s3: Bucket, model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    s3fs.S3FileSystem.clear_instance_cache()
+    started = time.monotonic()
+    done = invoke("score", s3.uri("x/"), "-o", str(tmp_path / "o.parquet"), "--model", model)
+    assert done.exit_code == 2
+    assert done.output.count("\n") == 1
+    assert "not answering" in done.output and "Traceback" not in done.output
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_a_url_with_credentials_is_refused_and_never_printed(tmp_path: Path, model: str) -> None:
+    done = invoke(
+        "score", "s3://AKIAEXAMPLE:s3cr3t@bucket/x/", "-o", str(tmp_path / "o.parquet"),
+        "--model", model,
+    )  # fmt: skip
+    assert done.exit_code == 2
+    assert "carries credentials" in done.output
+    assert "s3cr3t" not in done.output and "AKIAEXAMPLE" not in done.output
+
+
+def test_of_runs_racing_for_a_lock_exactly_one_gets_it_and_an_expired_lease_is_taken_once(
+    s3: Bucket,
+) -> None:
+    root = s3.uri("preds")
+
+    def race(leases: list[Lease]) -> list[Lease]:
+        start = threading.Barrier(len(leases))
+        won: list[Lease] = []
+
+        def take(lease: Lease) -> None:
+            start.wait()
+            with suppress(LockHeld):
+                lease.acquire(wait=False)
+                won.append(lease)
+
+        threads = [threading.Thread(target=take, args=(lease,)) for lease in leases]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return won
+
+    won = race([Lease(root, {}, lease_s=60) for _ in range(6)])
+    assert len(won) == 1
+    holder = won[0]
+    holder._stop.set()  # the holder dies: it stops renewing and never releases
+    assert holder._renewer is not None
+    holder._renewer.join()
+    time.sleep(1.5)  # the store's clock counts whole seconds
+    early = race([Lease(root, {}, lease_s=60) for _ in range(3)])
+    assert early == []  # its lease (60 s) has not run out
+    expired = race([Lease(root, {}, lease_s=0.5) for _ in range(3)])
+    assert early == [] and len(expired) == 0  # the holder wrote 60 s; its own lease counts
+
+    short = Lease(s3.uri("short"), {}, lease_s=0.5)
+    short.acquire(wait=False)
+    short._stop.set()
+    assert short._renewer is not None
+    short._renewer.join()
+    time.sleep(2.1)
+    takers = race([Lease(s3.uri("short"), {}, lease_s=30) for _ in range(4)])
+    assert len(takers) == 1
+    for lease in (*takers, *won):
+        lease._stop.set()
+
+
+def command(source: str, output: str, model: str, *extra: str) -> list[str]:
+    return [
+        *(sys.executable, "-m", "batchscore", "score", source, "-o", output),
+        *("--model", model, "--part-rows", "8", "--batch-size", "4", "--workers", "1", *extra),
+    ]
+
+
+@contextmanager
+def running(argv: list[str]) -> Iterator[subprocess.Popen[str]]:
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        yield process
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+
+def wait_for_first_part(bucket: Bucket, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    while not parts(bucket, "preds/"):
+        assert process.poll() is None, "the run ended before committing a part"
+        assert time.monotonic() < deadline, "no part committed within 60 s"
+        time.sleep(0.05)
+
+
+def check_exactly_once(bucket: Bucket, truth: dict[str, str]) -> None:
+    rows = read_dataset(bucket.uri("preds/"))
+    assert sorted(rows["path"]) == sorted(truth)
+    assert (rows["pred_label"] == rows["path"].map(truth)).all()
+    for key in parts(bucket, "preds/"):
+        pq.read_table(io.BytesIO(bucket.get(key)))  # every visible part is whole
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_whole_parts_and_the_rerun_resumes_after_the_lease(
+    s3: Bucket, proxy: FaultProxy, model: str
+) -> None:
+    truth = seed(s3, "uploads/", 240)
+    proxy.latency_s = 0.05  # slow enough to kill it mid-run
+    argv = command(s3.uri("uploads/"), s3.uri("preds/"), model, "--lock-lease", "5")
+    with running(argv) as process:
+        wait_for_first_part(s3, process)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    killed_at = time.monotonic()
+    assert "preds/_batchscore.lock" in s3.keys("preds/")  # a dead run cannot release it
+    proxy.latency_s = 0.0
+    blocked = invoke(*argv[3:])  # at once, in this process: the lease has not run out
+    assert time.monotonic() - killed_at < 4
+    assert blocked.exit_code == 75, blocked.output
+    assert "is writing to" in blocked.output
+    time.sleep(max(0.0, killed_at + 6.5 - time.monotonic()))
+    resumed = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    check_exactly_once(s3, truth)
+
+
+@pytest.mark.slow
+def test_a_store_that_drops_mid_run_stops_it_cleanly_and_the_rerun_resumes(
+    s3: Bucket, proxy: FaultProxy, model: str
+) -> None:
+    truth = seed(s3, "uploads/", 160)
+    proxy.latency_s = 0.05
+    argv = command(s3.uri("uploads/"), s3.uri("preds/"), model)
+    with running(argv) as process:
+        wait_for_first_part(s3, process)
+        proxy.add_fault("uploads/", "reset", times=-1)
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr
+    assert stderr.count("\n") == 1 and "not answering" in stderr and "run again" in stderr
+    proxy.clear_faults()
+    proxy.latency_s = 0.0
+    resumed = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    check_exactly_once(s3, truth)
+
+
+@pytest.mark.slow
+def test_the_dask_engine_reads_and_writes_the_bucket_with_no_shared_directory(
+    s3: Bucket, model: str, tmp_path: Path
+) -> None:
+    truth = seed(s3, "uploads/", 30)
+    os.chdir(tmp_path)
+    done = invoke(
+        "score", s3.uri("uploads/"), "-o", s3.uri("preds/"), "--model", model,
+        "--engine", "dask", "--workers", "2", "--part-rows", "10",
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert len(parts(s3, "preds/")) >= 2  # one part per partition, each uploaded by a worker
+    check_exactly_once(s3, truth)
+    assert list(tmp_path.iterdir()) == []  # nothing written on this machine's disk
+    assert not [k for k in s3.keys("preds/") if "/." in k]  # no token or check object left
+
+
+def test_a_single_file_output_and_a_canary_report_go_to_the_bucket(s3: Bucket, model: str) -> None:
+    for i, color in enumerate(NAMES * 2):
+        s3.put(f"canary/{color}/img_{i}.png", png(color, seed=i))
+    file_run = invoke(
+        "score", s3.uri("canary/"), "-o", s3.uri("out/preds.parquet"), "--model", model
+    )
+    assert file_run.exit_code == 0, file_run.output
+    assert len(read_dataset(s3.uri("out/preds.parquet"))) == 6
+    canary = invoke(
+        "canary", s3.uri("canary/"), "--model", model, "--min-accuracy", "0.9",
+        "--report", s3.uri("reports/v1/"),
+    )  # fmt: skip
+    assert canary.exit_code == 0, canary.output
+    assert "accuracy        1.0000" in canary.output
+    assert s3.keys("reports/v1/") == [
+        f"reports/v1/{name}"
+        for name in (
+            "canary.json",
+            "confusion_matrix.svg",
+            "predictions.parquet",
+            "reliability.svg",
+            "report.md",
+        )
+    ]

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from batchscore.cli import cli
 from tests.conftest import REPO
+from tests.object_store import free_port
 
 README = (REPO / "README.md").read_text()
 DOCS = REPO / "docs"
@@ -300,3 +301,20 @@ def test_the_own_models_page_shows_what_inspect_prints(tmp_path: Path) -> None:
             assert any(p.startswith(line.split()[0]) for p in printed)
         else:
             assert line in printed, line
+
+
+@pytest.mark.slow
+def test_the_object_storage_walkthrough_runs_as_written(tmp_path: Path) -> None:
+    """docs/object-storage.md's walkthrough: its own S3 server, two runs, the runs listing."""
+    page = (DOCS / "object-storage.md").read_text()
+    section = page.split("## Try it on this machine", 1)[1]
+    script, printed = re.findall(r"```(?:bash)?\n(.*?)```", section, re.S)[:2]
+    (tmp_path / "artifacts").symlink_to(REPO / "artifacts")
+    port = str(free_port())
+    done = _bash(script.replace("5077", port), tmp_path)
+    assert done.returncode == 0, done.stderr
+    expected = printed.splitlines()
+    assert done.stdout.splitlines() == expected[2:]
+    summaries = done.stderr.splitlines()
+    assert summaries[0].startswith(expected[0].split(" images/s")[0].rsplit(",", 1)[0])
+    assert summaries[1] == expected[1]

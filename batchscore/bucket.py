@@ -49,20 +49,21 @@ def is_part(relative: str) -> bool:
 def bucket_part_files(root: str, options: StorageOptions) -> list[str]:
     """The committed parts of a dataset in a bucket, as URLs, sorted."""
     root = root.rstrip("/")
+    return [url for url, _ in _listed(root, options) if is_part(url[len(root) + 1 :])]
+
+
+def _listed(url: str, options: StorageOptions) -> list[tuple[str, dict[str, Any]]]:
+    """The objects below `url`; none when the prefix does not exist."""
     try:
-        found = storage.list_objects(root, options)
+        return list(storage.list_objects(url, options))
     except FileNotFoundError:
         return []
-    return [url for url, _ in found if is_part(url[len(root) + 1 :])]
 
 
 def read_bucket_summaries(root: str, options: StorageOptions) -> list[dict[str, Any]]:
     """All run summaries of a dataset in a bucket, oldest first (see `read_summaries`)."""
     root = root.rstrip("/")
-    try:
-        found = storage.list_objects(f"{root}/{RUNS_DIR}", options)
-    except FileNotFoundError:
-        found = []
+    found = _listed(f"{root}/{RUNS_DIR}", options)
     if not found and not bucket_part_files(root, options):
         raise OutputError(f"no batchscore dataset at {redact_url(root)}")
     summaries = []
@@ -80,12 +81,11 @@ def read_bucket_summaries(root: str, options: StorageOptions) -> list[dict[str, 
 def remove_stale_bucket_temporaries(root: str, options: StorageOptions) -> int:
     """Delete the hidden `.part-*.tmp` objects that a dead Dask run left (its token); call only
     while holding the lock."""
-    root = root.rstrip("/")
-    try:
-        found = storage.list_objects(root, options)
-    except FileNotFoundError:
-        return 0
-    stale = [url for url, _ in found if url.rsplit("/", 1)[1].startswith(".part-")]
+    stale = [
+        url
+        for url, _ in _listed(root.rstrip("/"), options)
+        if url.rsplit("/", 1)[1].startswith(".part-")
+    ]
     for url in stale:
         with suppress(FileNotFoundError):
             storage.delete_object(url, options)

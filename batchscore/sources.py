@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchscore import storage
-from batchscore.errors import ConfigError, SourceError
+from batchscore.errors import ConfigError, SourceError, StoreUnavailable
 from batchscore.names import has_surrogates, is_url, name_bytes, path_problem, readable, redact_url
 from batchscore.storage import StorageOptions
 
@@ -166,22 +166,24 @@ class ObjectPrefixSource(Source):
         self.options = options
         self.labelled = labelled
 
-    @functools.cached_property
-    def _objects(self) -> list[tuple[str, dict[str, Any]]]:
+    def _objects(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The image objects, listed lazily (a page at a time on S3): memory stays flat."""
         try:
-            found = storage.list_objects(self.url, self.options)
-        except ConfigError:
+            for url, info in storage.list_objects(self.url, self.options):
+                if url.lower().endswith(IMAGE_EXTENSIONS):
+                    yield url, info
+        except (ConfigError, StoreUnavailable):
             raise
         except Exception as exc:
             raise SourceError(f"cannot list {self}: {storage.reason(exc)}") from exc
-        images = [(url, info) for url, info in found if url.lower().endswith(IMAGE_EXTENSIONS)]
-        if not images:
+
+    def check_not_empty(self) -> None:
+        if next(self._objects(), None) is None:
             accepted = ", ".join(IMAGE_EXTENSIONS)
             raise SourceError(f"no images found under {self} (looked for {accepted}, any case)")
-        return images
 
     def __iter__(self) -> Iterator[ImageRef]:
-        for url, info in self._objects:
+        for url, info in self._objects():
             relative = url[len(self.url) + 1 :]
             label = relative.split("/", 1)[0] if self.labelled and "/" in relative else None
             yield ImageRef(
@@ -192,7 +194,8 @@ class ObjectPrefixSource(Source):
             )
 
     def count(self) -> int:
-        return len(self._objects)
+        """Lists the prefix once more: asked for only by a progress bar on a terminal."""
+        return sum(1 for _ in self._objects())
 
     @property
     def has_labels(self) -> bool:
@@ -502,7 +505,7 @@ def _open_url(url: str, labelled: bool, options: StorageOptions) -> Source:
         return ObjectListSource([url])
     storage.check_reachable(url, options)
     prefix = ObjectPrefixSource(url, options, labelled=labelled)
-    prefix.count()  # lists now: an empty or unreadable prefix fails before any work
+    prefix.check_not_empty()  # an empty or unreadable prefix fails before any work
     return prefix
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib.util import find_spec
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -50,6 +50,7 @@ _S3_CLIENT_CONFIG = {
     "connect_timeout": 10,
     "read_timeout": 60,
 }
+LIST_PAGE_KEYS = 1000  # S3's own maximum per ListObjectsV2 page
 ATTEMPTS = 6  # first try + 5 retries: 0.2 + 0.4 + 0.8 + 1.6 + 3.2 s of backoff at most
 BACKOFF_S = 0.2
 MAX_OBJECT_BYTES = 512 << 20  # an "image" larger than this is an error row, not a 10 GB read
@@ -206,18 +207,47 @@ def stat_object(url: str, options: StorageOptions) -> dict[str, Any]:
     return info
 
 
-def list_objects(url: str, options: StorageOptions) -> list[tuple[str, dict[str, Any]]]:
-    """Every object below the prefix `url`, sorted by key, as (URL, info)."""
+def list_objects(url: str, options: StorageOptions) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every object below the prefix `url`, sorted by key, as (URL, info), read lazily.
+
+    S3 is listed one page (1,000 keys) at a time, in the order S3 keeps keys (UTF-8 bytes,
+    the order Python sorts them in), so a prefix of millions of objects never sits in memory.
+    Other stores are listed whole by their fsspec backend, then sorted."""
     fs, path = filesystem(url, options)
+    prefix = url.split("://", 1)[0]
+    if SCHEMES[scheme(url)][0] == "s3":
+        yield from _s3_pages(fs, path.rstrip("/"), url)
+        return
     found: dict[str, dict[str, Any]] = retried(
         lambda: fs.find(path.rstrip("/"), detail=True), url, "LIST"
     )
-    prefix = url.split("://", 1)[0]
-    return [
-        (name if "://" in name else f"{prefix}://{name}", info)  # http's names are URLs
-        for name, info in sorted(found.items())
-        if info.get("type", "file") == "file"
-    ]
+    for name, info in sorted(found.items()):
+        if info.get("type", "file") == "file":
+            yield (name if "://" in name else f"{prefix}://{name}"), info  # http: URLs
+
+
+def _s3_pages(fs: Any, path: str, url: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    from fsspec.asyn import sync  # noqa: PLC0415  (an extra's dependency, loaded on use)
+
+    bucket, _, key_prefix = path.partition("/")
+    request: dict[str, Any] = {
+        "Bucket": bucket,
+        "Prefix": f"{key_prefix}/" if key_prefix else "",
+        "MaxKeys": LIST_PAGE_KEYS,
+    }
+    while True:
+        page = retried(
+            lambda: sync(fs.loop, fs._call_s3, "list_objects_v2", **request), url, "LIST"
+        )
+        for item in page.get("Contents", []):
+            if item["Key"].endswith("/"):
+                continue  # a "folder" marker some tools write
+            info = {"size": item.get("Size"), "ETag": item.get("ETag"), "type": "file"}
+            yield f"s3://{bucket}/{item['Key']}", info
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
+            return
+        request["ContinuationToken"] = token
 
 
 def put_file(local: str, url: str, options: StorageOptions) -> None:

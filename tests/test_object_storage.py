@@ -25,6 +25,7 @@ import pytest
 import s3fs
 from click.testing import CliRunner, Result
 
+from batchscore import storage
 from batchscore.bucket import Lease
 from batchscore.cli import cli
 from batchscore.errors import LockHeld
@@ -108,6 +109,24 @@ def test_a_prefix_is_listed_in_key_order_and_scored_like_the_same_local_files(
     by_name = dict(zip(here["path"].str.rsplit("/", n=1).str[1], here["probs"], strict=True))
     for path, probs in zip(scored["path"], scored["probs"], strict=True):
         np.testing.assert_array_equal(probs, by_name[path.rsplit("/", 1)[1]])
+
+
+def test_a_prefix_is_listed_page_by_page_in_order(
+    s3: Bucket, model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S3 answers 1,000 keys a page; with 3 a page, these 11 objects take 4 pages."""
+    monkeypatch.setattr(storage, "LIST_PAGE_KEYS", 3)
+    truth = seed(s3, "many/", 10)
+    s3.put("many/zz/last_red.png", png("red"))
+    truth[s3.uri("many/zz/last_red.png")] = "red"
+    done = invoke(
+        "score", s3.uri("many"), "-o", str(tmp_path / "o.parquet"), "--model", model,
+        "--workers", "0",
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    scored = pd.read_parquet(tmp_path / "o.parquet")
+    assert scored["path"].tolist() == sorted(truth)
+    assert scored["pred_label"].tolist() == [truth[p] for p in sorted(truth)]
 
 
 def test_a_manifest_in_a_bucket_mixes_relative_keys_urls_and_web_servers(

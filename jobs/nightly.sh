@@ -15,7 +15,7 @@
 #
 # Settings: environment variables, or the flags beside them (a flag wins).
 #   UPLOADS         --uploads DIR        folder of images to score (required)
-#   DATASET         --dataset DIR        the dataset directory (required)
+#   DATASET         --dataset DIR        the dataset directory, or a bucket URL (required)
 #   MODEL           --model PATH         model directory or .onnx file (default: bundled model)
 #   LOG             --log FILE           log appended to (default: DATASET/_logs/nightly.log;
 #                                        readers skip names starting with '_')
@@ -87,6 +87,10 @@ done
 [[ -n $UPLOADS ]] || die "set UPLOADS (or --uploads): the folder of images to score"
 [[ -n $DATASET ]] || die "set DATASET (or --dataset): the dataset directory"
 DATASET=${DATASET%/}
+if [[ $DATASET == *://* ]]; then  # a bucket (docs/object-storage.md): the log stays local
+    [[ -n $LOG ]] || die "DATASET is in a bucket: set LOG (or --log) to a local file"
+    [[ -z $MONITOR_REFERENCE ]] || die "batchscore monitor reads local datasets only"
+fi
 LOG=${LOG:-$DATASET/_logs/nightly.log}
 
 read -r -a batchscore <<<"$BATCHSCORE"

@@ -427,3 +427,22 @@ def test_a_single_file_output_and_a_canary_report_go_to_the_bucket(s3: Bucket, m
             "report.md",
         )
     ]
+
+
+def test_the_nightly_job_scores_a_bucket_into_a_bucket_and_logs_locally(
+    s3: Bucket, model: str, tmp_path: Path
+) -> None:
+    from tests.test_jobs import job
+
+    truth = seed(s3, "uploads/", 5)
+    settings = {"UPLOADS": s3.uri("uploads/"), "DATASET": s3.uri("preds"), "MODEL": model}
+    refused = job("nightly.sh", **settings)
+    assert refused.returncode == 2
+    assert (
+        refused.stderr == "nightly.sh: DATASET is in a bucket: set LOG (or --log) to a local file\n"
+    )
+    for _ in range(2):
+        done = job("nightly.sh", LOG=str(tmp_path / "nightly.log"), **settings)
+        assert done.returncode == 0, done.stderr
+    check_exactly_once(s3, truth)
+    assert len((tmp_path / "nightly.log").read_text().splitlines()) >= 2

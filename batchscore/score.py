@@ -130,7 +130,8 @@ def score(
     """Score every image of `sources` into `output`; return the run's summary.
 
     `output` is a Parquet file, or a dataset directory (existing, or a path ending in '/' or
-    without a suffix). A dataset run holds the directory's lock, skips images this model has
+    without a suffix); either may be a bucket URL (s3://, gs://, az://), and sources may be
+    URLs too (docs/object-storage.md). A dataset run holds the directory's lock, skips images this model has
     already scored there (so re-running a killed run finishes it, and never duplicates a row),
     commits parts as they fill, and writes a summary JSON under DIR/_runs/.
 

@@ -31,6 +31,7 @@ import pyarrow as pa
 from batchscore import storage
 from batchscore.dataset import LOCK_NAME, RUNS_DIR, DatasetWriter, read_summaries
 from batchscore.errors import LockHeld, OutputError, StoreUnavailable, WriteFailed
+from batchscore.files import process_alive
 from batchscore.names import is_url, redact_url
 from batchscore.output import FileSink
 from batchscore.settings import DEFAULT_LEASE_S
@@ -166,7 +167,12 @@ class Lease:
         return info, holder if isinstance(holder, dict) else {}
 
     def _expired(self, info: Mapping[str, Any], holder: Mapping[str, Any]) -> bool:
-        """Whether the holder's own lease (as it wrote it) ran out since its last renewal."""
+        """Whether the holder's own lease (as it wrote it) ran out since its last renewal, or
+        the holder was a process of this machine that is gone (as a flock is dropped)."""
+        pid = holder.get("pid")
+        here = holder.get("host") == socket.gethostname()
+        if here and isinstance(pid, int) and not process_alive(pid):
+            return True
         modified = info.get("LastModified") or info.get("updated") or info.get("mtime")
         if not isinstance(modified, datetime):
             return False  # no time to judge by: never take a lock over

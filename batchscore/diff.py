@@ -27,6 +27,7 @@ import pyarrow.dataset as ds
 from batchscore.dataset import part_files
 from batchscore.errors import ConfigError, GateFailed
 from batchscore.files import output_errors
+from batchscore.names import is_url, redact_url
 from batchscore.output import STATUS_OK, AtomicParquetFile
 from batchscore.summary import reason_kind
 
@@ -218,6 +219,8 @@ def write_changed(report: DiffReport, path: str | Path) -> Path:
 
 
 def _open(output: str | Path) -> ds.Dataset:
+    if isinstance(output, str) and is_url(output):
+        raise ConfigError(f"batchscore diff reads local outputs only, not {redact_url(output)}")
     path = Path(output)
     if path.is_dir():
         files = [str(part) for part in part_files(path)]

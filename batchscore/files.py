@@ -67,3 +67,14 @@ def file_sha256(path: str | Path, should_stop: Callable[[], bool] = lambda: Fals
             digest.update(block)
             left -= len(block)
     return digest.hexdigest()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (one we may not signal counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -45,6 +45,7 @@ from batchscore.dataset import PARTITION, part_files, read_summaries
 from batchscore.drift import chi_square, js_distance, ks_from_histograms, psi
 from batchscore.errors import ConfigError
 from batchscore.files import atomic_write_text, output_errors
+from batchscore.names import is_url, redact_url
 from batchscore.output import STATUS_OK
 from batchscore.settings import MonitorSettings
 
@@ -200,6 +201,11 @@ def monitor(
 ) -> MonitorResult:
     """Compare a window of `dataset` with `reference`; raises ConfigError for bad usage."""
     settings = settings or MonitorSettings()
+    for location in (dataset, reference):
+        if isinstance(location, str) and is_url(location):
+            raise ConfigError(
+                f"batchscore monitor reads local datasets only, not {redact_url(location)}"
+            )
     root = Path(dataset)
     if not root.is_dir():
         raise ConfigError(f"no batchscore dataset at {root}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # Query parameters that carry a credential: presigned S3 / GCS URLs, Azure SAS tokens.
@@ -77,15 +76,24 @@ def is_url(text: str) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """`url` without what must never be written down: user info, and the value of every query
-    parameter that carries a credential (a presigned URL's signature, an Azure SAS token)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    if any(_SECRET_PARAMETER.search(k) for k, _ in query):
-        cleaned = [(k, "REDACTED" if _SECRET_PARAMETER.search(k) else v) for k, v in query]
-        return urlunsplit(parts._replace(netloc=netloc, query=urlencode(cleaned, safe="/:")))
-    return urlunsplit(parts._replace(netloc=netloc))
+    """`url` without what must never be written down: user info, and in a web URL's query the
+    value of every parameter that carries a credential (a presigned URL's signature, an Azure
+    SAS token). Every other character is kept as it is (a tab in an object key included); in
+    `s3://` and other bucket URLs a '?' is part of the key, not a query."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, path = rest.partition("/")
+    netloc = netloc.rpartition("@")[2]
+    if scheme.lower() in ("http", "https") and "?" in path:
+        path, _, query = path.partition("?")
+        fields = [field.partition("=") for field in query.split("&")]
+        query = "&".join(
+            f"{name}{eq}{'REDACTED' if eq and _SECRET_PARAMETER.search(name) else value}"
+            for name, eq, value in fields
+        )
+        path = f"{path}?{query}"
+    return f"{scheme}{sep}{netloc}{slash}{path}"
 
 
 def written_name(path: str) -> str:

@@ -131,9 +131,9 @@ def score(
 
     `output` is a Parquet file, or a dataset directory (existing, or a path ending in '/' or
     without a suffix); either may be a bucket URL (s3://, gs://, az://), and sources may be
-    URLs too (docs/object-storage.md). A dataset run holds the directory's lock, skips images this model has
-    already scored there (so re-running a killed run finishes it, and never duplicates a row),
-    commits parts as they fill, and writes a summary JSON under DIR/_runs/.
+    URLs too (docs/object-storage.md). A dataset run holds the directory's lock, skips images
+    this model has already scored there (so re-running a killed run finishes it, and never
+    duplicates a row), commits parts as they fill, and writes a summary JSON under DIR/_runs/.
 
     Raises ConfigError (nothing written) before any image is read when a source, the model or
     the output is unusable; LockHeld when another run writes the dataset; ErrorRateExceeded

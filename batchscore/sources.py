@@ -222,9 +222,12 @@ class ManifestSource(Source):
             return None
         if is_url(text):
             return text
-        if is_url(self.base):
-            return f"{self.base}/{text.removeprefix('./')}"
-        return os.path.abspath(os.path.join(self.base, text))
+        if not is_url(self.base) or text.startswith("/"):  # an absolute path is a local file
+            return os.path.abspath(os.path.join(self.base, text))
+        scheme, _, rest = self.base.partition("://")
+        store, _, folder = rest.partition("/")
+        key = posixpath.normpath(posixpath.join(folder, text)).lstrip("/")
+        return f"{scheme}://{store}/{key}"
 
     def _ref(self, row: dict[str, Any], where: str) -> ImageRef:
         path = self._resolve(row.get("path"))
@@ -496,12 +499,19 @@ def open_source(
 
 def _open_url(url: str, labelled: bool, options: StorageOptions) -> Source:
     storage.check_url(url)
-    suffix = posixpath.splitext(url.split("?", 1)[0])[1].lower()
+    web = storage.scheme(url) in ("http", "https")  # elsewhere a '?' is part of the key
+    suffix = posixpath.splitext(url.split("?", 1)[0] if web else url)[1].lower()
     if suffix in _MANIFESTS:
         manifest = _MANIFESTS[suffix](_downloaded(url, suffix, options), url=url)
         manifest.extra_columns()
         return manifest
     if suffix in IMAGE_EXTENSIONS:
+        try:
+            storage.stat_object(url, options)
+        except FileNotFoundError:
+            raise SourceError(f"source not found: {redact_url(url)}") from None
+        except (OSError, StoreUnavailable) as exc:
+            raise SourceError(f"cannot read {redact_url(url)}: {storage.reason(exc)}") from exc
         return ObjectListSource([url])
     storage.check_reachable(url, options)
     prefix = ObjectPrefixSource(url, options, labelled=labelled)

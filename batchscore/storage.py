@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from importlib.util import find_spec
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from batchscore.errors import ConfigError, StoreUnavailable
 from batchscore.names import redact_url
@@ -60,7 +59,13 @@ _TRANSIENT_NAME = re.compile(r"Timeout|Connect|Disconnect|Reset|IncompleteRead|P
 
 
 def scheme(url: str) -> str:
-    return urlsplit(url).scheme.lower()
+    return url.partition("://")[0].lower()
+
+
+def authority(url: str) -> str:
+    """What stands between '://' and the first '/': the bucket, or a web server's host.
+    (Parsed by hand: urllib drops tabs and newlines, which object keys may hold.)"""
+    return url.partition("://")[2].partition("/")[0]
 
 
 def check_url(url: str) -> None:
@@ -70,14 +75,20 @@ def check_url(url: str) -> None:
     if name not in SCHEMES:
         known = ", ".join(f"{s}://" for s in SCHEMES)
         raise ConfigError(f"{redact_url(url)}: unsupported URL scheme (supported: {known})")
-    if "@" in urlsplit(url).netloc:
+    if "@" in authority(url):
         raise ConfigError(
             f"{redact_url(url)}: the URL carries credentials; batchscore reads them only from"
             " the standard environment, config files or --storage-option, never from a URL"
         )
+    if not authority(url):
+        kind = "host" if name in ("http", "https") else "bucket"
+        raise ConfigError(f"{redact_url(url)}: no {kind} name after {name}://")
     _, module, extra = SCHEMES[name]
     if find_spec(module) is None:
-        raise ConfigError(f"{name}:// needs the '{extra}' extra: pip install 'batchscore[{extra}]'")
+        raise ConfigError(
+            f"{name}:// needs batchscore's '{extra}' extra (from a checkout: pip install"
+            f" '.[{extra}]'; docs/object-storage.md)"
+        )
 
 
 def url_problem(url: str) -> str | None:
@@ -102,7 +113,16 @@ def filesystem(url: str, options: StorageOptions) -> tuple[Any, str]:
     fs, path = url_to_fs(target, **options)
     if protocol == "s3":
         fs.retries = 1  # s3fs's own retry loop: `retried` is the one place that retries
+    loop = getattr(fs, "loop", None)
+    if loop is not None:
+        # A connection reset leaves aiohttp tasks whose exception nobody awaits, and asyncio
+        # prints each as a traceback at 3 a.m.; the request that failed raises on its own.
+        loop.set_exception_handler(_ignore_orphaned_task_errors)
     return fs, str(path)
+
+
+def _ignore_orphaned_task_errors(loop: Any, context: dict[str, Any]) -> None:
+    del loop, context
 
 
 def join(url: str, *names: str) -> str:
@@ -127,6 +147,8 @@ def status_of(exc: BaseException) -> int | None:
 
 def is_transient(exc: BaseException) -> bool:
     """Whether trying again may help: throttling, a 5xx, a timeout, a dropped connection."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False  # the client has decided, whatever failed on the way there
     status = status_of(exc)
     if status is not None:
         return status in _TRANSIENT_STATUS
@@ -155,9 +177,9 @@ def reason(exc: BaseException) -> str:
         return "access denied (403): check the credentials' permissions on this object"
     if isinstance(exc, IsADirectoryError):
         return "is a prefix (folder), not an object"
-    text = str(exc).strip().splitlines()
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     label = f"HTTP {status}: " if status else ""
-    return f"cannot read object: {label}{text[0] if text else type(exc).__name__}"
+    return f"cannot read object: {label}{text[:300] or type(exc).__name__}"
 
 
 def retried(action: Callable[[], T], url: str, what: str) -> T:
@@ -182,7 +204,14 @@ def retried(action: Callable[[], T], url: str, what: str) -> T:
 def read_object(url: str, options: StorageOptions) -> bytes:
     """The bytes of one object, at most MAX_OBJECT_BYTES (a bigger one raises ValueError)."""
     fs, path = filesystem(url, options)
-    data: bytes = retried(lambda: fs.cat_file(path, start=0, end=MAX_OBJECT_BYTES + 1), url, "GET")
+    try:
+        data: bytes = retried(
+            lambda: fs.cat_file(path, start=0, end=MAX_OBJECT_BYTES + 1), url, "GET"
+        )
+    except OSError as exc:
+        if status_of(exc) == 416:  # a range on an empty object: S3 answers "not satisfiable"
+            return b""
+        raise
     if len(data) > MAX_OBJECT_BYTES:
         raise ValueError(f"object larger than {MAX_OBJECT_BYTES >> 20} MiB")
     return data

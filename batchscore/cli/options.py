@@ -186,17 +186,21 @@ _SCORING_KEYS = (
 
 
 def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """KEY=VALUE pairs; true/false and numbers become JSON values (anon=true -> True)."""
+    """KEY=VALUE pairs. true/false (any case) become booleans, numbers and JSON objects or
+    lists become those (client_kwargs={"region_name": "eu-west-1"}); anything else is text."""
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--storage-option")
+        if value.strip().lower() in ("true", "false"):
+            options[key.strip()] = value.strip().lower() == "true"
+            continue
         try:
             parsed = json.loads(value)
         except ValueError:
             parsed = value
-        options[key.strip()] = parsed if isinstance(parsed, (bool, int, float)) else value
+        options[key.strip()] = parsed if isinstance(parsed, (int, float, dict, list)) else value
     return options
 
 

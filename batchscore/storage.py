@@ -96,7 +96,7 @@ def url_problem(url: str) -> str | None:
     try:
         check_url(url)
     except ConfigError as exc:
-        return str(exc)
+        return str(exc).removeprefix(f"{redact_url(url)}: ")  # the row names its URL already
     return None
 
 

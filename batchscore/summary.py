@@ -6,6 +6,7 @@ elsewhere (Dask) sends back just those columns.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,9 @@ from batchscore.output import STATUS_OK
 
 STATS_COLUMNS = ("status", "error", "pred_label", "pred_prob")
 LOW_CONFIDENCE = 0.5  # top-1 probability below this counts as low-confidence (drift signal)
+
+
+_MANIFEST_ROW = re.compile(r"^[^:]* (?:line|row) \d+: ")
 
 
 @dataclass
@@ -63,8 +67,9 @@ class RunStats:
 
 
 def reason_kind(reason: str) -> str:
-    """Group error reasons by kind: 'corrupt or truncated image: <details>' -> its prefix."""
-    return reason.split(":", 1)[0]
+    """Group error reasons by kind: 'corrupt or truncated image: <details>' -> its prefix;
+    a manifest row's reason is grouped without the row it names ('list.csv line 7: ...')."""
+    return _MANIFEST_ROW.sub("", reason, count=1).split(":", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,8 @@ class RunSummary:
         s = self.stats
         skipped = s.get("n_skipped", 0)
         if s["n_images"] == 0:
-            return f"nothing new to score ({skipped} images already scored) -> {self.output}"
+            noun = "image" if skipped == 1 else "images"
+            return f"nothing new to score ({skipped} {noun} already scored) -> {self.output}"
         already = f" ({skipped} already scored by this model, skipped)" if skipped else ""
         noun = "image" if s["n_images"] == 1 else "images"
         return (

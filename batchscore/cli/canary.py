@@ -144,6 +144,7 @@ def _warn(result: CanaryResult) -> None:
         )
     if result.n_unlabelled:
         click.echo(
-            f"batchscore: warning: {result.n_unlabelled} images have no label, left out",
+            f"batchscore: warning: {result.n_unlabelled}"
+            f" {'image has' if result.n_unlabelled == 1 else 'images have'} no label, left out",
             err=True,
         )

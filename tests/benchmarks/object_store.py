@@ -17,6 +17,7 @@ proxy (no decoding at all), which bounds any sequential reader.
 
     python -m tests.benchmarks.object_store
     python -m tests.benchmarks.object_store --count 200 --repeats 5 --workdir /tmp/osbench
+    python -m tests.benchmarks.object_store --corpus 12mp-jpeg --count 40
 """
 
 from __future__ import annotations
@@ -71,12 +72,13 @@ def sequential_gets(fs: s3fs.S3FileSystem, keys: Sequence[str]) -> float:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=120, help="1080p JPEGs to score")
+    parser.add_argument("--count", type=int, default=120, help="images to score")
+    parser.add_argument("--corpus", choices=sorted(CORPORA), default="1080p-jpeg")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="batchscore-osbench-"))
-    files = make_corpus(work / "corpus", CORPORA["1080p-jpeg"], args.count)
+    files = make_corpus(work / "corpus", CORPORA[args.corpus], args.count)
     local = str(files[0].parent)
     os.environ.update(
         AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1"
@@ -106,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 store_share[latency].append(share)
             proxy.latency_s = 0.05
             naive.append(sequential_gets(fs, keys[:20]))
-    print(f"{args.count} 1080p JPEGs, bundled model, default settings, {os.cpu_count()} cores,")
+    print(f"{args.count} images ({args.corpus}), bundled model, default settings,", end=" ")
+    print(f"{os.cpu_count()} cores,")
     print(f"median of {args.repeats} repeats (ratio: bucket / local in the same repeat)\n")
     print("| source | images/s | vs local | the store's CPU (share of all cores) |")
     print("|---|---|---|---|")

@@ -22,14 +22,16 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 
 from batchscore import storage
-from batchscore.dataset import LOCK_NAME, RUNS_DIR, DatasetWriter, read_summaries
+from batchscore.dataset import LOCK_NAME, RUNS_DIR, DatasetWriter, part_files, read_summaries
 from batchscore.errors import LockHeld, OutputError, StoreUnavailable, WriteFailed
 from batchscore.files import process_alive
 from batchscore.names import is_url, redact_url
@@ -91,6 +93,34 @@ def remove_stale_bucket_temporaries(root: str, options: StorageOptions) -> int:
         with suppress(FileNotFoundError):
             storage.delete_object(url, options)
     return len(stale)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The Parquet files of a dataset (or one file), on disk or in a bucket, as one table."""
+
+    paths: list[str]
+    filesystem: Any = None  # None: local paths
+
+    def dataset(self) -> ds.Dataset:
+        return ds.dataset(self.paths, format="parquet", filesystem=self.filesystem)
+
+
+def dataset_parts(location: str | Path, options: StorageOptions, below: str = "") -> Parts:
+    """The committed parts of the dataset at `location` (a folder or a bucket URL), or of its
+    sub-folder `below` (a partition, say), by the rule readers use."""
+    if isinstance(location, str) and is_url(location):
+        root = storage.join(location, below) if below else location
+        return object_parts(bucket_part_files(root, options), options)
+    return Parts([str(path) for path in part_files(Path(location) / below)])
+
+
+def object_parts(urls: list[str], options: StorageOptions) -> Parts:
+    """Objects read as one table through their store's filesystem."""
+    if not urls:
+        return Parts([])
+    filesystem = storage.filesystem(urls[0], options)[0]
+    return Parts([storage.filesystem(url, options)[1] for url in urls], filesystem)
 
 
 def dataset_summaries(location: str | Path, options: StorageOptions) -> list[dict[str, Any]]:

@@ -32,11 +32,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from batchscore import storage
-from batchscore.bucket import bucket_part_files
-from batchscore.dataset import part_files
+from batchscore.bucket import dataset_parts
 from batchscore.files import file_sha256
 from batchscore.names import is_url, readable
 from batchscore.sources import ImageRef
@@ -125,22 +123,14 @@ def load_done(
     """Rows of this model already in the dataset (ok rows; error rows too if asked). With
     `setup_sha256`, only rows scored with the same class names and preprocessing count (rows
     written before batchscore recorded it count as the same). `root` may be a bucket URL."""
-    filesystem = None
-    if isinstance(root, str):
-        files = bucket_part_files(root, storage_options or {})
-        if files:
-            filesystem = storage.filesystem(files[0], storage_options or {})[0]
-            files = [storage.filesystem(url, storage_options or {})[1] for url in files]
-    else:
-        files = [str(f) for f in part_files(root)]
-    if not files:
+    files = dataset_parts(root, storage_options or {})
+    if not files.paths:
         return DoneSet(np.empty(0, dtype=np.uint64), use_fingerprint)
     condition = pc.field("model_sha256") == model_sha256
     if not include_errors:
         condition = condition & (pc.field("status") == "ok")
     parts = []
-    dataset = ds.dataset(files, format="parquet", filesystem=filesystem)
-    for fragment in dataset.get_fragments():
+    for fragment in files.dataset().get_fragments():
         # Parts written before `path_bytes` existed hold only UTF-8 paths: those bytes.
         has_bytes = "path_bytes" in fragment.physical_schema.names
         columns = ["image_id", "path_bytes" if has_bytes else "path"]

@@ -40,14 +40,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from batchscore import storage
+from batchscore.bucket import Parts, dataset_parts, dataset_summaries, object_parts
 from batchscore.charts import bar_chart, line_chart
-from batchscore.dataset import PARTITION, part_files, read_summaries
+from batchscore.dataset import PARTITION
 from batchscore.drift import chi_square, js_distance, ks_from_histograms, psi
 from batchscore.errors import ConfigError
 from batchscore.files import atomic_write_text, output_errors
-from batchscore.names import is_url, redact_url
+from batchscore.names import is_url, redact_url, written_name
 from batchscore.output import STATUS_OK
 from batchscore.settings import MonitorSettings
+from batchscore.storage import StorageOptions
 
 BINS = 10_000
 CALIBRATION_BINS = 20
@@ -201,21 +204,16 @@ def monitor(
 ) -> MonitorResult:
     """Compare a window of `dataset` with `reference`; raises ConfigError for bad usage."""
     settings = settings or MonitorSettings()
-    for location in (dataset, reference):
-        if isinstance(location, str) and is_url(location):
-            raise ConfigError(
-                f"batchscore monitor reads local datasets only, not {redact_url(location)}"
-            )
-    root = Path(dataset)
-    if not root.is_dir():
-        raise ConfigError(f"no batchscore dataset at {root}")
-    files, window_filter, window = _window(root, settings)
+    options = settings.storage_options
+    shown = written_name(str(dataset))
+    scored = _scored_runs(dataset, options)
+    files, window_filter, window = _window(dataset, settings, scored)
     current = _read(files, window_filter, settings.low_confidence)
     if current.n_rows == 0:
-        raise ConfigError(f"nothing scored in {root} for {window}")
-    base = _read(_reference_files(Path(reference)), None, settings.low_confidence)
+        raise ConfigError(f"nothing scored in {shown} for {window}")
+    base = _read(_reference_parts(reference, options), None, settings.low_confidence)
     if base.n_rows == 0:
-        raise ConfigError(f"no rows in the reference {reference}")
+        raise ConfigError(f"no rows in the reference {written_name(str(reference))}")
     if base.models != current.models and not settings.allow_model_change:
         raise ConfigError(
             f"the reference was scored by model {sorted(base.models)} and {window} by"
@@ -223,15 +221,22 @@ def monitor(
         )
     signals = _signals(base, current, settings)
     sides = {"reference": base.summary(), "window": current.summary()}
-    runs = _trend_runs(_scored_runs(root), settings)
-    nights = _read_runs(part_files(root), [str(r["run_id"]) for r in runs], settings)
+    runs = _trend_runs(scored, settings)
+    everything = dataset_parts(dataset, options)
+    nights = _read_runs(everything, [str(r["run_id"]) for r in runs], settings)
     trend = [_night(run, nights[str(run["run_id"])], base) for run in runs]
-    return MonitorResult(window, str(reference), signals, sides, trend, _top_classes(base, current))
+    return MonitorResult(
+        window, written_name(str(reference)), signals, sides, trend, _top_classes(base, current)
+    )
 
 
-def _scored_runs(root: Path) -> list[dict[str, Any]]:
+def _scored_runs(dataset: str | Path, options: StorageOptions) -> list[dict[str, Any]]:
     """Summaries of the complete runs that scored images, oldest first."""
-    return [s for s in read_summaries(root) if s.get("status") == "complete" and s.get("n_images")]
+    return [
+        s
+        for s in dataset_summaries(dataset, options)
+        if s.get("status") == "complete" and s.get("n_images")
+    ]
 
 
 def _since(settings: MonitorSettings) -> tuple[datetime, int] | None:
@@ -400,45 +405,63 @@ def _signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signa
     ]  # fmt: skip
 
 
-def _window(root: Path, settings: MonitorSettings) -> tuple[list[Path], ds.Expression | None, str]:
+def _window(
+    dataset: str | Path, settings: MonitorSettings, scored: list[dict[str, Any]]
+) -> tuple[Parts, ds.Expression | None, str]:
     """The files, the row filter and a name of the monitored window."""
     chosen = [k for k in ("run", "date", "since") if getattr(settings, k) is not None]
     if len(chosen) > 1:
         raise ConfigError(f"choose one of --run, --date, --since (got {', '.join(chosen)})")
+    options = settings.storage_options
     if settings.date is not None:
-        return part_files(root / f"{PARTITION}={settings.date}"), None, f"date {settings.date}"
+        partition = dataset_parts(dataset, options, below=f"{PARTITION}={settings.date}")
+        return partition, None, f"date {settings.date}"
     since = _since(settings)
     if since is not None:
         start, days = since
         recent = pc.field("scored_at") >= pa.scalar(start, pa.timestamp("us", tz="UTC"))
-        return part_files(root), recent, f"the last {days} days"
+        return dataset_parts(dataset, options), recent, f"the last {days} days"
     run = settings.run
     if run is None:
-        scored = _scored_runs(root)
         if not scored:
-            raise ConfigError(f"no complete run that scored images in {root}")
+            shown = written_name(str(dataset))
+            raise ConfigError(f"no complete run that scored images in {shown}")
         run = str(scored[-1]["run_id"])
-    return part_files(root), pc.field("run_id") == run, f"run {run}"
+    return dataset_parts(dataset, options), pc.field("run_id") == run, f"run {run}"
 
 
-def _reference_files(reference: Path) -> list[Path]:
-    if reference.is_file():
-        return [reference]
-    if (reference / CANARY_PREDICTIONS).is_file():  # a canary report folder
-        return [reference / CANARY_PREDICTIONS]
-    if reference.is_dir():
-        return part_files(reference)
+def _reference_parts(reference: str | Path, options: StorageOptions) -> Parts:
+    """A predictions file, a canary report folder, or a dataset; on disk or in a bucket."""
+    if isinstance(reference, str) and is_url(reference):
+        if reference.endswith(".parquet"):
+            return object_parts([reference], options)
+        report = storage.join(reference, CANARY_PREDICTIONS)
+        try:
+            storage.stat_object(report, options)
+            return object_parts([report], options)
+        except FileNotFoundError:
+            found = dataset_parts(reference, options)
+        if not found.paths:
+            raise ConfigError(f"reference not found: {redact_url(reference)}")
+        return found
+    path = Path(reference)
+    if path.is_file():
+        return Parts([str(path)])
+    if (path / CANARY_PREDICTIONS).is_file():  # a canary report folder
+        return Parts([str(path / CANARY_PREDICTIONS)])
+    if path.is_dir():
+        return dataset_parts(path, options)
     raise ConfigError(f"reference not found: {reference}")
 
 
-def _read(files: list[Path], condition: ds.Expression | None, low_confidence: float) -> Side:
+def _read(files: Parts, condition: ds.Expression | None, low_confidence: float) -> Side:
     side = Side(low_confidence=low_confidence)
     for batch in _batches(files, condition):
         side.add(batch)
     return side
 
 
-def _read_runs(files: list[Path], run_ids: list[str], settings: MonitorSettings) -> dict[str, Side]:
+def _read_runs(files: Parts, run_ids: list[str], settings: MonitorSettings) -> dict[str, Side]:
     """One side per run, all from a single scan (not one scan per night)."""
     sides = {run_id: Side(low_confidence=settings.low_confidence) for run_id in run_ids}
     if not run_ids:
@@ -451,13 +474,13 @@ def _read_runs(files: list[Path], run_ids: list[str], settings: MonitorSettings)
 
 
 def _batches(
-    files: list[Path], condition: ds.Expression | None, extra: list[str] | None = None
+    files: Parts, condition: ds.Expression | None, extra: list[str] | None = None
 ) -> Iterator[pa.RecordBatch]:
     """The columns monitoring reads (those present), filtered in the scan, with bounded
     readahead so that memory stays flat."""
-    if not files:
+    if not files.paths:
         return
-    dataset = ds.dataset([str(f) for f in files], format="parquet")
+    dataset = files.dataset()
     optional = ["correct", "format", *INPUT_STATS]
     names = dataset.schema.names
     columns = [*COLUMNS, *(extra or []), *(name for name in optional if name in names)]

@@ -11,7 +11,7 @@
 #   75 another run holds the dataset's lock: nothing done, the next run catches up
 #   130/143 stopped by SIGINT/SIGTERM (passed on to batchscore): the next run resumes
 #   3 (with MONITOR_REFERENCE) scored, then `batchscore monitor` found drift: an ALERT line in
-#     the log, the report in DATASET/_monitor/<run date>/
+#     the log, the report in DATASET/_monitor/<run date>/ (a bucket DATASET: beside LOG)
 #
 # Settings: environment variables, or the flags beside them (a flag wins).
 #   UPLOADS         --uploads DIR        folder of images to score (required)
@@ -87,9 +87,10 @@ done
 [[ -n $UPLOADS ]] || die "set UPLOADS (or --uploads): the folder of images to score"
 [[ -n $DATASET ]] || die "set DATASET (or --dataset): the dataset directory"
 DATASET=${DATASET%/}
-if [[ $DATASET == *://* ]]; then  # a bucket (docs/object-storage.md): the log stays local
+reports=$DATASET
+if [[ $DATASET == *://* ]]; then  # a bucket (docs/object-storage.md): log and reports stay local
     [[ -n $LOG ]] || die "DATASET is in a bucket: set LOG (or --log) to a local file"
-    [[ -z $MONITOR_REFERENCE ]] || die "batchscore monitor reads local datasets only"
+    reports=$(dirname "$LOG")
 fi
 LOG=${LOG:-$DATASET/_logs/nightly.log}
 
@@ -141,7 +142,7 @@ done
 trap - TERM INT
 
 if ((status == 0)) && [[ -n $MONITOR_REFERENCE ]]; then
-    report="$DATASET/_monitor/$(date -u +%Y-%m-%d)"
+    report="$reports/_monitor/$(date -u +%Y-%m-%d)"
     "${batchscore[@]}" monitor "$DATASET" --reference "$MONITOR_REFERENCE" --report "$report" \
         >&3 2>&3 || status=$?
 fi

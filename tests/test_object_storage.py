@@ -441,23 +441,34 @@ def test_a_single_file_output_and_a_canary_report_go_to_the_bucket(s3: Bucket, m
     ]
 
 
-def test_the_nightly_job_scores_a_bucket_into_a_bucket_and_logs_locally(
+def test_the_nightly_job_scores_a_bucket_into_a_bucket_logs_locally_and_monitors(
     s3: Bucket, model: str, tmp_path: Path
 ) -> None:
     from tests.test_jobs import job
 
-    truth = seed(s3, "uploads/", 5)
+    for i, color in enumerate(NAMES * 2):
+        s3.put(f"canary/{color}/img_{i}.png", png(color, seed=i))
+    reference = s3.uri("reports/v1/")
+    canary = invoke("canary", s3.uri("canary/"), "--model", model, "--report", reference)
+    assert canary.exit_code == 0, canary.output
+    truth = seed(s3, "uploads/", 6)  # the canary set's very images: no drift
     settings = {"UPLOADS": s3.uri("uploads/"), "DATASET": s3.uri("preds"), "MODEL": model}
     refused = job("nightly.sh", **settings)
     assert refused.returncode == 2
     assert (
         refused.stderr == "nightly.sh: DATASET is in a bucket: set LOG (or --log) to a local file\n"
     )
+    log = tmp_path / "logs" / "nightly.log"
     for _ in range(2):
-        done = job("nightly.sh", LOG=str(tmp_path / "nightly.log"), **settings)
-        assert done.returncode == 0, done.stderr
+        done = job("nightly.sh", LOG=str(log), MONITOR_REFERENCE=reference, **settings)
+        assert done.returncode == 0, done.stderr + log.read_text()
     check_exactly_once(s3, truth)
-    assert len((tmp_path / "nightly.log").read_text().splitlines()) >= 2
+    assert "against s3://" in log.read_text()
+    assert len(list((tmp_path / "logs" / "_monitor").glob("*/monitor.json"))) == 1
+
+    monitored = invoke("monitor", s3.uri("preds/"), "--reference", reference, "--run", "x")
+    assert monitored.exit_code == 2  # no run x: the same messages as on disk
+    assert "nothing scored in s3://" in monitored.output
 
 
 @pytest.mark.slow
@@ -523,7 +534,6 @@ def test_odd_keys_relative_paths_and_empty_objects(s3: Bucket, model: str, tmp_p
         (("score", "s3:///x/", "-o", "o.parquet"), "no bucket name after s3://"),
         (("score", "s3://b/x/", "-o", "s3://"), "no bucket name after s3://"),
         (("runs", "s3://"), "no bucket name after s3://"),
-        (("monitor", "s3://b/preds/", "--reference", "r/"), "reads local datasets only"),
         (("diff", "s3://b/preds/", "other.parquet"), "reads local outputs only"),
     ],
 )

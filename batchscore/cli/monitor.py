@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from batchscore.cli.options import F
+from batchscore.cli.options import F, parse_storage_options
 from batchscore.errors import GateFailed, exit_codes_help
 from batchscore.settings import MonitorSettings
 
@@ -74,6 +75,13 @@ def threshold_options(func: F) -> F:
     is_flag=True,
     help="Compare even when the two sides were scored by different models.",
 )
+@click.option(
+    "--storage-option",
+    "storage_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="For a dataset or reference in a bucket: passed to the object store's client.",
+)
 @threshold_options
 def monitor_command(
     dataset: str,
@@ -83,7 +91,8 @@ def monitor_command(
     since: str | None,
     report_dir: Path | None,
     allow_model_change: bool,
-    **thresholds: float,
+    storage_option: tuple[str, ...],
+    **thresholds: Any,  # the eight thresholds of `threshold_options`, as floats
 ) -> None:
     """Does tonight's scoring still look like the reference? Exit 3 on an alert.
 
@@ -97,6 +106,7 @@ def monitor_command(
     \b
         batchscore monitor /data/preds/ --reference canary-v3/ --report monitor/
         batchscore monitor /data/preds/ --reference /data/preds/run_date=2026-11-01/ --since 30d
+        batchscore monitor s3://preds/nightly/ --reference s3://reports/canary-v3/
     """
     from batchscore.monitor import monitor, write_report  # noqa: PLC0415 (pyarrow, numpy)
 
@@ -105,6 +115,7 @@ def monitor_command(
         date=date,
         since=since,
         allow_model_change=allow_model_change,
+        storage_options=parse_storage_options(storage_option),
         **thresholds,
     )
     result = monitor(dataset, reference, settings)

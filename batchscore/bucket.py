@@ -203,7 +203,7 @@ class Lease:
         here = holder.get("host") == socket.gethostname()
         if here and isinstance(pid, int) and not process_alive(pid):
             return True
-        modified = info.get("LastModified") or info.get("updated") or info.get("mtime")
+        modified = info.get("LastModified") or info.get("last_modified") or info.get("updated")
         if not isinstance(modified, datetime):
             return False  # no time to judge by: never take a lock over
         lease = holder.get("lease_s", self.lease_s)

@@ -20,6 +20,7 @@ import importlib.util
 import mimetypes
 import os
 import re
+import shutil
 import socket
 import socketserver
 import struct
@@ -774,3 +775,88 @@ class StaticServer(_ThreadedServer):
         if not candidate.is_relative_to(self.root) or not candidate.is_file():
             return None
         return candidate
+
+
+# --------------------------------------------------------------------------- azure (Azurite)
+
+# Azurite's documented development account: a public, well-known key, not a secret.
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
+@pytest.fixture(scope="session")
+def azurite_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Azurite's blob service (npm's `azurite`, installed by .ci/run) on a loopback port."""
+    program = shutil.which("azurite-blob")
+    if program is None or importlib.util.find_spec("adlfs") is None:
+        if os.environ.get("CI"):
+            pytest.fail("azurite-blob or adlfs is missing: .ci/run installs both")
+        pytest.skip("azurite-blob (npm install -g azurite) or adlfs is not installed")
+    folder = tmp_path_factory.mktemp("azurite")
+    port = free_port()
+    with open(folder / "azurite.log", "wb") as log:
+        process = subprocess.Popen(
+            [
+                program, "--blobHost", LOOPBACK, "--blobPort", str(port),
+                "--location", str(folder), "--silent", "--skipApiVersionCheck",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://{LOOPBACK}:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not _answers_http(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"azurite did not start: {(folder / 'azurite.log').read_text()}")
+            time.sleep(0.1)
+        yield f"{url}/{AZURITE_ACCOUNT}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class Container:
+    """A fresh blob container on Azurite, seeded and checked through adlfs."""
+
+    name: str
+    fs: Any
+
+    @property
+    def url(self) -> str:
+        return f"az://{self.name}"
+
+    def uri(self, key: str) -> str:
+        return f"{self.url}/{key.lstrip('/')}"
+
+    def put(self, key: str, data: bytes) -> None:
+        self.fs.pipe_file(f"{self.name}/{key}", data)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        found = self.fs.find(f"{self.name}/{prefix}")
+        return sorted(name.split("/", 1)[1] for name in found)
+
+
+@pytest.fixture
+def azure(azurite_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Container]:
+    """AZURE_STORAGE_CONNECTION_STRING aimed at Azurite, and a new container `bs-<8 hex>`."""
+    import adlfs
+
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING",
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+        f"AccountKey={AZURITE_KEY};BlobEndpoint={azurite_endpoint};",
+    )
+    adlfs.AzureBlobFileSystem.clear_instance_cache()
+    fs = adlfs.AzureBlobFileSystem()
+    name = f"bs-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(name)
+    yield Container(name, fs)
+    adlfs.AzureBlobFileSystem.clear_instance_cache()

@@ -139,8 +139,9 @@ class Lease:
         self.lease_s = lease_s
         self.options = options
         self.fs, self.path = storage.filesystem(self.url, options)
-        # S3's If-Match; other stores' backends have no conditional overwrite in fsspec
-        self.conditional_overwrite = storage.scheme(self.url) in ("s3", "s3a")
+        # S3's If-Match, Azure's etag condition; gcsfs offers none through fsspec
+        self.protocol = storage.SCHEMES[storage.scheme(self.url)][0]
+        self.conditional_overwrite = self.protocol in ("s3", "abfs")
         self.version: str | None = None
         self.lost: str | None = None
         self._stop = threading.Event()
@@ -184,7 +185,7 @@ class Lease:
 
     def _version(self) -> str | None:
         info = storage.stat_object(self.url, self.options)
-        return str(info.get("ETag") or info.get("generation") or "") or None
+        return str(info.get("ETag") or info.get("etag") or info.get("generation") or "") or None
 
     def _held(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
         try:
@@ -217,16 +218,27 @@ class Lease:
                 self.fs.rm_file(self.path)  # then race for the create like a fresh start
                 self._create()
                 return True
-            response = self._overwrite_if(str(info.get("ETag")))
-        except (OSError, ValueError):
-            return False  # another run took it over first
+            response = self._overwrite_if(str(info.get("ETag") or info.get("etag")))
+        except Exception as exc:
+            if storage.is_transient(exc):
+                raise
+            return False  # another run took it over first (the precondition failed)
         self.version = _etag(response) or self._version()
         return True
 
     def _overwrite_if(self, version: str) -> Any:
-        if not self.conditional_overwrite:
-            return self.fs.pipe_file(self.path, self._body())
-        return self.fs.pipe_file(self.path, self._body(), IfMatch=version)
+        """Replace the lock only while it is still `version` (S3 If-Match, Azure's etag
+        condition); a store without one overwrites it plainly."""
+        if self.protocol == "s3":
+            return self.fs.pipe_file(self.path, self._body(), IfMatch=version)
+        if self.protocol == "abfs":
+            from azure.core import MatchConditions  # noqa: PLC0415  (the azure extra's)
+
+            condition = MatchConditions.IfNotModified
+            return self.fs.pipe_file(
+                self.path, self._body(), etag=version, match_condition=condition
+            )
+        return self.fs.pipe_file(self.path, self._body())
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.lease_s / RENEWALS_PER_LEASE):
@@ -257,8 +269,10 @@ class Lease:
 
 
 def _etag(response: object) -> str | None:
-    if isinstance(response, dict) and response.get("ETag"):
-        return str(response["ETag"])
+    """The new version a PUT answered with (S3 `ETag`, Azure `etag`)."""
+    if isinstance(response, dict):
+        version = response.get("ETag") or response.get("etag")
+        return None if version is None else str(version)
     return None
 
 

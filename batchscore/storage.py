@@ -138,7 +138,11 @@ def status_of(exc: BaseException) -> int | None:
             code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if isinstance(code, int):
                 return code
-        code = getattr(seen, "status", None) or getattr(seen, "code", None)
+        code = (  # aiohttp's status, Azure's status_code, urllib's code
+            getattr(seen, "status", None)
+            or getattr(seen, "status_code", None)
+            or getattr(seen, "code", None)
+        )
         if isinstance(code, int) and 100 <= code < 600:
             return code
         seen = seen.__cause__ or seen.__context__

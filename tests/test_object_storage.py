@@ -268,23 +268,6 @@ def test_of_runs_racing_for_a_lock_exactly_one_gets_it_and_an_expired_lease_is_t
 ) -> None:
     root = s3.uri("preds")
 
-    def race(leases: list[Lease]) -> list[Lease]:
-        start = threading.Barrier(len(leases))
-        won: list[Lease] = []
-
-        def take(lease: Lease) -> None:
-            start.wait()
-            with suppress(LockHeld):
-                lease.acquire(wait=False)
-                won.append(lease)
-
-        threads = [threading.Thread(target=take, args=(lease,)) for lease in leases]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return won
-
     won = race([Lease(root, {}, lease_s=60) for _ in range(6)])
     assert len(won) == 1
     holder = won[0]
@@ -306,6 +289,25 @@ def test_of_runs_racing_for_a_lock_exactly_one_gets_it_and_an_expired_lease_is_t
     assert len(takers) == 1
     for lease in (*takers, *won):
         lease._stop.set()
+
+
+def race(leases: list[Lease]) -> list[Lease]:
+    """Start every lease's acquire at the same instant, one thread each; the winners."""
+    start = threading.Barrier(len(leases))
+    won: list[Lease] = []
+
+    def take(lease: Lease) -> None:
+        start.wait()
+        with suppress(LockHeld):
+            lease.acquire(wait=False)
+            won.append(lease)
+
+    threads = [threading.Thread(target=take, args=(lease,)) for lease in leases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return won
 
 
 def command(source: str, output: str, model: str, *extra: str) -> list[str]:
@@ -595,14 +597,16 @@ def test_azure_blob_storage_dataset_incremental_runs_and_the_lock(
     assert latest.set_index("path").loc[changed, "pred_label"] == "blue"
     assert [k for k in azure.keys("preds/") if "lock" in k] == []
 
-    leases = [Lease(azure.uri("locked"), {}, lease_s=60) for _ in range(4)]
-    won = []
-    for lease in leases:  # an exclusive create: only the first gets it
-        with suppress(LockHeld):
-            lease.acquire(wait=False)
-            won.append(lease)
-    assert won == leases[:1]
-    won[0].release()
+    won = race([Lease(azure.uri("locked"), {}, lease_s=60) for _ in range(4)])
+    assert len(won) == 1  # an exclusive create: one of four
+    won[0]._stop.set()  # its run dies: no renewal, no release
+    assert won[0]._renewer is not None
+    won[0]._renewer.join()
+    azure.put("locked/_batchscore.lock", json.dumps({"host": "elsewhere", "lease_s": 1}).encode())
+    time.sleep(2.1)
+    takers = race([Lease(azure.uri("locked"), {}, lease_s=30) for _ in range(4)])
+    assert len(takers) == 1  # the etag condition lets exactly one take it over
+    takers[0].release()
 
     elsewhere = json.dumps({"host": "another-machine", "pid": 1, "lease_s": 1}).encode()
     azure.put("preds/_batchscore.lock", elsewhere)

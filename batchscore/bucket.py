@@ -333,8 +333,9 @@ class BucketDatasetWriter(DatasetWriter):
             storage.put_file(str(current.path), f"{self.url}/{relative}", self.options)
         except StoreUnavailable:
             raise
-        except OSError as exc:
-            raise WriteFailed(f"cannot write {self.url}/{relative}: {storage.reason(exc)}") from exc
+        except Exception as exc:  # OSError, or a client's own error: one line, exit 1
+            shown = f"{redact_url(self.url)}/{relative}"
+            raise WriteFailed(f"cannot write {shown}: {storage.reason(exc)}") from exc
         finally:
             current.path.unlink(missing_ok=True)
         self.parts.append(relative)
@@ -354,8 +355,8 @@ class BucketDatasetWriter(DatasetWriter):
         url = f"{self.url}/{RUNS_DIR}/{summary['run_id']}.json"
         try:
             storage.put_bytes(url, data, self.options)
-        except (OSError, StoreUnavailable) as exc:
-            raise WriteFailed(f"cannot write {url}: {exc}") from exc
+        except Exception as exc:
+            raise WriteFailed(f"cannot write {redact_url(url)}: {storage.reason(exc)}") from exc
 
     def finish(self, record: Mapping[str, Any]) -> None:
         try:
@@ -391,7 +392,9 @@ class BucketFileSink(FileSink):
         try:
             super().finish(record)
             storage.put_file(str(self.file.path), self.url, self.options)
-        except OSError as exc:
+        except (WriteFailed, StoreUnavailable):
+            raise
+        except Exception as exc:
             raise WriteFailed(
                 f"cannot write {redact_url(self.url)}: {storage.reason(exc)}"
             ) from exc

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 from click.testing import CliRunner, Result
+from PIL import Image
 
 from batchscore import storage
 from batchscore.bucket import Lease
@@ -613,3 +614,44 @@ def test_azure_blob_storage_dataset_incremental_runs_and_the_lock(
     assert invoke(*args).exit_code == 75
     time.sleep(2.1)
     assert invoke(*args).exit_code == 0
+
+
+@pytest.mark.slow
+def test_on_dask_an_image_that_kills_its_worker_is_an_error_row_in_the_bucket(
+    s3: Bucket, model: str
+) -> None:
+    """The partition that holds a worker-killer (a 100 MP PNG on 400 MB workers) is scored one
+    image per task from the client, and its part is uploaded to the bucket like the others."""
+    import dask
+    import distributed
+
+    from batchscore.score import score
+    from batchscore.scorer import WORKER_DIED
+    from batchscore.settings import PipelineOptions, ScoreSettings
+
+    truth = seed(s3, "uploads/", 12)
+    big = io.BytesIO()
+    Image.new("RGB", (10_000, 10_000), COLORS["red"]).save(big, "PNG")
+    s3.put("uploads/big.png", big.getvalue())
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        cluster = distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            memory_limit="400MB",
+            host="127.0.0.1",
+            dashboard_address=None,
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        )
+    with cluster:
+        settings = ScoreSettings(
+            model=model,
+            engine="dask",
+            dask_address=cluster.scheduler_address,
+            pipeline=PipelineOptions(workers=2),
+        )
+        summary = score([s3.uri("uploads/")], s3.uri("preds/"), settings)
+    rows = read_dataset(s3.uri("preds/")).set_index("path")
+    assert len(rows) == 13
+    assert rows.loc[s3.uri("uploads/big.png"), "error"] == WORKER_DIED
+    assert (rows.drop(s3.uri("uploads/big.png"))["pred_label"] == pd.Series(truth)).all()
+    assert len(summary.stats) and summary.stats["n_images"] == 13

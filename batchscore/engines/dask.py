@@ -19,16 +19,18 @@ How a run flows (docs/dask.md has the whole story):
 - A partition that keeps killing its workers (a decoder crash, an out-of-memory kill) is scored
   again one image per task, one task at a time: as in the local engine, only an image that
   kills its worker again is lost, as an error row, and the run goes on.
-- Workers write straight into the dataset directory, so inputs and output must be on storage
-  every worker mounts at the same path. `RunPlugin.setup` checks that on every worker (a token
-  file the parent wrote must be readable, the partition folder writable, the first input
-  readable) and the run stops with a ConfigError before any task runs when one cannot.
+- Workers write straight into the dataset: a directory every worker mounts at the same path,
+  or a bucket, which workers read and write themselves (docs/object-storage.md), no shared
+  disk needed. `RunPlugin.setup` checks that on every worker (a token file or object the
+  parent wrote must be readable, the partition writable, the first input readable) and the
+  run stops with a ConfigError before any task runs when one cannot.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import posixpath
 import signal
 import tempfile
 import threading
@@ -60,7 +62,13 @@ from batchscore import __version__, storage
 from batchscore.bucket import BucketDatasetWriter
 from batchscore.dataset import DatasetWriter, remove_stale_temporaries
 from batchscore.engines import RunContext
-from batchscore.errors import BatchscoreError, ConfigError, OutputError
+from batchscore.errors import (
+    BatchscoreError,
+    ConfigError,
+    OutputError,
+    StoreUnavailable,
+    WriteFailed,
+)
 from batchscore.fetch import prefetched
 from batchscore.files import output_errors, write_errors
 from batchscore.model import ModelSpec
@@ -147,13 +155,23 @@ class RunPlugin(WorkerPlugin):
         or a URL: then this worker reads the objects and uploads the part itself)."""
         fetched = prefetched(refs, self.storage_options)
         chunks = chunk_refs(fetched, self.options.batch_size)
-        results = (_result(chunk, self.score(chunk)) for chunk in chunks)
+        return self.commit_part(location, (_result(chunk, self.score(chunk)) for chunk in chunks))
+
+    def commit_part(self, location: str, results: Iterable[ChunkResult]) -> pa.RecordBatch:
+        """Write `results` as the part at `location`: in place on a shared disk, or staged
+        here and uploaded as one object to a bucket."""
         if not is_url(location):
             return self.write_part(Path(location), results)
         with tempfile.TemporaryDirectory(prefix="batchscore-part-") as staging:
             staged = Path(staging) / "part.parquet"
             counts = self.write_part(staged, results)
-            storage.put_file(str(staged), location, self.storage_options)
+            try:
+                storage.put_file(str(staged), location, self.storage_options)
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # one line for the CLI, exit 1
+                shown = redact_url(location)
+                raise WriteFailed(f"cannot write {shown}: {storage.reason(exc)}") from exc
         return counts
 
     def score_images(self, refs: Sequence[ImageRef]) -> ChunkOutput:
@@ -472,7 +490,7 @@ def _stream(
     for future in completed:
         index, chunk = in_flight.pop(str(future.key))
         try:
-            batch = _counts(future, client, plugin, chunk, sink.part_path(index))
+            batch = _counts(future, client, plugin, chunk, sink.part_location(index))
         except Exception as exc:  # drain what is running first, so its parts are recorded
             failure = failure or exc
             continue
@@ -489,18 +507,18 @@ def _counts(
     client: Client,
     plugin: RunPlugin,
     chunk: list[ImageRef],
-    path: Path,
+    location: str,
 ) -> pa.RecordBatch:
     """A partition's counts, once its part is committed."""
     try:
         batch: pa.RecordBatch = future.result()
     except KilledWorker:
-        return _isolate(client, plugin, chunk, path)
+        return _isolate(client, plugin, chunk, location)
     return batch
 
 
 def _isolate(
-    client: Client, plugin: RunPlugin, chunk: list[ImageRef], path: Path
+    client: Client, plugin: RunPlugin, chunk: list[ImageRef], location: str
 ) -> pa.RecordBatch:
     """A partition killed the workers that ran it (a decoder crash, an out-of-memory kill), or
     was queued on them when another one did. Score its images one task at a time, so a worker
@@ -509,10 +527,10 @@ def _isolate(
     numbers = count()
 
     def score_one(ref: ImageRef) -> ChunkOutput:
-        key = f"{path.stem}-image-{next(numbers)}"
+        key = f"{posixpath.basename(location).removesuffix('.parquet')}-image-{next(numbers)}"
         future = client.submit(score_images, plugin.name, [ref], key=key)
         output: ChunkOutput = future.result()
         return output
 
     output = one_at_a_time(chunk, score_one, KilledWorker, plugin.specs, plugin.options.top_k)
-    return plugin.write_part(path, [_result(chunk, output)])
+    return plugin.commit_part(location, [_result(chunk, output)])

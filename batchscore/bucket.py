@@ -7,8 +7,9 @@
   starting at once exactly one gets it. It holds a lease that its run renews while it works
   (a conditional `If-Match` overwrite of its own version). A run killed with the lock leaves
   a lease that expires; the next run takes it over with the same conditional overwrite, so of
-  two runs taking over, again exactly one wins. Lease times are the store's own clock
-  (the lock's Last-Modified), so the hosts' clocks need not agree.
+  two runs taking over, again exactly one wins. A lease's age is this host's clock against the
+  lock's Last-Modified, which the store sets: clocks must agree to well within a lease (NTP).
+  A run that cannot renew for most of its lease stops committing: another may hold it by then.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -144,22 +146,36 @@ class Lease:
         self.conditional_overwrite = self.protocol in ("s3", "abfs")
         self.version: str | None = None
         self.lost: str | None = None
+        self.token = uuid.uuid4().hex  # this run's, so no other run's lock body is the same
+        self.renewed_at = 0.0  # time.monotonic() of the last create or renewal that landed
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
     def _body(self) -> bytes:
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "lease_s": self.lease_s}
+        holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_namespace": _pid_namespace(),
+            "lease_s": self.lease_s,
+            "token": self.token,
+        }
         return json.dumps(holder).encode()
 
     def acquire(self, *, wait: bool) -> None:
         while True:
             try:
                 self._create()
-            except FileExistsError:
+            except Exception as exc:
+                if not isinstance(exc, FileExistsError) and storage.status_of(exc) != 409:
+                    raise  # 409: S3's answer to two conditional creates at once
                 held = self._held()
                 if held is None:
                     continue  # released between our create and our look: try again
                 info, holder = held
+                if holder.get("token") == self.token:  # our create landed, its answer did not
+                    self.version = str(info.get("ETag") or info.get("etag") or "") or None
+                    self.renewed_at = time.monotonic()
+                    break
                 if self._expired(info, holder) and self._take_over(info):
                     break
                 if not wait:
@@ -182,6 +198,7 @@ class Lease:
             lambda: self.fs.pipe_file(self.path, self._body(), mode="create"), self.url, "PUT"
         )
         self.version = _etag(response) or self._version()
+        self.renewed_at = time.monotonic()
 
     def _version(self) -> str | None:
         info = storage.stat_object(self.url, self.options)
@@ -202,9 +219,16 @@ class Lease:
         the holder was a process of this machine that is gone (as a flock is dropped)."""
         pid = holder.get("pid")
         here = holder.get("host") == socket.gethostname()
-        if here and isinstance(pid, int) and not process_alive(pid):
+        same_pids = holder.get("pid_namespace") == _pid_namespace()  # not another container's
+        if here and same_pids and isinstance(pid, int) and not process_alive(pid):
             return True
-        modified = info.get("LastModified") or info.get("last_modified") or info.get("updated")
+        modified = next(
+            (info[k] for k in ("LastModified", "last_modified", "mtime", "updated") if info.get(k)),
+            None,
+        )
+        if isinstance(modified, str):  # GCS's `updated`: RFC 3339 text
+            with suppress(ValueError):
+                modified = datetime.fromisoformat(modified.replace("Z", "+00:00"))
         if not isinstance(modified, datetime):
             return False  # no time to judge by: never take a lock over
         lease = holder.get("lease_s", self.lease_s)
@@ -224,6 +248,7 @@ class Lease:
                 raise
             return False  # another run took it over first (the precondition failed)
         self.version = _etag(response) or self._version()
+        self.renewed_at = time.monotonic()
         return True
 
     def _overwrite_if(self, version: str) -> Any:
@@ -248,13 +273,17 @@ class Lease:
         try:
             response = self._overwrite_if(str(self.version))
             self.version = _etag(response) or self._version()
+            self.renewed_at = time.monotonic()
         except Exception as exc:
             if storage.is_permanent(exc):
                 self.lost = "another run took over this run's lock (its lease had expired)"
             # a transient failure is retried at the next renewal, well within the lease
 
     def check(self) -> None:
-        """Raise before committing anything once the lock is no longer this run's."""
+        """Raise before committing anything once the lock is no longer this run's, or may not
+        be: renewals that kept failing for most of a lease (another run may hold it now)."""
+        if self.lost is None and time.monotonic() - self.renewed_at > 0.8 * self.lease_s:
+            self.lost = "could not renew this run's lock for most of its lease"
         if self.lost is not None:
             raise WriteFailed(f"{redact_url(self.url)}: {self.lost}; nothing more was written")
 
@@ -266,6 +295,15 @@ class Lease:
             with suppress(Exception):  # best effort: an unreleased lease expires by itself
                 if self._version() == self.version:
                     storage.delete_object(self.url, self.options)
+
+
+def _pid_namespace() -> str:
+    """Which pid namespace this process lives in: two containers may share a hostname, and
+    their pids then name different processes."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def _etag(response: object) -> str | None:
@@ -285,8 +323,11 @@ def bucket_lock(
     lease = Lease(root, options, lease_s)
     try:
         lease.acquire(wait=wait)
-    except StoreUnavailable as exc:
-        raise OutputError(f"cannot take the lock of {redact_url(root)}: {exc}") from exc
+    except (LockHeld, OutputError):
+        raise
+    except Exception as exc:  # the store refused (no write permission...) or is not answering
+        reason = storage.reason(exc).removeprefix("cannot read object: ")
+        raise OutputError(f"cannot take the lock of {redact_url(root)}: {reason}") from exc
     try:
         yield lease
     finally:

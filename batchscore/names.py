@@ -17,10 +17,13 @@ import os
 import re
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-# Query parameters that carry a credential: presigned S3 / GCS URLs, Azure SAS tokens.
-_SECRET_PARAMETER = re.compile(
-    r"signature|credential|token|secret|password|key|^sig$|^se$|^sp$|^sv$|^skoid$|^sktid$"
-    r"|googleaccessid",
+_QUERY_SCHEMES = ("http", "https", "az", "abfs", "abfss")  # where '?' starts a query
+# Query parameters of a signed URL (presigned S3 and GCS URLs, Azure SAS tokens): the secret
+# itself and what changes with each signing (date, expiry), so a URL signed anew each night
+# is written, and keyed for --incremental, the same way.
+_SIGNING_PARAMETER = re.compile(
+    r"^(x-amz-|x-goog-)|signature|credential|token|secret|password|key|auth|jwt|expires"
+    r"|googleaccessid|^(sig|se|st|sp|sv|sr|spr|srt|ss|skoid|sktid|skt|ske|sks|skv)$",
     re.IGNORECASE,
 )
 
@@ -76,24 +79,24 @@ def is_url(text: str) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """`url` without what must never be written down: user info, and in a web URL's query the
-    value of every parameter that carries a credential (a presigned URL's signature, an Azure
-    SAS token). Every other character is kept as it is (a tab in an object key included); in
-    `s3://` and other bucket URLs a '?' is part of the key, not a query."""
+    """`url` without what must never be written down: user info, and in a web or Azure URL's
+    query every parameter of a signature (`_SIGNING_PARAMETER`: the secret, and the date and
+    expiry that change at each signing). Every other character is kept as it is (a tab in an
+    object key included); in `s3://` and `gs://` URLs a '?' is part of the key, not a query."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    netloc, slash, path = rest.partition("/")
-    netloc = netloc.rpartition("@")[2]
-    if scheme.lower() in ("http", "https") and "?" in path:
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, path = rest[:cut].rpartition("@")[2], rest[cut:]
+    if scheme.lower() in _QUERY_SCHEMES and "?" in path:
         path, _, query = path.partition("?")
-        fields = [field.partition("=") for field in query.split("&")]
-        query = "&".join(
-            f"{name}{eq}{'REDACTED' if eq and _SECRET_PARAMETER.search(name) else value}"
-            for name, eq, value in fields
-        )
-        path = f"{path}?{query}"
-    return f"{scheme}{sep}{netloc}{slash}{path}"
+        kept = [
+            field
+            for field in query.split("&")
+            if not _SIGNING_PARAMETER.search(field.partition("=")[0])
+        ]
+        path = f"{path}?{'&'.join(kept)}" if kept else path
+    return f"{scheme}{sep}{netloc}{path}"
 
 
 def written_name(path: str) -> str:

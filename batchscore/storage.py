@@ -55,6 +55,7 @@ BACKOFF_S = 0.2
 MAX_OBJECT_BYTES = 512 << 20  # an "image" larger than this is an error row, not a 10 GB read
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # Client exceptions of a dropped or slow connection, by name: botocore's, aiohttp's, fsspec's
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 _TRANSIENT_NAME = re.compile(r"Timeout|Connect|Disconnect|Reset|IncompleteRead|Payload|Throttl")
 
 
@@ -182,6 +183,7 @@ def reason(exc: BaseException) -> str:
     if isinstance(exc, IsADirectoryError):
         return "is a prefix (folder), not an object"
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = _URL_IN_TEXT.sub(lambda found: redact_url(found.group(0)), text)  # aiohttp's names it
     label = f"HTTP {status}: " if status else ""
     return f"cannot read object: {label}{text[:300] or type(exc).__name__}"
 

@@ -433,9 +433,9 @@ class BucketFileSink(FileSink):
         try:
             super().finish(record)
             storage.put_file(str(self.file.path), self.url, self.options)
-        except (WriteFailed, StoreUnavailable):
+        except WriteFailed:
             raise
-        except Exception as exc:
+        except Exception as exc:  # the store too: nothing of a file output is kept
             raise WriteFailed(
                 f"cannot write {redact_url(self.url)}: {storage.reason(exc)}"
             ) from exc

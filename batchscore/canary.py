@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchscore import storage
-from batchscore.errors import ConfigError, SourceError
+from batchscore.errors import ConfigError, SourceError, WriteFailed
 from batchscore.files import output_errors
 from batchscore.metrics import (
     NO_PREDICTION,
@@ -35,7 +35,7 @@ from batchscore.metrics import (
     reliability,
     wilson_interval,
 )
-from batchscore.names import is_url
+from batchscore.names import is_url, redact_url
 from batchscore.output import STATUS_OK, read_metadata
 from batchscore.score import score
 from batchscore.settings import BASELINE_PREFIX, ScoreSettings
@@ -349,7 +349,11 @@ def run_canary(
         result = evaluate_predictions(predictions, settings)
         if remote:
             url = storage.join(str(report_dir), PREDICTIONS_FILE)
-            storage.put_file(str(predictions), url, options)
+            try:
+                storage.put_file(str(predictions), url, options)
+            except Exception as exc:  # one line, exit 1
+                shown = redact_url(url)
+                raise WriteFailed(f"cannot write {shown}: {storage.reason(exc)}") from exc
     if settings.report_dir is not None:
         result = replace(result, report_dir=settings.report_dir)
     return result

@@ -10,10 +10,16 @@ from dataclasses import replace
 from batchscore.errors import StoreUnavailable
 from batchscore.names import is_url
 from batchscore.sources import ImageRef
-from batchscore.storage import ATTEMPTS, StorageOptions, authority, read_object, reason
+from batchscore.storage import (
+    ATTEMPTS,
+    StorageOptions,
+    StoreHealth,
+    authority,
+    read_object,
+    reason,
+)
 
 PREFETCH_WINDOW = 32  # objects being fetched at once, per process that fetches
-STORE_DOWN_AFTER = 3  # objects in a row that a store, having answered before, left unanswered
 
 
 def prefetched(
@@ -32,43 +38,25 @@ def prefetched(
     But when a store that did answer earlier in the run fails for `STORE_DOWN_AFTER` objects
     in a row, it went down mid-run: the run stops, keeping what it committed, and a rerun
     resumes, instead of turning the rest of the night into error rows."""
-    health = _Health()
+    health = StoreHealth()
     pending: deque[tuple[ImageRef, Future[bytes] | None]] = deque()
-    with ThreadPoolExecutor(max_workers=window, thread_name_prefix="prefetch") as pool:
-        try:
-            for ref in refs:
-                future = None
-                if ref.problem is None and ref.path is not None and is_url(ref.path):
-                    future = pool.submit(read_object, ref.path, options)
-                pending.append((ref, future))
-                if len(pending) >= window:
-                    yield _fetched(*pending.popleft(), health)
-            while pending:
+    pool = ThreadPoolExecutor(max_workers=window, thread_name_prefix="prefetch")
+    try:
+        for ref in refs:
+            future = None
+            if ref.problem is None and ref.path is not None and is_url(ref.path):
+                future = pool.submit(read_object, ref.path, options)
+            pending.append((ref, future))
+            if len(pending) >= window:
                 yield _fetched(*pending.popleft(), health)
-        finally:
-            for _, future in pending:
-                if future is not None:
-                    future.cancel()
+        while pending:
+            yield _fetched(*pending.popleft(), health)
+    finally:
+        # A stopped run must not wait for reads still retrying: their results are not needed.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
-class _Health:
-    """Per store (bucket or web host): whether it answered in this run, and how many objects in
-    a row it has left unanswered since."""
-
-    def __init__(self) -> None:
-        self.answered: set[str] = set()
-        self.unanswered: dict[str, int] = {}
-
-    def answer(self, store: str) -> None:
-        self.answered.add(store)
-        self.unanswered[store] = 0
-
-    def went_down(self, store: str) -> bool:
-        self.unanswered[store] = self.unanswered.get(store, 0) + 1
-        return store in self.answered and self.unanswered[store] >= STORE_DOWN_AFTER
-
-
-def _fetched(ref: ImageRef, future: Future[bytes] | None, health: _Health) -> ImageRef:
+def _fetched(ref: ImageRef, future: Future[bytes] | None, health: StoreHealth) -> ImageRef:
     if future is None:
         return ref
     store = authority(str(ref.path))

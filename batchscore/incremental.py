@@ -35,8 +35,9 @@ import pyarrow.compute as pc
 
 from batchscore import storage
 from batchscore.bucket import dataset_parts
+from batchscore.errors import OutputError, StoreUnavailable
 from batchscore.files import file_sha256
-from batchscore.names import is_url, readable
+from batchscore.names import is_url, readable, written_name
 from batchscore.sources import ImageRef
 from batchscore.storage import StorageOptions
 
@@ -122,7 +123,31 @@ def load_done(
 ) -> DoneSet:
     """Rows of this model already in the dataset (ok rows; error rows too if asked). With
     `setup_sha256`, only rows scored with the same class names and preprocessing count (rows
-    written before batchscore recorded it count as the same). `root` may be a bucket URL."""
+    written before batchscore recorded it count as the same). `root` may be a bucket URL.
+    A dataset that cannot be read is one line, exit 2, before any image is scored."""
+    try:
+        return _read_done(
+            root,
+            model_sha256,
+            use_fingerprint=use_fingerprint,
+            include_errors=include_errors,
+            setup_sha256=setup_sha256,
+            storage_options=storage_options,
+        )
+    except (OSError, pa.ArrowException, StoreUnavailable) as exc:
+        shown = written_name(str(root))
+        raise OutputError(f"cannot read what {shown} holds: {storage.reason(exc)}") from exc
+
+
+def _read_done(
+    root: str | Path,
+    model_sha256: str,
+    *,
+    use_fingerprint: bool,
+    include_errors: bool,
+    setup_sha256: str | None = None,
+    storage_options: StorageOptions | None = None,
+) -> DoneSet:
     files = dataset_parts(root, storage_options or {})
     if not files.paths:
         return DoneSet(np.empty(0, dtype=np.uint64), use_fingerprint)
@@ -168,35 +193,59 @@ def with_fingerprints(
     """Each ref with its fingerprint. An object listed from a bucket prefix has one already,
     from the listing. Other objects (listed in a manifest) are asked for theirs (a HEAD each,
     `_HEADS_AT_ONCE` at a time) only when `storage_options` is given, i.e. on incremental
-    runs: elsewhere the fingerprint is only recorded, and a request per image would not pay."""
+    runs: elsewhere the fingerprint is only recorded, and a request per image would not pay.
+    A HEAD that still fails after every retry makes an error row (never a row without its
+    fingerprint, which the next run would take for changed content), or stops the run when
+    its store went down mid-run (`storage.StoreHealth`)."""
+    health = storage.StoreHealth()
     iterator = iter(refs)
     while chunk := list(islice(iterator, _CHUNK)):
         remote = [
             i
             for i, ref in enumerate(chunk)
-            if ref.fingerprint is None and ref.path is not None and is_url(ref.path)
+            if ref.fingerprint is None
+            and ref.problem is None
+            and ref.path is not None
+            and is_url(ref.path)
         ]
-        prints: dict[int, str | None] = {}
+        asked: dict[int, tuple[str | None, str | None]] = {}
         if remote and storage_options is not None:
             with ThreadPoolExecutor(_HEADS_AT_ONCE) as pool:
-                found = pool.map(lambda i: _object_print(chunk[i].path, storage_options), remote)
-                prints = dict(zip(remote, found, strict=True))
+                found = pool.map(
+                    lambda i: _object_print(str(chunk[i].path), storage_options), remote
+                )
+                for i, (print_, failure) in zip(remote, found, strict=True):
+                    store = storage.authority(str(chunk[i].path))
+                    if isinstance(failure, StoreUnavailable):
+                        if health.went_down(store):
+                            raise failure
+                        cause = failure.__cause__ or failure
+                        why = storage.reason(cause).removeprefix("cannot read object: ")
+                        asked[i] = (None, f"no answer after {storage.ATTEMPTS} tries: {why}")
+                    else:
+                        health.answer(store)
+                        asked[i] = (print_, None)
         for i, ref in enumerate(chunk):
-            if ref.fingerprint is not None:
+            if ref.fingerprint is not None or ref.problem is not None:
                 yield ref
-            elif i in prints or (ref.path is not None and is_url(ref.path)):
-                yield replace(ref, fingerprint=prints.get(i))
+            elif i in asked:
+                print_, problem = asked[i]
+                yield replace(ref, fingerprint=print_, problem=problem)
+            elif ref.path is not None and is_url(ref.path):
+                yield ref
             else:
                 yield replace(ref, fingerprint=fingerprint(ref.path, kind, should_stop))
 
 
-def _object_print(url: str | None, options: StorageOptions) -> str | None:
-    """An object's fingerprint, or None when it cannot be asked for (the read will fail and
-    say why)."""
+def _object_print(url: str, options: StorageOptions) -> tuple[str | None, Exception | None]:
+    """An object's fingerprint, or None when it has none to give (missing, forbidden: the read
+    says why), with the store's failure when it did not answer."""
     try:
-        return storage.object_fingerprint(storage.stat_object(str(url), options))
-    except Exception:  # any failure: no fingerprint, and the read will say what is wrong
-        return None
+        return storage.object_fingerprint(storage.stat_object(url, options)), None
+    except StoreUnavailable as exc:
+        return None, exc
+    except Exception:
+        return None, None
 
 
 def skip_done(refs: Iterable[ImageRef], done: DoneSet, counter: SkipCounter) -> Iterator[ImageRef]:

@@ -203,6 +203,11 @@ def check_output(output: str | Path) -> bool:
         raise OutputError("empty output path: give a .parquet file or a dataset directory")
     if isinstance(output, str) and is_url(output):
         storage.check_url(output)
+        if storage.scheme(output) in ("http", "https"):
+            raise OutputError(
+                f"output {redact_url(output)}: a web server is a source only; write to a"
+                " bucket (s3://, gs://, az://) or a local path"
+            )
         suffix = posixpath.splitext(output)[1].lower()
         if output.endswith("/") or not suffix:
             return True

@@ -50,6 +50,7 @@ _S3_CLIENT_CONFIG = {
     "read_timeout": 60,
 }
 LIST_PAGE_KEYS = 1000  # S3's own maximum per ListObjectsV2 page
+STORE_DOWN_AFTER = 3  # objects in a row that a store, having answered before, left unanswered
 ATTEMPTS = 6  # first try + 5 retries: 0.2 + 0.4 + 0.8 + 1.6 + 3.2 s of backoff at most
 BACKOFF_S = 0.2
 MAX_OBJECT_BYTES = 512 << 20  # an "image" larger than this is an error row, not a 10 GB read
@@ -251,7 +252,7 @@ def list_objects(url: str, options: StorageOptions) -> Iterator[tuple[str, dict[
     fs, path = filesystem(url, options)
     prefix = url.split("://", 1)[0]
     if SCHEMES[scheme(url)][0] == "s3":
-        yield from _s3_pages(fs, path.rstrip("/"), url)
+        yield from _s3_pages(fs, path.rstrip("/"), url, prefix)
         return
     found: dict[str, dict[str, Any]] = retried(
         lambda: fs.find(path.rstrip("/"), detail=True), url, "LIST"
@@ -261,7 +262,7 @@ def list_objects(url: str, options: StorageOptions) -> Iterator[tuple[str, dict[
             yield (name if "://" in name else f"{prefix}://{name}"), info  # http: URLs
 
 
-def _s3_pages(fs: Any, path: str, url: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def _s3_pages(fs: Any, path: str, url: str, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
     from fsspec.asyn import sync  # noqa: PLC0415  (an extra's dependency, loaded on use)
 
     bucket, _, key_prefix = path.partition("/")
@@ -278,7 +279,7 @@ def _s3_pages(fs: Any, path: str, url: str) -> Iterator[tuple[str, dict[str, Any
             if item["Key"].endswith("/"):
                 continue  # a "folder" marker some tools write
             info = {"size": item.get("Size"), "ETag": item.get("ETag"), "type": "file"}
-            yield f"s3://{bucket}/{item['Key']}", info
+            yield f"{prefix}://{bucket}/{item['Key']}", info
         token = page.get("NextContinuationToken")
         if not page.get("IsTruncated") or not token:
             return
@@ -330,3 +331,23 @@ def _short(exc: BaseException) -> str:
     if isinstance(exc, StoreUnavailable):
         return str(exc).split(": ", 1)[1].split(";")[0]
     return reason(exc).removeprefix("cannot read object: ")
+
+
+class StoreHealth:
+    """Per store (bucket or web host): whether it answered in this run, and how many objects in
+    a row it has left unanswered since. A store that answered and then leaves
+    `STORE_DOWN_AFTER` objects in a row unanswered went down mid-run: the run stops (and a
+    rerun resumes). One that never answered is a dead server named in a manifest: its objects
+    are error rows, so it cannot block every night."""
+
+    def __init__(self) -> None:
+        self.answered: set[str] = set()
+        self.unanswered: dict[str, int] = {}
+
+    def answer(self, store: str) -> None:
+        self.answered.add(store)
+        self.unanswered[store] = 0
+
+    def went_down(self, store: str) -> bool:
+        self.unanswered[store] = self.unanswered.get(store, 0) + 1
+        return store in self.answered and self.unanswered[store] >= STORE_DOWN_AFTER

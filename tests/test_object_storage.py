@@ -497,11 +497,21 @@ def test_a_dead_or_failing_web_server_in_a_manifest_is_an_error_row_not_a_stoppe
             "score", str(tmp_path / "list.txt"), "-o", str(tmp_path / "o.parquet"),
             "--model", model, "--workers", "0",
         )  # fmt: skip
+        # --incremental asks each listed object for its fingerprint first: the same rows.
+        again = invoke(
+            "score", str(tmp_path / "list.txt"), "-o", str(tmp_path / "preds") + "/",
+            "--model", model, "--workers", "0", "--incremental",
+        )  # fmt: skip
     assert done.exit_code == 0, done.output
     out = pd.read_parquet(tmp_path / "o.parquet")
     assert out["status"].tolist() == ["ok", "error", "error", "ok"]
     assert out["error"][1].startswith("no answer after 6 tries: ")
     assert out["error"][2].startswith("no answer after 6 tries: HTTP 503")
+    assert again.exit_code == 0, again.output
+    rows = pd.read_parquet(tmp_path / "preds")
+    assert rows["status"].tolist() == ["ok", "error", "error", "ok"]
+    assert rows["error"][1].startswith("no answer after 6 tries: ")
+    assert rows["error"][2].startswith("no answer after 6 tries: HTTP 503")
 
 
 def test_odd_keys_relative_paths_and_empty_objects(s3: Bucket, model: str, tmp_path: Path) -> None:
@@ -539,6 +549,7 @@ def test_odd_keys_relative_paths_and_empty_objects(s3: Bucket, model: str, tmp_p
         (("score", "s3:///x/", "-o", "o.parquet"), "no bucket name after s3://"),
         (("score", "s3://b/x/", "-o", "s3://"), "no bucket name after s3://"),
         (("runs", "s3://"), "no bucket name after s3://"),
+        (("score", "s3://b/x/", "-o", "https://h/out/"), "a web server is a source only"),
         (("diff", "s3://b/preds/", "other.parquet"), "reads local outputs only"),
     ],
 )
@@ -657,3 +668,26 @@ def test_on_dask_an_image_that_kills_its_worker_is_an_error_row_in_the_bucket(
     assert rows.loc[s3.uri("uploads/big.png"), "error"] == WORKER_DIED
     assert (rows.drop(s3.uri("uploads/big.png"))["pred_label"] == pd.Series(truth)).all()
     assert len(summary.stats) and summary.stats["n_images"] == 13
+
+
+@pytest.mark.parametrize(
+    ("url", "written"),
+    [
+        (
+            "https://h/x.jpg?X-Amz-Algorithm=A&X-Amz-Credential=K%2F1&X-Amz-Date=20261201"
+            "&X-Amz-Expires=900&X-Amz-SignedHeaders=host&X-Amz-Signature=abc&v=2",
+            "https://h/x.jpg?v=2",
+        ),
+        ("https://h/x.jpg?X-Goog-Signature=abc&X-Goog-Date=1&GoogleAccessId=a", "https://h/x.jpg"),
+        ("https://h/x.jpg?Expires=1&Signature=s&Key-Pair-Id=k", "https://h/x.jpg"),
+        ("https://host?sig=S", "https://host"),
+        ("az://c/blob.jpg?sv=1&se=2&sp=r&sig=S", "az://c/blob.jpg"),
+        ("https://user:pw@h/a.jpg", "https://h/a.jpg"),
+        ("s3://b/q?x=1.jpg", "s3://b/q?x=1.jpg"),  # in a bucket key '?' is a character
+        ("s3://b/tab\tname.jpg", "s3://b/tab\tname.jpg"),
+    ],
+)
+def test_what_a_url_is_written_as(url: str, written: str) -> None:
+    from batchscore.names import redact_url
+
+    assert redact_url(url) == written

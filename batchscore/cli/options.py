@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -185,6 +186,9 @@ _SCORING_KEYS = (
 )
 
 
+_SECRET_KEY = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+
+
 def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     """KEY=VALUE pairs. true/false (any case) become booleans, numbers and JSON objects or
     lists become those (client_kwargs={"region_name": "eu-west-1"}); anything else is text."""
@@ -200,6 +204,8 @@ def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
             parsed = json.loads(value)
         except ValueError:
             parsed = value
+        if isinstance(parsed, (int, float)) and _SECRET_KEY.search(key):
+            parsed = value  # a key or secret made only of digits is still text
         options[key.strip()] = parsed if isinstance(parsed, (int, float, dict, list)) else value
     return options
 

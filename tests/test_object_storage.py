@@ -691,3 +691,21 @@ def test_what_a_url_is_written_as(url: str, written: str) -> None:
     from batchscore.names import redact_url
 
     assert redact_url(url) == written
+
+
+@pytest.mark.slow
+def test_three_runs_started_together_on_one_bucket_dataset_one_scores_two_exit_75(
+    s3: Bucket, proxy: FaultProxy, model: str
+) -> None:
+    truth = seed(s3, "uploads/", 120)
+    proxy.latency_s = 0.05  # the winner runs for seconds: the others find its lock
+    argv = command(s3.uri("uploads/"), s3.uri("preds/"), model)
+    processes = [
+        subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for _ in range(3)
+    ]
+    results = [(p.wait(timeout=120), p.communicate()[1]) for p in processes]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 75, 75], results
+    assert all("is writing to" in err for code, err in results if code == 75)
+    check_exactly_once(s3, truth)

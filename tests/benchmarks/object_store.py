@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,9 +42,11 @@ LATENCIES_S = (0.0, 0.05)
 BUCKET = "bench"
 
 
-def rate(source: str, output: Path, server_pid: int) -> tuple[float, float]:
-    """images/s of one CLI run, and the share of all cores the store's side used meanwhile."""
+def rate(source: str, output: Path, server_pid: int) -> tuple[float, float, float]:
+    """images/s of one CLI run, the share of all cores the store's side used meanwhile, and
+    the CPU seconds batchscore itself used (the CLI and its workers, start-up included)."""
     server_before, proxy_before = _cpu_seconds(server_pid), time.process_time()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "batchscore", "score", source, "-o", str(output)],
@@ -53,9 +56,11 @@ def rate(source: str, output: Path, server_pid: int) -> tuple[float, float]:
     )
     wall = time.perf_counter() - started
     store = _cpu_seconds(server_pid) - server_before + time.process_time() - proxy_before
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
     output.unlink()
     images_per_s = float(done.stderr.split(" images/s")[0].rsplit(", ", 1)[1])
-    return images_per_s, store / (wall * (os.cpu_count() or 1))
+    return images_per_s, store / (wall * (os.cpu_count() or 1)), own
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -93,17 +98,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         assert moto.proc is not None
         pid = moto.proc.pid
         rows: dict[str, list[float]] = {"local": []}
+        cpu: dict[str, list[float]] = {"local": []}
         store_share: dict[float, list[float]] = {latency: [] for latency in LATENCIES_S}
         ratios: dict[float, list[float]] = {latency: [] for latency in LATENCIES_S}
         naive: list[float] = []
         for _ in range(args.repeats):
             proxy.latency_s = 0.0
-            here = rate(local, work / "out.parquet", pid)[0]
+            here, _, own = rate(local, work / "out.parquet", pid)
             rows["local"].append(here)
+            cpu["local"].append(own * 1000 / args.count)
             for latency in LATENCIES_S:
                 proxy.latency_s = latency
-                there, share = rate(f"s3://{BUCKET}/uploads/", work / "out.parquet", pid)
+                there, share, own = rate(f"s3://{BUCKET}/uploads/", work / "out.parquet", pid)
                 rows.setdefault(f"s3, {latency * 1000:.0f} ms", []).append(there)
+                cpu.setdefault(f"s3, {latency * 1000:.0f} ms", []).append(own * 1000 / args.count)
                 ratios[latency].append(there / here)
                 store_share[latency].append(share)
             proxy.latency_s = 0.05
@@ -111,19 +119,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{args.count} images ({args.corpus}), bundled model, default settings,", end=" ")
     print(f"{os.cpu_count()} cores,")
     print(f"median of {args.repeats} repeats (ratio: bucket / local in the same repeat)\n")
-    print("| source | images/s | vs local | the store's CPU (share of all cores) |")
-    print("|---|---|---|---|")
-    print(f"| local files | {statistics.median(rows['local']):.1f} | 1.00 | - |")
+    print(
+        "| source | images/s | vs local | the store's CPU (share of all cores)"
+        " | batchscore's CPU per image |"
+    )
+    print("|---|---|---|---|---|")
+    local_cpu = statistics.median(cpu["local"])
+    print(
+        f"| local files | {statistics.median(rows['local']):.1f} | 1.00 | - | {local_cpu:.1f} ms |"
+    )
     for latency in LATENCIES_S:
         name = f"s3, {latency * 1000:.0f} ms"
         print(
             f"| S3 (moto), {latency * 1000:.0f} ms per request |"
             f" {statistics.median(rows[name]):.1f} | {statistics.median(ratios[latency]):.2f} |"
             f" {statistics.median(store_share[latency]):.0%} |"
+            f" {statistics.median(cpu[name]):.1f} ms |"
         )
     print(
         f"| one GET after another, 50 ms, no decoding | {statistics.median(naive):.1f} |"
-        f" {statistics.median(naive) / statistics.median(rows['local']):.2f} | - |"
+        f" {statistics.median(naive) / statistics.median(rows['local']):.2f} | - | - |"
     )
 
 

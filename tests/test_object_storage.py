@@ -622,10 +622,11 @@ def test_azure_blob_storage_dataset_incremental_runs_and_the_lock(
     assert len(takers) == 1  # the etag condition lets exactly one take it over
     takers[0].release()
 
-    elsewhere = json.dumps({"host": "another-machine", "pid": 1, "lease_s": 1}).encode()
+    # The store's Last-Modified counts whole seconds: a 3 s lease is surely live at once.
+    elsewhere = json.dumps({"host": "another-machine", "pid": 1, "lease_s": 3}).encode()
     azure.put("preds/_batchscore.lock", elsewhere)
     assert invoke(*args).exit_code == 75
-    time.sleep(2.1)
+    time.sleep(4.1)
     assert invoke(*args).exit_code == 0
 
 

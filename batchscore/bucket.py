@@ -34,7 +34,7 @@ import pyarrow.dataset as ds
 
 from batchscore import storage
 from batchscore.dataset import LOCK_NAME, RUNS_DIR, DatasetWriter, part_files, read_summaries
-from batchscore.errors import LockHeld, OutputError, StoreUnavailable, WriteFailed
+from batchscore.errors import BatchscoreError, LockHeld, OutputError, StoreUnavailable, WriteFailed
 from batchscore.files import process_alive
 from batchscore.names import is_url, redact_url
 from batchscore.output import FileSink
@@ -129,7 +129,13 @@ def dataset_summaries(location: str | Path, options: StorageOptions) -> list[dic
     """The run summaries of a dataset directory or of a dataset in a bucket, oldest first."""
     if isinstance(location, str) and is_url(location):
         storage.check_url(location)
-        return read_bucket_summaries(location, options)
+        try:
+            return read_bucket_summaries(location, options)
+        except BatchscoreError:
+            raise
+        except Exception as exc:  # no credentials, refused, not answering: one line, exit 2
+            reason = storage.reason(exc).removeprefix("cannot read object: ")
+            raise OutputError(f"cannot read {redact_url(location)}: {reason}") from exc
     return read_summaries(Path(location))
 
 

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchscore import storage
-from batchscore.errors import ConfigError, SourceError, WriteFailed
+from batchscore.errors import ConfigError, OutputError, SourceError, WriteFailed
 from batchscore.files import output_errors
 from batchscore.metrics import (
     NO_PREDICTION,
@@ -331,6 +331,12 @@ def run_canary(
     settings = settings or CanarySettings()
     check_canary_settings(settings)
     options = settings.score.storage_options
+    report_dir = settings.report_dir
+    if isinstance(report_dir, str) and storage.scheme(report_dir) in ("http", "https"):
+        raise OutputError(
+            f"--report {redact_url(report_dir)}: a web server is a source only; write to a"
+            " bucket (s3://, gs://, az://) or a local folder"
+        )
     opened = open_sources(sources, labelled_folders=True, storage_options=options)
     if not any(source.has_labels for source in opened):
         raise SourceError(
@@ -338,7 +344,6 @@ def run_canary(
             " per class) or manifests with a 'label' column"
         )
     score_settings = replace(settings.score, labelled_folders=True)
-    report_dir = settings.report_dir
     remote = isinstance(report_dir, str) and is_url(report_dir)
     if report_dir is not None and remote:
         storage.check_reachable(str(report_dir), options)

@@ -493,6 +493,14 @@ def _batches(
     )
 
 
+def check_report_folder(folder: str | Path) -> None:
+    """The report goes to a local folder: a URL would become a folder named like one."""
+    if is_url(str(folder)):
+        raise ConfigError(
+            f"--report {redact_url(str(folder))}: monitor writes its report to a local folder"
+        )
+
+
 def write_report(result: MonitorResult, folder: Path) -> None:
     """monitor.json (every number, threshold and verdict) and report.md."""
     with output_errors(folder):

@@ -513,6 +513,11 @@ def _open_url(url: str, labelled: bool, options: StorageOptions) -> Source:
         except (OSError, StoreUnavailable) as exc:
             raise SourceError(f"cannot read {redact_url(url)}: {storage.reason(exc)}") from exc
         return ObjectListSource([url])
+    if web and "?" in url:
+        raise SourceError(
+            f"{redact_url(url)}: a web folder URL cannot carry a query (the file names would"
+            " be added after it): list the files in a manifest instead"
+        )
     storage.check_reachable(url, options)
     prefix = ObjectPrefixSource(url, options, labelled=labelled)
     prefix.check_not_empty()  # an empty or unreadable prefix fails before any work

@@ -52,6 +52,7 @@ _S3_CLIENT_CONFIG = {
 LIST_PAGE_KEYS = 1000  # S3's own maximum per ListObjectsV2 page
 STORE_DOWN_AFTER = 3  # objects in a row that a store, having answered before, left unanswered
 ATTEMPTS = 6  # first try + 5 retries: 0.2 + 0.4 + 0.8 + 1.6 + 3.2 s of backoff at most
+START_ATTEMPTS = 3  # the check at start: a store down then is exit 2 within seconds
 BACKOFF_S = 0.2
 MAX_OBJECT_BYTES = 512 << 20  # an "image" larger than this is an error row, not a 10 GB read
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -112,7 +113,12 @@ def filesystem(url: str, options: StorageOptions) -> tuple[Any, str]:
     target = url if protocol in ("http", "https") else f"{protocol}://{url.split('://', 1)[1]}"
     if protocol == "s3":
         options = {"config_kwargs": _S3_CLIENT_CONFIG, **options}
-    fs, path = url_to_fs(target, **options)
+    if protocol == "abfs":
+        options = {"connection_timeout": 10, **options}
+    try:
+        fs, path = url_to_fs(target, **options)
+    except Exception as exc:  # a client that cannot even be made: no credentials, bad options
+        raise ConfigError(f"cannot use {redact_url(url)}: {_short(exc)}") from exc
     if protocol == "s3":
         fs.retries = 1  # s3fs's own retry loop: `retried` is the one place that retries
     loop = getattr(fs, "loop", None)
@@ -189,18 +195,18 @@ def reason(exc: BaseException) -> str:
     return f"cannot read object: {label}{text[:300] or type(exc).__name__}"
 
 
-def retried(action: Callable[[], T], url: str, what: str) -> T:
+def retried(action: Callable[[], T], url: str, what: str, attempts: int = ATTEMPTS) -> T:
     """`action()`, retried with exponential backoff and jitter while the store's failure is
     transient; a permanent one is raised as it is, a persistent one as StoreUnavailable."""
-    for attempt in range(ATTEMPTS):
+    for attempt in range(attempts):
         try:
             return action()
         except Exception as exc:
             if is_permanent(exc):
                 raise
-            if attempt == ATTEMPTS - 1:
+            if attempt == attempts - 1:
                 raise StoreUnavailable(
-                    f"{redact_url(url)}: {what} failed {ATTEMPTS} times, the store is not"
+                    f"{redact_url(url)}: {what} failed {attempts} times, the store is not"
                     f" answering ({reason(exc).removeprefix('cannot read object: ')});"
                     " committed work is kept, run again to resume"
                 ) from exc
@@ -309,14 +315,14 @@ def check_reachable(url: str, options: StorageOptions) -> None:
     fs, path = filesystem(url, options)
     try:
         try:
-            retried(lambda: fs.info(path.rstrip("/")), url, "HEAD")
+            retried(lambda: fs.info(path.rstrip("/")), url, "HEAD", START_ATTEMPTS)
             return
         except FileNotFoundError:
             if SCHEMES[scheme(url)][0] in ("http", "https"):
                 raise
         bucket = path.split("/", 1)[0]
         try:
-            retried(lambda: fs.info(bucket), url, "HEAD")
+            retried(lambda: fs.info(bucket), url, "HEAD", START_ATTEMPTS)
         except FileNotFoundError:
             raise ConfigError(f"cannot use {redact_url(url)}: no bucket {bucket!r}") from None
     except (StoreUnavailable, OSError, ValueError) as exc:

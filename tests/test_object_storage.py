@@ -550,6 +550,9 @@ def test_odd_keys_relative_paths_and_empty_objects(s3: Bucket, model: str, tmp_p
         (("score", "s3://b/x/", "-o", "s3://"), "no bucket name after s3://"),
         (("runs", "s3://"), "no bucket name after s3://"),
         (("score", "s3://b/x/", "-o", "https://h/out/"), "a web server is a source only"),
+        (("canary", "s3://b/c/", "--report", "https://h/r/"), "a web server is a source only"),
+        (("monitor", "s3://b/p/", "--reference", "r/", "--report", "s3://b/m/"), "local folder"),
+        (("score", "https://h/dir/?sig=S", "-o", "o.parquet"), "cannot carry a query"),
         (("diff", "s3://b/preds/", "other.parquet"), "reads local outputs only"),
     ],
 )

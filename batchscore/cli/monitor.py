@@ -66,7 +66,7 @@ def threshold_options(func: F) -> F:
 @click.option(
     "--report",
     "report_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(file_okay=False),
     default=None,
     help="Write monitor.json, report.md, trend.svg and classes.svg here.",
 )
@@ -89,7 +89,7 @@ def monitor_command(
     run_id: str | None,
     date: str | None,
     since: str | None,
-    report_dir: Path | None,
+    report_dir: str | None,
     allow_model_change: bool,
     storage_option: tuple[str, ...],
     **thresholds: Any,  # the eight thresholds of `threshold_options`, as floats
@@ -108,7 +108,14 @@ def monitor_command(
         batchscore monitor /data/preds/ --reference /data/preds/run_date=2026-11-01/ --since 30d
         batchscore monitor s3://preds/nightly/ --reference s3://reports/canary-v3/
     """
-    from batchscore.monitor import monitor, write_report  # noqa: PLC0415 (pyarrow, numpy)
+    from batchscore.monitor import (  # noqa: PLC0415 (pyarrow, numpy)
+        check_report_folder,
+        monitor,
+        write_report,
+    )
+
+    if report_dir is not None:
+        check_report_folder(report_dir)
 
     settings = MonitorSettings(
         run=run_id,
@@ -120,7 +127,7 @@ def monitor_command(
     )
     result = monitor(dataset, reference, settings)
     if report_dir is not None:
-        write_report(result, report_dir)
+        write_report(result, Path(report_dir))
     click.echo(f"{result.window} against {result.reference}:")
     for line in result.lines():
         click.echo(f"  {line}")

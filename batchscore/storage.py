@@ -206,7 +206,8 @@ def retried(action: Callable[[], T], url: str, what: str, attempts: int = ATTEMP
                 raise
             if attempt == attempts - 1:
                 raise StoreUnavailable(
-                    f"{redact_url(url)}: {what} failed {attempts} times, the store is not"
+                    f"{redact_url(url)}: {what} failed {attempts} time{'s' * (attempts > 1)},"
+                    " the store is not"
                     f" answering ({reason(exc).removeprefix('cannot read object: ')});"
                     " committed work is kept, run again to resume"
                 ) from exc
@@ -313,16 +314,18 @@ def check_reachable(url: str, options: StorageOptions) -> None:
     """Fail before any work, in one line, when the store does not answer, refuses us, or has
     no such bucket. A prefix that holds nothing yet (a new output) is fine."""
     fs, path = filesystem(url, options)
+    # Azure's SDK retries a refused connection on its own for over a minute: once is enough.
+    attempts = 1 if SCHEMES[scheme(url)][0] == "abfs" else START_ATTEMPTS
     try:
         try:
-            retried(lambda: fs.info(path.rstrip("/")), url, "HEAD", START_ATTEMPTS)
+            retried(lambda: fs.info(path.rstrip("/")), url, "HEAD", attempts)
             return
         except FileNotFoundError:
             if SCHEMES[scheme(url)][0] in ("http", "https"):
                 raise
         bucket = path.split("/", 1)[0]
         try:
-            retried(lambda: fs.info(bucket), url, "HEAD", START_ATTEMPTS)
+            retried(lambda: fs.info(bucket), url, "HEAD", attempts)
         except FileNotFoundError:
             raise ConfigError(f"cannot use {redact_url(url)}: no bucket {bucket!r}") from None
     except (StoreUnavailable, OSError, ValueError) as exc:

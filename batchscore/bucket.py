@@ -34,7 +34,7 @@ import pyarrow.dataset as ds
 
 from batchscore import storage
 from batchscore.dataset import LOCK_NAME, RUNS_DIR, DatasetWriter, part_files, read_summaries
-from batchscore.errors import BatchscoreError, LockHeld, OutputError, StoreUnavailable, WriteFailed
+from batchscore.errors import BatchscoreError, LockHeld, OutputError, WriteFailed
 from batchscore.files import process_alive
 from batchscore.names import is_url, redact_url
 from batchscore.output import FileSink
@@ -134,8 +134,9 @@ def dataset_summaries(location: str | Path, options: StorageOptions) -> list[dic
         except BatchscoreError:
             raise
         except Exception as exc:  # no credentials, refused, not answering: one line, exit 2
-            reason = storage.reason(exc).removeprefix("cannot read object: ")
-            raise OutputError(f"cannot read {redact_url(location)}: {reason}") from exc
+            raise OutputError(
+                f"cannot read {redact_url(location)}: {storage.failure(exc)}"
+            ) from exc
     return read_summaries(Path(location))
 
 
@@ -332,8 +333,8 @@ def bucket_lock(
     except (LockHeld, OutputError):
         raise
     except Exception as exc:  # the store refused (no write permission...) or is not answering
-        reason = storage.reason(exc).removeprefix("cannot read object: ")
-        raise OutputError(f"cannot take the lock of {redact_url(root)}: {reason}") from exc
+        shown = redact_url(root)
+        raise OutputError(f"cannot take the lock of {shown}: {storage.failure(exc)}") from exc
     try:
         yield lease
     finally:
@@ -378,11 +379,6 @@ class BucketDatasetWriter(DatasetWriter):
         self.lease.check()
         try:
             storage.put_file(str(current.path), f"{self.url}/{relative}", self.options)
-        except StoreUnavailable:
-            raise
-        except Exception as exc:  # OSError, or a client's own error: one line, exit 1
-            shown = f"{redact_url(self.url)}/{relative}"
-            raise WriteFailed(f"cannot write {shown}: {storage.reason(exc)}") from exc
         finally:
             current.path.unlink(missing_ok=True)
         self.parts.append(relative)
@@ -400,28 +396,19 @@ class BucketDatasetWriter(DatasetWriter):
         summary.pop("class_map", None)
         data = json.dumps(summary, indent=2, sort_keys=True, default=str).encode()
         url = f"{self.url}/{RUNS_DIR}/{summary['run_id']}.json"
-        try:
-            storage.put_bytes(url, data, self.options)
-        except Exception as exc:
-            raise WriteFailed(f"cannot write {redact_url(url)}: {storage.reason(exc)}") from exc
+        storage.put_bytes(url, data, self.options)
 
     def finish(self, record: Mapping[str, Any]) -> None:
-        try:
+        with _removed_after(self.staging):
             super().finish(record)
-        finally:
-            shutil.rmtree(self.staging, ignore_errors=True)
 
     def stop(self, record: Mapping[str, Any]) -> str:
-        try:
+        with _removed_after(self.staging):
             return super().stop(record)
-        finally:
-            shutil.rmtree(self.staging, ignore_errors=True)
 
     def abort(self, record: Mapping[str, Any]) -> None:
-        try:
+        with _removed_after(self.staging):
             super().abort(record)
-        finally:
-            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 class BucketFileSink(FileSink):
@@ -436,26 +423,23 @@ class BucketFileSink(FileSink):
         self.options = options
 
     def finish(self, record: Mapping[str, Any]) -> None:
-        try:
+        with _removed_after(self.staging):
             super().finish(record)
             storage.put_file(str(self.file.path), self.url, self.options)
-        except WriteFailed:
-            raise
-        except Exception as exc:  # the store too: nothing of a file output is kept
-            raise WriteFailed(
-                f"cannot write {redact_url(self.url)}: {storage.reason(exc)}"
-            ) from exc
-        finally:
-            shutil.rmtree(self.staging, ignore_errors=True)
 
     def stop(self, record: Mapping[str, Any]) -> str:
-        try:
+        with _removed_after(self.staging):
             return super().stop(record)
-        finally:
-            shutil.rmtree(self.staging, ignore_errors=True)
 
     def abort(self, record: Mapping[str, Any]) -> None:
-        try:
+        with _removed_after(self.staging):
             super().abort(record)
-        finally:
-            shutil.rmtree(self.staging, ignore_errors=True)
+
+
+@contextmanager
+def _removed_after(staging: Path) -> Iterator[None]:
+    """The local staging folder of a sink in a bucket goes when the run ends, however."""
+    try:
+        yield
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

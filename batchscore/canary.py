@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchscore import storage
-from batchscore.errors import ConfigError, OutputError, SourceError, WriteFailed
+from batchscore.errors import ConfigError, OutputError, SourceError
 from batchscore.files import output_errors
 from batchscore.metrics import (
     NO_PREDICTION,
@@ -354,11 +354,7 @@ def run_canary(
         result = evaluate_predictions(predictions, settings)
         if remote:
             url = storage.join(str(report_dir), PREDICTIONS_FILE)
-            try:
-                storage.put_file(str(predictions), url, options)
-            except Exception as exc:  # one line, exit 1
-                shown = redact_url(url)
-                raise WriteFailed(f"cannot write {shown}: {storage.reason(exc)}") from exc
+            storage.put_file(str(predictions), url, options)
     if settings.report_dir is not None:
         result = replace(result, report_dir=settings.report_dir)
     return result

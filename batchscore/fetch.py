@@ -11,7 +11,6 @@ from batchscore.errors import StoreUnavailable
 from batchscore.names import is_url
 from batchscore.sources import ImageRef
 from batchscore.storage import (
-    ATTEMPTS,
     StorageOptions,
     StoreHealth,
     authority,
@@ -63,11 +62,7 @@ def _fetched(ref: ImageRef, future: Future[bytes] | None, health: StoreHealth) -
     try:
         data = future.result()
     except StoreUnavailable as exc:
-        if health.went_down(store):
-            raise
-        cause = exc.__cause__ or exc
-        reason_ = reason(cause).removeprefix("cannot read object: ")
-        return replace(ref, problem=f"no answer after {ATTEMPTS} tries: {reason_}")
+        return replace(ref, problem=health.left_unanswered(store, exc))
     except Exception as exc:  # 404, 403...: the store answered, about this object
         health.answer(store)
         return replace(ref, problem=reason(exc))

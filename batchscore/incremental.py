@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchscore import storage
-from batchscore.bucket import dataset_parts
+from batchscore.bucket import Parts, dataset_parts
 from batchscore.errors import OutputError, StoreUnavailable
 from batchscore.files import file_sha256
 from batchscore.names import is_url, readable, written_name
@@ -125,37 +125,24 @@ def load_done(
     `setup_sha256`, only rows scored with the same class names and preprocessing count (rows
     written before batchscore recorded it count as the same). `root` may be a bucket URL.
     A dataset that cannot be read is one line, exit 2, before any image is scored."""
-    try:
-        return _read_done(
-            root,
-            model_sha256,
-            use_fingerprint=use_fingerprint,
-            include_errors=include_errors,
-            setup_sha256=setup_sha256,
-            storage_options=storage_options,
-        )
-    except (OSError, pa.ArrowException, StoreUnavailable) as exc:
-        shown = written_name(str(root))
-        raise OutputError(f"cannot read what {shown} holds: {storage.reason(exc)}") from exc
-
-
-def _read_done(
-    root: str | Path,
-    model_sha256: str,
-    *,
-    use_fingerprint: bool,
-    include_errors: bool,
-    setup_sha256: str | None = None,
-    storage_options: StorageOptions | None = None,
-) -> DoneSet:
-    files = dataset_parts(root, storage_options or {})
-    if not files.paths:
-        return DoneSet(np.empty(0, dtype=np.uint64), use_fingerprint)
     condition = pc.field("model_sha256") == model_sha256
     if not include_errors:
         condition = condition & (pc.field("status") == "ok")
-    parts = []
-    for fragment in files.dataset().get_fragments():
+    try:
+        files = dataset_parts(root, storage_options or {})
+        hashes = _done_keys(files, condition, use_fingerprint, setup_sha256)
+    except (OSError, pa.ArrowException, StoreUnavailable) as exc:
+        shown = written_name(str(root))
+        raise OutputError(f"cannot read what {shown} holds: {storage.failure(exc)}") from exc
+    return DoneSet(hashes, use_fingerprint)
+
+
+def _done_keys(
+    files: Parts, condition: pc.Expression, use_fingerprint: bool, setup_sha256: str | None
+) -> np.ndarray:
+    """The key hash of every row of `files` that `condition` keeps."""
+    parts = [np.empty(0, dtype=np.uint64)]
+    for fragment in files.dataset().get_fragments() if files.paths else []:
         # Parts written before `path_bytes` existed hold only UTF-8 paths: those bytes.
         has_bytes = "path_bytes" in fragment.physical_schema.names
         columns = ["image_id", "path_bytes" if has_bytes else "path"]
@@ -172,8 +159,7 @@ def _read_done(
                 paths = pc.cast(paths, pa.binary())
             prints = batch.column("fingerprint").to_pylist() if use_fingerprint else None
             parts.append(_keys(batch.column(0).to_pylist(), paths.to_pylist(), prints))
-    hashes = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
-    return DoneSet(hashes, use_fingerprint)
+    return np.concatenate(parts)
 
 
 class SkipCounter:
@@ -217,11 +203,7 @@ def with_fingerprints(
                 for i, (print_, failure) in zip(remote, found, strict=True):
                     store = storage.authority(str(chunk[i].path))
                     if isinstance(failure, StoreUnavailable):
-                        if health.went_down(store):
-                            raise failure
-                        cause = failure.__cause__ or failure
-                        why = storage.reason(cause).removeprefix("cannot read object: ")
-                        asked[i] = (None, f"no answer after {storage.ATTEMPTS} tries: {why}")
+                        asked[i] = (None, health.left_unanswered(store, failure))
                     else:
                         health.answer(store)
                         asked[i] = (print_, None)

@@ -17,7 +17,6 @@ import numpy as np
 
 from batchscore import storage
 from batchscore.charts import line_chart
-from batchscore.errors import WriteFailed
 from batchscore.files import atomic_write_text
 from batchscore.names import is_url, written_name
 from batchscore.storage import StorageOptions
@@ -49,13 +48,7 @@ def write_report(
     files[MARKDOWN_FILE] = markdown(result)  # last: its presence says the report is whole
     for name, text in files.items():
         if isinstance(folder, str) and is_url(folder):
-            url = storage.join(folder, name)
-            try:
-                storage.put_bytes(url, text.encode(), storage_options or {})
-            except Exception as exc:  # one line, exit 1
-                raise WriteFailed(
-                    f"cannot write {written_name(url)}: {storage.reason(exc)}"
-                ) from exc
+            storage.put_bytes(storage.join(folder, name), text.encode(), storage_options or {})
         else:
             atomic_write_text(Path(folder) / name, text)
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from importlib.util import find_spec
 from typing import Any, TypeVar
 
-from batchscore.errors import ConfigError, StoreUnavailable
+from batchscore.errors import ConfigError, StoreUnavailable, WriteFailed
 from batchscore.names import redact_url
 
 StorageOptions = Mapping[str, Any]
@@ -180,8 +180,9 @@ def is_permanent(exc: BaseException) -> bool:
     return not is_transient(exc)
 
 
-def reason(exc: BaseException) -> str:
-    """What an error row says about an object that could not be read."""
+def failure(exc: BaseException) -> str:
+    """What went wrong with a request, in a few words: the store's answer, or the client's
+    own error (its text one line, URLs in it redacted)."""
     status = status_of(exc)
     if isinstance(exc, FileNotFoundError) or status == 404:
         return "object not found (404)"
@@ -192,7 +193,16 @@ def reason(exc: BaseException) -> str:
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     text = _URL_IN_TEXT.sub(lambda found: redact_url(found.group(0)), text)  # aiohttp's names it
     label = f"HTTP {status}: " if status else ""
-    return f"cannot read object: {label}{text[:300] or type(exc).__name__}"
+    return f"{label}{text[:300] or type(exc).__name__}"
+
+
+def reason(exc: BaseException) -> str:
+    """What an error row says about an object that could not be read."""
+    text = failure(exc)
+    answered = isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
+    if answered or status_of(exc) in (403, 404):
+        return text
+    return f"cannot read object: {text}"
 
 
 def retried(action: Callable[[], T], url: str, what: str, attempts: int = ATTEMPTS) -> T:
@@ -207,9 +217,8 @@ def retried(action: Callable[[], T], url: str, what: str, attempts: int = ATTEMP
             if attempt == attempts - 1:
                 raise StoreUnavailable(
                     f"{redact_url(url)}: {what} failed {attempts} time{'s' * (attempts > 1)},"
-                    " the store is not"
-                    f" answering ({reason(exc).removeprefix('cannot read object: ')});"
-                    " committed work is kept, run again to resume"
+                    f" the store is not answering ({failure(exc)}); committed work is kept,"
+                    " run again to resume"
                 ) from exc
             time.sleep(BACKOFF_S * 2**attempt * random.uniform(0.5, 1.0))
     raise AssertionError("unreachable")
@@ -297,12 +306,23 @@ def put_file(local: str, url: str, options: StorageOptions) -> None:
     """Upload a finished local file as one object: readers see all of it or nothing (a
     multipart upload becomes visible only when completed)."""
     fs, path = filesystem(url, options)
-    retried(lambda: fs.put_file(local, path), url, "PUT")
+    _written(lambda: fs.put_file(local, path), url)
 
 
 def put_bytes(url: str, data: bytes, options: StorageOptions) -> None:
     fs, path = filesystem(url, options)
-    retried(lambda: fs.pipe_file(path, data), url, "PUT")
+    _written(lambda: fs.pipe_file(path, data), url)
+
+
+def _written(action: Callable[[], object], url: str) -> None:
+    """A PUT, retried; when it fails for good, a write that failed mid-run: WriteFailed, one
+    line, exit 1 (a store that stopped answering says so in it)."""
+    try:
+        retried(action, url, "PUT")
+    except StoreUnavailable as exc:
+        raise WriteFailed(str(exc)) from exc
+    except Exception as exc:
+        raise WriteFailed(f"cannot write {redact_url(url)}: {failure(exc)}") from exc
 
 
 def delete_object(url: str, options: StorageOptions) -> None:
@@ -339,7 +359,7 @@ def check_reachable(url: str, options: StorageOptions) -> None:
 def _short(exc: BaseException) -> str:
     if isinstance(exc, StoreUnavailable):
         return str(exc).split(": ", 1)[1].split(";")[0]
-    return reason(exc).removeprefix("cannot read object: ")
+    return failure(exc)
 
 
 class StoreHealth:
@@ -357,6 +377,10 @@ class StoreHealth:
         self.answered.add(store)
         self.unanswered[store] = 0
 
-    def went_down(self, store: str) -> bool:
+    def left_unanswered(self, store: str, unavailable: StoreUnavailable) -> str:
+        """The error row's reason for an object `store` left unanswered after every retry;
+        raises `unavailable` instead when the store went down mid-run."""
         self.unanswered[store] = self.unanswered.get(store, 0) + 1
-        return store in self.answered and self.unanswered[store] >= STORE_DOWN_AFTER
+        if store in self.answered and self.unanswered[store] >= STORE_DOWN_AFTER:
+            raise unavailable
+        return f"no answer after {ATTEMPTS} tries: {failure(unavailable.__cause__ or unavailable)}"

@@ -66,7 +66,6 @@ from batchscore.errors import (
     BatchscoreError,
     ConfigError,
     OutputError,
-    StoreUnavailable,
     WriteFailed,
 )
 from batchscore.fetch import prefetched
@@ -165,13 +164,7 @@ class RunPlugin(WorkerPlugin):
         with tempfile.TemporaryDirectory(prefix="batchscore-part-") as staging:
             staged = Path(staging) / "part.parquet"
             counts = self.write_part(staged, results)
-            try:
-                storage.put_file(str(staged), location, self.storage_options)
-            except StoreUnavailable:
-                raise
-            except Exception as exc:  # one line for the CLI, exit 1
-                shown = redact_url(location)
-                raise WriteFailed(f"cannot write {shown}: {storage.reason(exc)}") from exc
+            storage.put_file(str(staged), location, self.storage_options)
         return counts
 
     def score_images(self, refs: Sequence[ImageRef]) -> ChunkOutput:
@@ -255,8 +248,10 @@ def _bucket_problem(
     try:
         storage.put_bytes(scratch, b"", options)
         storage.delete_object(scratch, options)
+    except WriteFailed as exc:
+        return str(exc)
     except Exception as exc:
-        return f"cannot write into {shown}: {storage.reason(exc)}"
+        return f"cannot write into {shown}: {storage.failure(exc)}"
     if probe is not None and is_url(probe):
         try:
             storage.read_object(probe, options)

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from batchscore.errors import LockHeld
 from tests.conftest import COLORS, noisy
 from tests.models import color_model
 from tests.object_store import Bucket, Container, FaultProxy, StaticServer, free_port
+from tests.test_resume import running
 
 NAMES = list(COLORS)
 
@@ -318,17 +319,6 @@ def command(source: str, output: str, model: str, *extra: str) -> list[str]:
         *(sys.executable, "-m", "batchscore", "score", source, "-o", output),
         *("--model", model, "--part-rows", "8", "--batch-size", "4", "--workers", "1", *extra),
     ]
-
-
-@contextmanager
-def running(argv: list[str]) -> Iterator[subprocess.Popen[str]]:
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        yield process
-    finally:
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
 
 
 def wait_for_first_part(bucket: Bucket, process: subprocess.Popen[str]) -> None:

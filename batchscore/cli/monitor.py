@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from batchscore.cli.options import F, parse_storage_options
+from batchscore.cli.options import F, parse_storage_options, storage_option_flag
 from batchscore.errors import GateFailed, exit_codes_help
 from batchscore.settings import MonitorSettings
 
@@ -75,13 +75,7 @@ def threshold_options(func: F) -> F:
     is_flag=True,
     help="Compare even when the two sides were scored by different models.",
 )
-@click.option(
-    "--storage-option",
-    "storage_option",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="For a dataset or reference in a bucket: passed to the object store's client.",
-)
+@storage_option_flag
 @threshold_options
 def monitor_command(
     dataset: str,

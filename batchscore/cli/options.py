@@ -94,6 +94,17 @@ def model_options(func: F) -> F:
     return func
 
 
+# Every command that reads or writes a bucket takes it the same way.
+storage_option_flag = click.option(
+    "--storage-option",
+    "storage_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Passed to the object store's client for s3://, gs://, az:// URLs, e.g."
+    " endpoint_url=http://minio:9000 (repeatable; docs/object-storage.md).",
+)
+
+
 def pipeline_options(func: F) -> F:
     decorators = [
         click.option(
@@ -131,14 +142,7 @@ def pipeline_options(func: F) -> F:
             show_default=True,
             help="Images with more pixels become error rows (decompression-bomb guard).",
         ),
-        click.option(
-            "--storage-option",
-            "storage_option",
-            multiple=True,
-            metavar="KEY=VALUE",
-            help="Passed to the object store's client for s3://, gs://, az:// URLs, e.g."
-            " endpoint_url=http://minio:9000 (repeatable; docs/object-storage.md).",
-        ),
+        storage_option_flag,
     ]
     for decorator in reversed(decorators):
         func = decorator(func)

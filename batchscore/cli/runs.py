@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from batchscore.cli.options import parse_storage_options
+from batchscore.cli.options import parse_storage_options, storage_option_flag
 
 COLUMNS = (
     ("run_id", "run"),
@@ -59,13 +59,7 @@ def format_runs(summaries: list[dict[str, Any]]) -> str:
     help="Print only these fields of each run (comma-separated, e.g. run_id,model_sha256),"
     " tab-separated, one line per run: for scripts, which then need no JSON parsing.",
 )
-@click.option(
-    "--storage-option",
-    "storage_option",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="For a dataset in a bucket: passed to the object store's client (repeatable).",
-)
+@storage_option_flag
 def runs_command(
     dataset: str,
     as_json: bool,

@@ -265,6 +265,20 @@ def test_interrupted_run_resumes_without_duplicates(
     assert_summary(output, n_images=N_IMAGES - first["n_images"], run_id=summary.run_id)
 
 
+def small_workers_cluster() -> distributed.LocalCluster:
+    """Two loopback workers allowed 400 MB each, whose nanny kills one that decodes a 100 MP
+    image; a partition that killed a worker is given up at once (allowed-failures 0)."""
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        return distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            memory_limit="400MB",
+            host="127.0.0.1",
+            dashboard_address=None,
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        )
+
+
 @pytest.mark.slow
 def test_an_image_that_kills_its_worker_becomes_an_error_row(
     job: tuple[Path, Path], tmp_path: Path
@@ -276,15 +290,7 @@ def test_an_image_that_kills_its_worker_becomes_an_error_row(
     images, model = job
     (tmp_path / "bomb").mkdir()
     Image.new("RGB", (10_000, 10_000), COLORS["red"]).save(tmp_path / "bomb" / "big.png")
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        cluster = distributed.LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            memory_limit="400MB",
-            host="127.0.0.1",
-            dashboard_address=None,
-            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-        )
+    cluster = small_workers_cluster()
     output = tmp_path / "preds"
     with cluster:
         address = cluster.scheduler_address

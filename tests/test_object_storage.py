@@ -629,26 +629,17 @@ def test_on_dask_an_image_that_kills_its_worker_is_an_error_row_in_the_bucket(
 ) -> None:
     """The partition that holds a worker-killer (a 100 MP PNG on 400 MB workers) is scored one
     image per task from the client, and its part is uploaded to the bucket like the others."""
-    import dask
-    import distributed
 
     from batchscore.score import score
     from batchscore.scorer import WORKER_DIED
     from batchscore.settings import PipelineOptions, ScoreSettings
+    from tests.test_dask_engine import small_workers_cluster
 
     truth = seed(s3, "uploads/", 12)
     big = io.BytesIO()
     Image.new("RGB", (10_000, 10_000), COLORS["red"]).save(big, "PNG")
     s3.put("uploads/big.png", big.getvalue())
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        cluster = distributed.LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            memory_limit="400MB",
-            host="127.0.0.1",
-            dashboard_address=None,
-            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-        )
+    cluster = small_workers_cluster()
     with cluster:
         settings = ScoreSettings(
             model=model,

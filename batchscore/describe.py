@@ -96,7 +96,7 @@ def format_description(described: dict[str, Any]) -> str:
         "preprocess",
     ]
     for key, item in described["preprocess"].items():
-        lines.append(f"  {key:<14} {item['value']!s:<28} from {item['from']}")
+        lines.append(f"  {key:<16} {item['value']!s:<28} from {item['from']}")
     classes = described["classes"]
     lines += [
         f"classes    {classes['count']} from {classes['from']}: "

@@ -6,7 +6,7 @@
   `crop_pct` (ConvNext's rule), `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`,
   `image_std`.
 - timm: `config.json` with `pretrained_cfg`: `input_size`, `interpolation`, `crop_pct`,
-  `crop_mode` (`center` with a square size, `squash`), `mean`, `std`.
+  `crop_mode` (`center` with a square size, `squash`, `border`), `mean`, `std`.
 
 A setting batchscore cannot reproduce exactly is refused with one line naming it, never
 approximated.
@@ -25,6 +25,11 @@ HF_FILE = "preprocessor_config.json"
 TIMM_FILE = "config.json"
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 CONVNEXT_FULL_SIZE = 384  # from this shortest edge on, ConvNext resizes without cropping
+# What timm's resolve_data_config falls back to for a key pretrained_cfg leaves out.
+TIMM_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+TIMM_DEFAULT_STD = (0.229, 0.224, 0.225)
+TIMM_DEFAULT_CROP_PCT = 0.875
+TIMM_DEFAULT_INTERPOLATION = "bicubic"
 
 
 def exporter_config(folder: Path) -> tuple[dict[str, Any], str] | None:
@@ -52,7 +57,10 @@ def _read(path: Path) -> dict[str, Any]:
 
 def from_hugging_face(data: dict[str, Any], where: Path) -> dict[str, Any]:
     """The config a transformers image processor applies, as batchscore's keys."""
-    config: dict[str, Any] = {}
+    # transformers' processors make channels-first pixel_values unless told otherwise, and
+    # start a centre crop at the floor of half the margin (torchvision rounds).
+    layout = "NHWC" if data.get("data_format") == "channels_last" else "NCHW"
+    config: dict[str, Any] = {"layout": layout, "crop_offset": "floor"}
     if not data.get("do_resize", True):
         raise ModelError(f"{where}: do_resize false is not supported; pass --resize-size")
     size = data.get("size")
@@ -107,12 +115,18 @@ def from_timm(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
     if not (isinstance(size, list) and len(size) == 3):
         raise ModelError(f"{where}: pretrained_cfg has no input_size [C, H, W]")
     height, width = int(size[1]), int(size[2])
-    crop_pct = float(cfg.get("crop_pct") or 0.875)
+    crop_pct = float(cfg.get("crop_pct") or TIMM_DEFAULT_CROP_PCT)
     mode = cfg.get("crop_mode") or "center"
     scale = (math.floor(height / crop_pct), math.floor(width / crop_pct))
-    config: dict[str, Any] = {"crop_size": [height, width]}
+    config: dict[str, Any] = {"crop_size": [height, width], "layout": "NCHW"}  # timm: always
     if mode == "squash":
         config["resize_size"] = list(scale)
+    elif mode == "border":  # fit the longest edge, then crop or pad with the mean colour
+        mean = cfg.get("mean") or TIMM_DEFAULT_MEAN
+        config["resize_mode"] = "pad"
+        config["resize_size"] = list(scale)
+        fill = [round(255 * float(v)) for v in mean]
+        config["pad_value"] = fill * 3 if len(fill) == 1 else fill  # a grayscale model's mean
     elif mode == "center" and scale[0] == scale[1]:
         config["resize_size"] = scale[0]
     else:
@@ -120,9 +134,7 @@ def from_timm(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
             f"{where}: crop_mode {mode!r} with input size {height}x{width} is not supported;"
             " pass --resize-size and --crop-size"
         )
-    if "interpolation" in cfg:
-        config["interpolation"] = str(cfg["interpolation"])
-    for key in ("mean", "std"):
-        if key in cfg:
-            config[key] = [float(v) for v in cfg[key]]
+    config["interpolation"] = str(cfg.get("interpolation") or TIMM_DEFAULT_INTERPOLATION)
+    for key, default in (("mean", TIMM_DEFAULT_MEAN), ("std", TIMM_DEFAULT_STD)):
+        config[key] = [float(v) for v in cfg.get(key) or default]
     return config

@@ -71,7 +71,7 @@ class ModelSpec:
             "model_sha256": self.sha256,
             "class_names": list(self.class_names),
             "output_name": self.output_name,
-            "preprocess": self.preprocess.to_dict(),
+            "preprocess": self.preprocess.identity(),
         }
         return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()
 
@@ -200,6 +200,7 @@ def load_model(
         preprocess=preprocess,
         providers=chosen_providers,
         output_name=output_name,
+        notes=notes,
     )
     outputs = _check_forward(probe, spec)
     if "output" not in overrides and "output" not in model_config:
@@ -244,6 +245,7 @@ def _check_signature(
     preprocess: PreprocessConfig,
     providers: tuple[str, ...],
     output_name: str | None,
+    notes: list[str],
 ) -> ModelSpec:
     inputs = session.get_inputs()
     if len(inputs) != 1:
@@ -256,6 +258,15 @@ def _check_signature(
         raise ModelError(f"model input must be an image batch (rank 4), got shape {shape}")
     layout = preprocess.layout or _layout(shape, model_path)
     batch, channels, height, width = shape if layout == "NCHW" else [shape[i] for i in (0, 3, 1, 2)]
+    if not isinstance(channels, int) and layout == preprocess.layout:
+        # A symbolic channel axis (optimum names it num_channels) in a layout the config gives:
+        # the preprocessing makes one channel per mean value; a model that wants another number
+        # fails the test forward pass below.
+        notes.append(
+            f"input: channel axis {channels!r} is symbolic; feeding {len(preprocess.mean)}"
+            " channel(s), one per mean value"
+        )
+        channels = len(preprocess.mean)
     if channels not in (1, 3):
         raise ModelError(
             f"model input {shape} read as {layout} has {channels} channels, not 1 or 3; if it is"

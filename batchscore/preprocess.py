@@ -53,10 +53,18 @@ DEFAULT_PREPROCESS: dict[str, Any] = {
     "pad_value": 0,
     "pad_position": "center",
     "exif_orientation": True,
+    "crop_offset": "round",
 }
 CHANNEL_ORDERS = ("RGB", "BGR")
-RESIZE_MODES = ("crop", "pad")  # crop: torchvision Resize (+ CenterCrop); pad: letterbox
+# crop: torchvision Resize (+ CenterCrop); pad: letterbox, fit inside (+ CenterCrop or pad)
+RESIZE_MODES = ("crop", "pad")
 PAD_POSITIONS = {"center": (0.5, 0.5), "top-left": (0.0, 0.0)}
+# Where a centre crop starts when the margin is odd: torchvision and timm round half to even,
+# Hugging Face's image processors floor.
+CROP_OFFSETS = ("round", "floor")
+# Keys added after setup ids were first recorded: left out of the id at their default, so that
+# an upgrade does not make every row scored before it look stale.
+LATER_KEYS = {"crop_offset": "round"}
 LAYOUTS = ("NCHW", "NHWC")
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -97,6 +105,7 @@ class PreprocessConfig:
     pad_value: tuple[int, int, int] = (0, 0, 0)  # RGB, 0-255, the letterbox's border
     pad_position: str = "center"
     exif_orientation: bool = True  # False: the model was trained on pixels as stored
+    crop_offset: str = "round"
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -112,6 +121,11 @@ class PreprocessConfig:
             if isinstance(data[key], tuple):
                 data[key] = list(data[key])
         return data
+
+    def identity(self) -> dict[str, Any]:
+        """What the setup id hashes: `to_dict` less the later keys at their defaults."""
+        data = self.to_dict()
+        return {k: v for k, v in data.items() if not (k in LATER_KEYS and LATER_KEYS[k] == v)}
 
 
 def _pair(size: Size) -> tuple[int, int]:
@@ -181,17 +195,22 @@ def resolve_preprocess(
     crop = _parse_size("crop_size", merged["crop_size"], allow_none=True)
     assert resize is not None
     mode = _parse_choice("resize_mode", merged["resize_mode"], RESIZE_MODES)
-    if mode == "pad" and (isinstance(resize, int) or crop is not None):
+    position = _parse_choice("pad_position", merged["pad_position"], PAD_POSITIONS)
+    if mode == "pad" and isinstance(resize, int):
         raise ModelError(
             "preprocess 'resize_mode' pad fits the image inside resize_size [height, width]"
-            " and pads the rest: give resize_size as [height, width] and no crop_size"
+            " and pads the rest: give resize_size as [height, width]"
+        )
+    if mode == "pad" and crop is not None and position != "center":
+        raise ModelError(
+            "preprocess 'resize_mode' pad with a crop_size crops or pads around the centre:"
+            " leave 'pad_position' at center, or drop crop_size"
         )
     if isinstance(resize, int) and crop is None:
         raise ModelError(
             "preprocess 'resize_size' as a single int keeps the aspect ratio, so images differ"
             " in size: set 'crop_size' too, or give resize_size as [height, width]"
         )
-    position = _parse_choice("pad_position", merged["pad_position"], PAD_POSITIONS)
     return PreprocessConfig(
         resize_size=resize,
         crop_size=crop,
@@ -205,6 +224,7 @@ def resolve_preprocess(
         pad_value=_parse_pad_value(merged["pad_value"]),
         pad_position=position,
         exif_orientation=_parse_flag("exif_orientation", merged["exif_orientation"]),
+        crop_offset=_parse_choice("crop_offset", merged["crop_offset"], CROP_OFFSETS),
     )
 
 
@@ -284,20 +304,27 @@ def resized_size(width: int, height: int, resize: Size) -> tuple[int, int]:
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
-def center_crop(pixels: np.ndarray, crop: Size) -> np.ndarray:
-    """torchvision `CenterCrop` on an HxWxC array, zero-padding first when crop > image."""
+def center_crop(
+    pixels: np.ndarray, crop: Size, fill: tuple[int, int, int] = (0, 0, 0), offset: str = "round"
+) -> np.ndarray:
+    """torchvision `CenterCrop` on an HxWx3 array, padding with `fill` first when crop > image
+    (timm's `CenterCropOrPad` is the same with its own fill; `offset` floor: Hugging Face's)."""
     crop_h, crop_w = _pair(crop)
     height, width = pixels.shape[:2]
     if crop_w > width or crop_h > height:
         pad_left = (crop_w - width) // 2 if crop_w > width else 0
         pad_top = (crop_h - height) // 2 if crop_h > height else 0
-        pad_right = (crop_w - width + 1) // 2 if crop_w > width else 0
-        pad_bottom = (crop_h - height + 1) // 2 if crop_h > height else 0
-        pixels = np.pad(pixels, ((pad_top, pad_bottom), (pad_left, pad_right), (0, 0)))
+        padded = np.empty((max(height, crop_h), max(width, crop_w), 3), dtype=pixels.dtype)
+        padded[:] = np.asarray(fill, dtype=pixels.dtype)
+        padded[pad_top : pad_top + height, pad_left : pad_left + width] = pixels
+        pixels = padded
         height, width = pixels.shape[:2]
-    top = round((height - crop_h) / 2.0)
-    left = round((width - crop_w) / 2.0)
+    top, left = _crop_start(height - crop_h, offset), _crop_start(width - crop_w, offset)
     return pixels[top : top + crop_h, left : left + crop_w]
+
+
+def _crop_start(margin: int, offset: str) -> int:
+    return margin // 2 if offset == "floor" else round(margin / 2.0)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -488,10 +515,7 @@ def resize_and_crop(rgb: Image.Image, config: PreprocessConfig) -> np.ndarray:
     """
     resample = INTERPOLATIONS[config.interpolation]
     if config.resize_mode == "pad":
-        height, width = config.input_size
-        centering = PAD_POSITIONS[config.pad_position]
-        fitted = ImageOps.pad(rgb, (width, height), resample, config.pad_value, centering)
-        return np.asarray(fitted)
+        return letterbox(rgb, config, resample)
     new_w, new_h = resized_size(rgb.width, rgb.height, config.resize_size)
     if config.crop_size is None or new_w * new_h <= MAX_INTERMEDIATE_PIXELS:
         if (new_w, new_h) != rgb.size:
@@ -499,21 +523,40 @@ def resize_and_crop(rgb: Image.Image, config: PreprocessConfig) -> np.ndarray:
         pixels = np.asarray(rgb)
     else:
         crop_h, crop_w = _pair(config.crop_size)
-        left, right = _kept(new_w, crop_w)
-        top, bottom = _kept(new_h, crop_h)
+        left, right = _kept(new_w, crop_w, config.crop_offset)
+        top, bottom = _kept(new_h, crop_h, config.crop_offset)
         scale_x, scale_y = rgb.width / new_w, rgb.height / new_h
         box = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
         pixels = np.asarray(rgb.resize((right - left, bottom - top), resample, box=box))
     if config.crop_size is not None:
-        pixels = center_crop(pixels, config.crop_size)
+        pixels = center_crop(pixels, config.crop_size, offset=config.crop_offset)
     return pixels
 
 
-def _kept(size: int, crop: int) -> tuple[int, int]:
+def letterbox(rgb: Image.Image, config: PreprocessConfig, resample: int) -> np.ndarray:
+    """Fit the image inside resize_size, keeping its aspect ratio.
+
+    Without crop_size, the rest is padded to resize_size at pad_position, as Pillow's
+    `ImageOps.pad`. With it, the fitted image is cropped or padded around the centre to
+    crop_size, as timm's `ResizeKeepRatio(longest=1)` + `CenterCropOrPad` (crop_mode border).
+    """
+    assert not isinstance(config.resize_size, int)  # ruled out by resolve_preprocess
+    height, width = config.resize_size
+    if config.crop_size is None:
+        centering = PAD_POSITIONS[config.pad_position]
+        return np.asarray(ImageOps.pad(rgb, (width, height), resample, config.pad_value, centering))
+    ratio = max(rgb.height / height, rgb.width / width)
+    size = (max(1, round(rgb.width / ratio)), max(1, round(rgb.height / ratio)))
+    if size != rgb.size:
+        rgb = rgb.resize(size, resample)
+    return center_crop(np.asarray(rgb), config.crop_size, config.pad_value, config.crop_offset)
+
+
+def _kept(size: int, crop: int, offset: str) -> tuple[int, int]:
     """The [start, end) range of one axis of a resized image that `center_crop` keeps."""
     if crop >= size:
         return 0, size
-    start = round((size - crop) / 2.0)
+    start = _crop_start(size - crop, offset)
     return start, start + crop
 
 

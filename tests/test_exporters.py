@@ -2,19 +2,19 @@
 
 Hugging Face: transformers' own image processors (their Pillow backends, which need no torch)
 write `preprocessor_config.json` with `save_pretrained`, and are the oracle for the tensor.
-timm needs torch, so its eval transform is spelled out here from timm's
-`transforms_imagenet_eval` with Pillow and numpy, and its `config.json` is written as
-timm's `push_to_hub` writes it.
+timm needs torch, which batchscore does not depend on: its eval transform's output and real
+exports (timm's `onnx_export` + `save_config_for_hf`, `optimum-cli export onnx`) with their
+framework's own probabilities were saved by tests/exported/make.py, and are compared here.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import onnx
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
@@ -25,7 +25,7 @@ from batchscore.cli import cli
 from batchscore.errors import ModelError
 from batchscore.model import load_model
 from batchscore.preprocess import load_image, tensor_batch
-from tests.conftest import noisy
+from tests.conftest import REPO, noisy
 
 
 def _model(folder: Path, height: int, width: int) -> Path:
@@ -67,13 +67,14 @@ PROCESSORS = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("size", [(71, 53), (76, 53)])  # (76, 53): odd crop margins
 @pytest.mark.parametrize("name", sorted(PROCESSORS))
 def test_a_hugging_face_export_gets_the_tensor_its_image_processor_makes(
-    tmp_path: Path, name: str
+    tmp_path: Path, name: str, size: tuple[int, int]
 ) -> None:
     processor = PROCESSORS[name]()
     image = tmp_path / "photo.png"
-    noisy((180, 90, 30), (71, 53), seed=5).save(image)
+    noisy((180, 90, 30), size, seed=5).save(image)
     expected = processor(images=Image.open(image).convert("RGB"), return_tensors="np")
     pixel_values = np.asarray(expected["pixel_values"], dtype=np.float64)
     folder = _model(tmp_path / "vit", *pixel_values.shape[2:])
@@ -86,58 +87,38 @@ def test_a_hugging_face_export_gets_the_tensor_its_image_processor_makes(
     assert "labels: 3 class names from config.json" in notes
 
 
-def _timm_reference(image: Path, cfg: dict[str, object]) -> np.ndarray:
-    """timm's transforms_imagenet_eval for crop_mode center/squash, on a PIL image."""
-    _, height, width = cfg["input_size"]  # type: ignore[misc]
-    crop_pct = float(cfg["crop_pct"])  # type: ignore[arg-type]
-    scale = (math.floor(height / crop_pct), math.floor(width / crop_pct))
-    resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[
-        str(cfg["interpolation"])
-    ]
-    picture = Image.open(image).convert("RGB")
-    if cfg["crop_mode"] == "squash":
-        picture = picture.resize((scale[1], scale[0]), resample)
-    else:  # Resize(int): the shorter side, the longer one truncated as torchvision does
-        w, h = picture.size
-        short = scale[0]
-        size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-        picture = picture.resize(size, resample)
-    w, h = picture.size
-    top, left = round((h - height) / 2), round((w - width) / 2)
-    pixels = np.asarray(picture, dtype=np.float64)[top : top + height, left : left + width] / 255
-    mean, std = np.asarray(cfg["mean"]), np.asarray(cfg["std"])
-    return ((pixels - mean) / std).transpose(2, 0, 1)[None]
+EXPORTED = Path(__file__).resolve().parent / "exported"  # made by tests/exported/make.py
+TIMM_GOLDENS = np.load(EXPORTED / "timm_transforms.npz")
+TIMM_CONFIGS = json.loads(str(TIMM_GOLDENS["configs"]))
 
 
-@pytest.mark.parametrize("mode", ["center", "squash"])
-def test_a_timm_export_gets_timms_eval_transform(tmp_path: Path, mode: str) -> None:
-    cfg = {
-        "input_size": [3, 32, 32],
-        "interpolation": "bicubic",
-        "crop_pct": 0.9,
-        "crop_mode": mode,
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
-    }
-    folder = _model(tmp_path / "timm", 32, 32)
+@pytest.mark.parametrize("case", range(len(TIMM_CONFIGS)))
+def test_a_timm_export_gets_timms_eval_transform(tmp_path: Path, case: int) -> None:
+    """Against timm's own `create_transform(**resolve_data_config(...))` output, saved by
+    tests/exported/make.py: crop modes center, squash and border, on five image shapes."""
+    cfg = TIMM_CONFIGS[case]
+    _, height, width = cfg["input_size"]
+    folder = _model(tmp_path / "timm", height, width)
     config = {"architecture": "tiny", "num_classes": 3, "pretrained_cfg": cfg,
               "label_names": ["x", "y", "z"]}  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config))
-    image = tmp_path / "photo.png"
-    noisy((30, 160, 200), (64, 45), seed=2).save(image)
-    fed = _fed(folder, image)
-    np.testing.assert_allclose(fed, _timm_reference(image, cfg), rtol=0, atol=1 / 255)
+    images = sorted(key for key in TIMM_GOLDENS.files if key.startswith("image"))
+    for index, key in enumerate(images):
+        image = tmp_path / f"{key}.png"
+        Image.fromarray(TIMM_GOLDENS[key]).save(image)
+        expected = TIMM_GOLDENS[f"tensor{index}_{case}"][None]
+        np.testing.assert_allclose(_fed(folder, image), expected, rtol=0, atol=1e-5, err_msg=key)
     spec = load_model(folder)
     assert spec.class_names == ("x", "y", "z")
     assert dict(spec.preprocess_sources)["crop_size"] == "config.json (pretrained_cfg)"
 
 
 def test_what_cannot_be_reproduced_is_refused_by_name(tmp_path: Path) -> None:
-    folder = _model(tmp_path / "m", 32, 32)
+    folder = _model(tmp_path / "m", 32, 40)
     (folder / "labels.txt").write_text("a\nb\nc\n")
-    cfg = {"input_size": [3, 32, 32], "crop_pct": 1.0, "crop_mode": "border"}
+    cfg = {"input_size": [3, 32, 40], "crop_pct": 1.0, "crop_mode": "center"}
     (folder / "config.json").write_text(json.dumps({"pretrained_cfg": cfg}))
-    with pytest.raises(ModelError, match="crop_mode 'border'"):
+    with pytest.raises(ModelError, match="crop_mode 'center' with input size 32x40"):
         load_model(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps({"size": 224}))
     with pytest.raises(ModelError, match="size 224 is not supported"):
@@ -158,3 +139,39 @@ def test_an_exported_folder_scores_and_preprocess_json_still_wins(tmp_path: Path
     assert result.output.startswith("1 image: 1 ok")  # no assumption: the size was read
     (folder / "preprocess.json").write_text(json.dumps({"resize_size": [16, 16], "mean": [0] * 3}))
     assert load_model(folder).preprocess.mean == (0.0, 0.0, 0.0)
+
+
+EXPORTS = ["hf-convnext", "hf-vit", "timm-efficientnet-squash", "timm-resnet-dynamic",
+           "timm-vit-border"]  # fmt: skip
+PHOTOS = sorted((REPO / "artifacts" / "samples").glob("*.jpg")) + sorted(
+    (EXPORTED / "images").glob("*.jpg")
+)
+
+
+def _score_photos(tmp_path: Path, folder: Path, *extra: str) -> dict[str, np.ndarray]:
+    tmp_path.mkdir(exist_ok=True)
+    listing = tmp_path / "photos.txt"
+    listing.write_text("".join(f"{photo}\n" for photo in PHOTOS))
+    out = tmp_path / "out.parquet"
+    args = ["score", str(listing), "-o", str(out), "--model", str(folder), "--workers", "0"]
+    result = CliRunner().invoke(cli, [*args, "--exact-jpeg", *extra])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{len(PHOTOS)} images: {len(PHOTOS)} ok"), result.output
+    table = pd.read_parquet(out)
+    return {Path(p).name: np.asarray(v) for p, v in zip(table["path"], table["probs"], strict=True)}
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_a_real_export_scores_as_its_framework_does(tmp_path: Path, name: str) -> None:
+    """The folder is what timm's or optimum's exporter wrote, untouched; the probabilities are
+    what timm or transformers with torch gave for the same photos (tests/exported/make.py)."""
+    folder = EXPORTED / name
+    expected = json.loads((folder / "expected.json").read_text())["probabilities"]
+    scored = _score_photos(tmp_path, folder)
+    assert set(scored) == set(expected)
+    for photo, probs in scored.items():
+        np.testing.assert_allclose(probs, expected[photo], rtol=0, atol=1e-3, err_msg=photo)
+    assert len({int(np.argmax(p)) for p in expected.values()}) >= 3  # outputs follow the pixels
+    # The comparison can fail: the same photos resampled otherwise are scored otherwise.
+    wrong = _score_photos(tmp_path / "wrong", folder, "--interpolation", "nearest")
+    assert max(np.abs(wrong[k] - expected[k]).max() for k in expected) > 0.01

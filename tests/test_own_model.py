@@ -6,6 +6,7 @@ Each model is a real ONNX file built with onnx.helper; ONNX Runtime runs it.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -380,7 +381,7 @@ def test_inspect_shows_what_will_be_fed_and_where_each_value_came_from(tmp_path:
 
     flags = ["inspect", "--model", str(model), "--resize-size", "24,24", "--mean", "0.5,0.5,0.5"]
     text = CliRunner().invoke(cli, flags).output
-    assert "resize_size    [24, 24]" in text and "from command line" in text
+    assert "resize_size      [24, 24]" in text and "from command line" in text
     assert "softmax    not applied (detected" in text
 
 
@@ -445,11 +446,20 @@ def test_resize_mode_pad_fits_the_image_inside_and_pads_the_rest(
     assert 0 < new_w * new_h < 64  # the letterbox really pads
 
 
-def test_resize_mode_pad_needs_an_exact_size(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ({"resize_size": 16, "crop_size": 16}, r"give resize_size as \[height, width\]"),
+        ({"resize_size": [16, 16], "crop_size": 16, "pad_position": "top-left"},
+         "leave 'pad_position' at center, or drop crop_size"),
+    ],
+)  # fmt: skip
+def test_resize_mode_pad_needs_an_exact_size_and_crops_around_the_centre(
+    tmp_path: Path, config: dict[str, object], reason: str
+) -> None:
     folder = _graph_model(tmp_path / "m")
-    config = {"resize_mode": "pad", "resize_size": 16, "crop_size": 16}
-    (folder / "preprocess.json").write_text(json.dumps(config))
-    with pytest.raises(ModelError, match=r"give resize_size as \[height, width\] and no crop_size"):
+    (folder / "preprocess.json").write_text(json.dumps({"resize_mode": "pad", **config}))
+    with pytest.raises(ModelError, match=reason):
         load_model(folder)
 
 
@@ -490,3 +500,14 @@ def test_paddle_exports_keep_their_class_names_in_character_metadata(tmp_path: P
     spec = load_model(folder)
     assert spec.class_names == ("0", "90", "180")
     assert "labels: 3 class names from the model's metadata (character)" in spec.notes
+
+
+def test_a_new_preprocess_key_at_its_default_keeps_earlier_setup_ids() -> None:
+    """Rows scored before `crop_offset` existed carry this setup id for the bundled model: an
+    upgrade must not make an incremental run score everything again. A non-default value is a
+    new setup."""
+    spec = load_model()
+    assert spec.preprocess.crop_offset == "round"
+    assert spec.setup_sha256 == "a7df70222e7b8c2a75e973b503eb9781c9b0095632b57ac439b2494b5b6a6f86"
+    floored = replace(spec, preprocess=replace(spec.preprocess, crop_offset="floor"))
+    assert floored.setup_sha256 != spec.setup_sha256

@@ -10,6 +10,7 @@ framework's own probabilities were saved by tests/exported/make.py, and are comp
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -141,8 +142,8 @@ def test_an_exported_folder_scores_and_preprocess_json_still_wins(tmp_path: Path
     assert load_model(folder).preprocess.mean == (0.0, 0.0, 0.0)
 
 
-EXPORTS = ["hf-convnext", "hf-vit", "timm-efficientnet-squash", "timm-resnet-dynamic",
-           "timm-vit-border"]  # fmt: skip
+EXPORTS = ["hf-convnext", "hf-vit", "timm-efficientnet-squash", "timm-nfnet-external-data",
+           "timm-resnet-dynamic", "timm-vit-border"]  # fmt: skip
 PHOTOS = sorted((REPO / "artifacts" / "samples").glob("*.jpg")) + sorted(
     (EXPORTED / "images").glob("*.jpg")
 )
@@ -175,3 +176,17 @@ def test_a_real_export_scores_as_its_framework_does(tmp_path: Path, name: str) -
     # The comparison can fail: the same photos resampled otherwise are scored otherwise.
     wrong = _score_photos(tmp_path / "wrong", folder, "--interpolation", "nearest")
     assert max(np.abs(wrong[k] - expected[k]).max() for k in expected) > 0.01
+
+
+def test_the_weights_torch_writes_beside_the_graph_are_part_of_the_models_identity(
+    tmp_path: Path,
+) -> None:
+    """torch's dynamo exporter wrote model.onnx + model.onnx.data: new weights in the data file
+    alone make a new model_sha256."""
+    folder = tmp_path / "m"
+    shutil.copytree(EXPORTED / "timm-nfnet-external-data", folder)
+    before = load_model(folder).sha256
+    data = bytearray((folder / "model.onnx.data").read_bytes())
+    data[-4:] = b"\x00\x00\x80\x3f"  # the last float32 weight becomes 1.0
+    (folder / "model.onnx.data").write_bytes(bytes(data))
+    assert load_model(folder).sha256 != before

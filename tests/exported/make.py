@@ -71,7 +71,9 @@ def _sharpen(head: torch.nn.Module, logits: list[torch.Tensor]) -> None:
         head.weight.mul_(scale)  # type: ignore[operator]
 
 
-def timm_case(name: str, arch: str, overlay: dict[str, Any], dynamic: bool) -> None:
+def timm_case(
+    name: str, arch: str, overlay: dict[str, Any], dynamic: bool, external: bool = False
+) -> None:
     folder = HERE / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
@@ -85,7 +87,8 @@ def timm_case(name: str, arch: str, overlay: dict[str, Any], dynamic: bool) -> N
     inputs = [transform(_open(path)).unsqueeze(0) for path in images().values()]
     with torch.no_grad():
         _sharpen(model.get_classifier(), [model(x) for x in inputs])
-    onnx_export(model, str(folder / "model.onnx"), batch_size=2, dynamic_size=dynamic)
+    onnx_export(model, str(folder / "model.onnx"), batch_size=2, dynamic_size=dynamic,
+                use_dynamo=external, external_data=external or None)  # fmt: skip
     save_config_for_hf(model, str(folder / "config.json"), model_config={"label_names": LABELS})
     with torch.no_grad():
         outputs = [model(x).softmax(-1)[0].tolist() for x in inputs]
@@ -160,6 +163,8 @@ def main() -> None:
     timm_case("timm-vit-border", "test_vit", {"crop_mode": "border", "crop_pct": 0.9}, False)
     timm_case("timm-efficientnet-squash", "test_efficientnet_gn",
               {"crop_mode": "squash", "interpolation": "bilinear"}, dynamic=False)  # fmt: skip
+    # torch's dynamo exporter, weights in model.onnx.data beside the graph
+    timm_case("timm-nfnet-external-data", "test_nfnet", {}, dynamic=True, external=True)
     hf_case(
         "hf-vit",
         transformers.ViTConfig(image_size=64, patch_size=8, hidden_size=32, num_hidden_layers=2,

@@ -2,9 +2,9 @@
 
 - Hugging Face (`optimum-cli export onnx`, `save_pretrained`): `preprocessor_config.json`, read
   as transformers' image processors read it: `do_resize`, `size` (`height`/`width`,
-  `shortest_edge`), `resample` (Pillow's integer codes), `do_center_crop`, `crop_size`,
-  `crop_pct` (ConvNext's rule), `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`,
-  `image_std`.
+  `shortest_edge`, `shortest_edge` + `longest_edge`), `resample` (Pillow's integer codes),
+  `do_center_crop`, `crop_size`, `crop_pct` (ConvNext's rule), `do_rescale`, `rescale_factor`,
+  `do_normalize`, `image_mean`, `image_std`, `data_format`.
 - timm: `config.json` with `pretrained_cfg`: `input_size`, `interpolation`, `crop_pct`,
   `crop_mode` (`center` with a square size, `squash`, `border`), `mean`, `std`.
 
@@ -68,6 +68,14 @@ def from_hugging_face(data: dict[str, Any], where: Path) -> dict[str, Any]:
     kind = str(data.get("image_processor_type", ""))
     if isinstance(size, dict) and {"height", "width"} <= set(size):
         config["resize_size"] = [int(size["height"]), int(size["width"])]
+    elif isinstance(size, dict) and set(size) == {"shortest_edge", "longest_edge"}:
+        if not data.get("do_center_crop"):
+            raise ModelError(
+                f"{where}: size {size!r} without a centre crop gives every image its own size,"
+                " and batchscore feeds batches of one size; pass --resize-size H,W"
+            )
+        config["resize_size"] = int(size["shortest_edge"])
+        config["longest_edge"] = int(size["longest_edge"])
     elif isinstance(size, dict) and set(size) == {"shortest_edge"}:
         edge = int(size["shortest_edge"])
         if crop_pct is not None and kind.startswith("ConvNext"):
@@ -80,7 +88,8 @@ def from_hugging_face(data: dict[str, Any], where: Path) -> dict[str, Any]:
             config["resize_size"] = edge
     else:
         raise ModelError(
-            f"{where}: size {size!r} is not supported (height/width or shortest_edge);"
+            f"{where}: size {size!r} is not supported (height/width, shortest_edge, or"
+            " shortest_edge with longest_edge);"
             " pass --resize-size and --crop-size"
         )
     if crop_pct is not None and not kind.startswith("ConvNext"):

@@ -54,6 +54,7 @@ DEFAULT_PREPROCESS: dict[str, Any] = {
     "pad_position": "center",
     "exif_orientation": True,
     "crop_offset": "round",
+    "longest_edge": None,
 }
 CHANNEL_ORDERS = ("RGB", "BGR")
 # crop: torchvision Resize (+ CenterCrop); pad: letterbox, fit inside (+ CenterCrop or pad)
@@ -64,7 +65,7 @@ PAD_POSITIONS = {"center": (0.5, 0.5), "top-left": (0.0, 0.0)}
 CROP_OFFSETS = ("round", "floor")
 # Keys added after setup ids were first recorded: left out of the id at their default, so that
 # an upgrade does not make every row scored before it look stale.
-LATER_KEYS = {"crop_offset": "round"}
+LATER_KEYS = {"crop_offset": "round", "longest_edge": None}
 LAYOUTS = ("NCHW", "NHWC")
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -106,6 +107,7 @@ class PreprocessConfig:
     pad_position: str = "center"
     exif_orientation: bool = True  # False: the model was trained on pixels as stored
     crop_offset: str = "round"
+    longest_edge: int | None = None  # with an int resize_size: the cap on the longer side
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -196,6 +198,7 @@ def resolve_preprocess(
     assert resize is not None
     mode = _parse_choice("resize_mode", merged["resize_mode"], RESIZE_MODES)
     position = _parse_choice("pad_position", merged["pad_position"], PAD_POSITIONS)
+    longest = _parse_longest_edge(merged["longest_edge"], resize, mode)
     if mode == "pad" and isinstance(resize, int):
         raise ModelError(
             "preprocess 'resize_mode' pad fits the image inside resize_size [height, width]"
@@ -225,12 +228,26 @@ def resolve_preprocess(
         pad_position=position,
         exif_orientation=_parse_flag("exif_orientation", merged["exif_orientation"]),
         crop_offset=_parse_choice("crop_offset", merged["crop_offset"], CROP_OFFSETS),
+        longest_edge=longest,
     )
 
 
 def _parse_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ModelError(f"preprocess '{name}' must be true or false, got {value!r}")
+    return value
+
+
+def _parse_longest_edge(value: Any, resize: Size, mode: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ModelError(f"preprocess 'longest_edge' must be a positive int, got {value!r}")
+    if not isinstance(resize, int) or mode != "crop":
+        raise ModelError(
+            "preprocess 'longest_edge' caps the longer side when resize_size is one int (the"
+            " shorter side): give resize_size as an int, with resize_mode crop"
+        )
     return value
 
 
@@ -295,13 +312,33 @@ def _model_channels(rgb: np.ndarray, order: str, channels: int) -> np.ndarray:
     return rgb[:, :, ::-1] if order == "BGR" else rgb
 
 
-def resized_size(width: int, height: int, resize: Size) -> tuple[int, int]:
-    """(width, height) after torchvision `Resize` (an int sets the shorter side)."""
+def resized_size(
+    width: int, height: int, resize: Size, longest_edge: int | None = None
+) -> tuple[int, int]:
+    """(width, height) after torchvision `Resize` (an int sets the shorter side), or with
+    `longest_edge` after Hugging Face's `{shortest_edge, longest_edge}` resize."""
     if not isinstance(resize, int):
         return resize[1], resize[0]
+    if longest_edge is not None:
+        return _capped_size(width, height, resize, longest_edge)
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = resize, int(resize * long / short)
     return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def _capped_size(width: int, height: int, shortest: int, longest: int) -> tuple[int, int]:
+    """transformers' `get_size_with_aspect_ratio`: the shorter side to `shortest`, unless the
+    longer one would pass `longest`; an image already that short keeps its size."""
+    short, long = min(width, height), max(width, height)
+    exact: float = shortest
+    if long / short * shortest > longest:
+        exact = longest * short / long
+        shortest = round(exact)
+    if short == shortest:
+        return width, height
+    if width < height:
+        return shortest, int(exact * height / width)
+    return int(exact * width / height), shortest
 
 
 def center_crop(
@@ -516,7 +553,7 @@ def resize_and_crop(rgb: Image.Image, config: PreprocessConfig) -> np.ndarray:
     resample = INTERPOLATIONS[config.interpolation]
     if config.resize_mode == "pad":
         return letterbox(rgb, config, resample)
-    new_w, new_h = resized_size(rgb.width, rgb.height, config.resize_size)
+    new_w, new_h = resized_size(rgb.width, rgb.height, config.resize_size, config.longest_edge)
     if config.crop_size is None or new_w * new_h <= MAX_INTERMEDIATE_PIXELS:
         if (new_w, new_h) != rgb.size:
             rgb = rgb.resize((new_w, new_h), resample)
@@ -562,5 +599,5 @@ def _kept(size: int, crop: int, offset: str) -> tuple[int, int]:
 
 def _draft_target(config: PreprocessConfig, width: int, height: int) -> int:
     """Smallest side length the JPEG draft decode must keep so that resize never upsamples."""
-    out_w, out_h = resized_size(width, height, config.resize_size)
+    out_w, out_h = resized_size(width, height, config.resize_size, config.longest_edge)
     return max(out_w, out_h) if not isinstance(config.resize_size, int) else min(out_w, out_h)

@@ -61,6 +61,9 @@ PROCESSORS = {
     "clip": lambda: CLIPImageProcessorPil(
         size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}
     ),
+    "longest-edge": lambda: CLIPImageProcessorPil(
+        size={"shortest_edge": 40, "longest_edge": 48}, crop_size={"height": 32, "width": 32}
+    ),
     "no-rescale": lambda: ViTImageProcessorPil(
         size={"height": 24, "width": 24}, do_rescale=False, image_mean=[120, 110, 100],
         image_std=[60, 60, 60], resample=3,
@@ -68,7 +71,9 @@ PROCESSORS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("size", [(71, 53), (76, 53)])  # (76, 53): odd crop margins
+# (76, 53): odd crop margins; (120, 41), (41, 120): past longest_edge; (40, 44): short side
+# already at shortest_edge
+@pytest.mark.parametrize("size", [(71, 53), (76, 53), (120, 41), (41, 120), (40, 44)])
 @pytest.mark.parametrize("name", sorted(PROCESSORS))
 def test_a_hugging_face_export_gets_the_tensor_its_image_processor_makes(
     tmp_path: Path, name: str, size: tuple[int, int]
@@ -124,6 +129,19 @@ def test_what_cannot_be_reproduced_is_refused_by_name(tmp_path: Path) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps({"size": 224}))
     with pytest.raises(ModelError, match="size 224 is not supported"):
         load_model(folder)
+    capped = {"size": {"shortest_edge": 32, "longest_edge": 40}, "do_center_crop": False}
+    (folder / "preprocessor_config.json").write_text(json.dumps(capped))
+    with pytest.raises(ModelError, match="without a centre crop gives every image its own size"):
+        load_model(folder)
+    (folder / "preprocessor_config.json").unlink()
+    (folder / "config.json").unlink()
+    for config, reason in [
+        ({"resize_size": [32, 40], "longest_edge": 50}, "give resize_size as an int"),
+        ({"resize_size": 32, "crop_size": [32, 40], "longest_edge": 0}, "a positive int"),
+    ]:
+        (folder / "preprocess.json").write_text(json.dumps(config))
+        with pytest.raises(ModelError, match=reason):
+            load_model(folder)
 
 
 def test_an_exported_folder_scores_and_preprocess_json_still_wins(tmp_path: Path) -> None:

@@ -31,7 +31,9 @@ from batchscore.preprocess import (
     tensor_batch,
 )
 
-MODEL_FILENAMES = ("model_fp32.onnx", "model.onnx")
+# Looked for in a model directory in this order (model_int8.onnx: a folder `quantize` wrote);
+# else the folder's only .onnx file.
+MODEL_FILENAMES = ("model_fp32.onnx", "model.onnx", "model_int8.onnx")
 PREPROCESS_FILENAME = "preprocess.json"
 SIZE_KEYS = ("resize_size", "crop_size")
 _INPUT_DTYPES = {
@@ -96,7 +98,15 @@ def _find_model_file(location: Path) -> Path:
         for name in MODEL_FILENAMES:
             if (location / name).is_file():
                 return location / name
-        raise ModelError(f"no {' or '.join(MODEL_FILENAMES)} in model directory {location}")
+        found = sorted(p.name for p in location.glob("*.onnx") if p.is_file())
+        if len(found) == 1:
+            return location / found[0]
+        if found:
+            raise ModelError(
+                f"model directory {location} holds {len(found)} .onnx files ({', '.join(found)}):"
+                " pass --model with the one to score"
+            )
+        raise ModelError(f"no .onnx file in model directory {location}")
     if not location.exists():
         raise ModelError(f"model not found: {location}")
     if location.suffix.lower() != ".onnx":

@@ -133,3 +133,10 @@ def model_sha256(model_path: Path) -> str:
         except OSError as exc:
             raise ModelError(f"cannot read model data {path}: {exc.strerror or exc}") from exc
     return digest.hexdigest()
+
+
+def model_bytes(model_path: Path) -> int:
+    """The model's size on disk: the graph file and every external-data file it names."""
+    graph_bytes = model_path.read_bytes()
+    files = external_data_files(model_path, graph_bytes)
+    return len(graph_bytes) + sum(path.stat().st_size for path in files)

@@ -42,6 +42,7 @@ from batchscore.model import (
     load_model,
     run_model,
 )
+from batchscore.onnx_files import model_bytes
 from batchscore.preprocess import ImageError, load_image, tensor_batch
 from batchscore.scorer import probabilities, top_k_indices
 from batchscore.settings import CALIBRATION_METHODS, QuantizeOptions
@@ -287,7 +288,7 @@ def _quantize_into(
         prepared = Path(temp) / "prepared.onnx"
         quantized = Path(temp) / INT8_FILENAME
         try:
-            api.quant_pre_process(spec.path, str(prepared))
+            api.quant_pre_process(_with_image_size(api.onnx.load(spec.path), spec), str(prepared))
             excluded = _excluded_nodes(api.onnx.load(str(prepared)), options)
             api.quantize_static(
                 str(prepared),
@@ -317,6 +318,21 @@ def _quantize_into(
     return target, excluded
 
 
+def _with_image_size(model: Any, spec: ModelSpec) -> Any:
+    """The graph, its external data read in, its image axes fixed to the size batchscore feeds.
+
+    ORT's pre-processing saves the graph again in a folder of its own, where external data is
+    not found, and its symbolic shape inference gives up on symbolic height and width (both
+    seen on torch's dynamo exports). The batch axis stays as it is."""
+    height, width = spec.preprocess.input_size
+    (tensor,) = (t for t in model.graph.input if t.name == spec.input_name)
+    dims = tensor.type.tensor_type.shape.dim
+    axes = (2, 3) if spec.layout == "NCHW" else (1, 2)
+    for axis, size in zip(axes, (height, width), strict=True):
+        dims[axis].dim_value = size
+    return model
+
+
 def _measure(spec: ModelSpec, target: Path, held: np.ndarray, repeats: int) -> _Measured:
     """Int8 is only worth shipping if it agrees with fp32 and runs faster: measure both."""
     int8 = load_model(target)  # the same checks `batchscore score --model` runs
@@ -343,7 +359,7 @@ def _write_report(
         fp32_sha256=spec.sha256,
         int8_model=_shown(target, out),
         int8_sha256=measured.int8.sha256,
-        fp32_bytes=Path(spec.path).stat().st_size,
+        fp32_bytes=model_bytes(Path(spec.path)),
         int8_bytes=target.stat().st_size,
         fp32_ms_per_image=measured.fp32_ms,
         int8_ms_per_image=measured.int8_ms,

@@ -511,3 +511,15 @@ def test_a_new_preprocess_key_at_its_default_keeps_earlier_setup_ids() -> None:
     assert spec.setup_sha256 == "a7df70222e7b8c2a75e973b503eb9781c9b0095632b57ac439b2494b5b6a6f86"
     floored = replace(spec, preprocess=replace(spec.preprocess, crop_offset="floor"))
     assert floored.setup_sha256 != spec.setup_sha256
+
+
+def test_a_model_directory_with_one_onnx_file_of_any_name_is_found(tmp_path: Path) -> None:
+    folder = _graph_model(tmp_path / "m")
+    (folder / "model.onnx").rename(folder / "resnet50-v2.onnx")
+    assert load_model(folder).file_name == "resnet50-v2.onnx"
+    (folder / "older.onnx").write_bytes((folder / "resnet50-v2.onnx").read_bytes())
+    image = tmp_path / "photo.png"
+    noisy(COLORS["red"], (20, 20)).save(image)
+    code, output = _score(str(image), "-o", str(tmp_path / "o.parquet"), "--model", str(folder))
+    assert code == 2
+    assert "holds 2 .onnx files (older.onnx, resnet50-v2.onnx): pass --model with the one" in output

@@ -244,3 +244,23 @@ def test_shipped_int8_model_agrees_with_fp32_on_confident_samples() -> None:
     report = json.loads((ARTIFACTS / REPORT_FILENAME).read_text())
     assert report["int8_sha256"] == int8.sha256  # the report describes this very file
     assert report["confident"]["top1"] >= 0.95
+
+
+def test_a_dynamo_export_with_external_data_and_any_image_size_quantizes(
+    tmp_path: Path, photos: Path
+) -> None:
+    """torch's dynamo exporter (through timm) wrote model.onnx + model.onnx.data with symbolic
+    height and width: ORT's pre-processing could read neither. The report counts the data file
+    in the fp32 size, and the int8 folder scores."""
+    exported = REPO / "tests" / "exported" / "timm-nfnet-external-data"
+    options = QuantizeOptions(calibration_count=5, holdout_count=4, speed_repeats=2)
+    report = quantize_model(exported, [photos], tmp_path / "out", options)
+    on_disk = sum(f.stat().st_size for f in exported.glob("model.onnx*"))
+    assert report.fp32_bytes == on_disk > 3 * (exported / "model.onnx").stat().st_size
+    assert report.agreement.n == 4
+    preds = tmp_path / "preds.parquet"
+    code, output = run(
+        "score", str(photos), "-o", str(preds), "--workers", "0", "--model", str(tmp_path / "out")
+    )
+    assert code == 0, output
+    assert (pd.read_parquet(preds)["status"] == "ok").sum() == 12

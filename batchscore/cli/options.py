@@ -50,8 +50,9 @@ def model_options(func: F) -> F:
             "--model",
             type=click.Path(),
             default=None,
-            help="Model directory (model_fp32.onnx or model.onnx, class_map.json,"
-            " preprocess.json) or .onnx file. Default: the bundled EfficientNet-Lite0.",
+            help="Model directory (model_fp32.onnx, model.onnx, model_int8.onnx or its only"
+            " .onnx file; class map and preprocessing beside it) or .onnx file. Default: the"
+            " bundled EfficientNet-Lite0.",
         ),
         click.option(
             "--model-sha256",

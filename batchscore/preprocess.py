@@ -62,9 +62,10 @@ CHANNEL_ORDERS = ("RGB", "BGR")
 # crop: torchvision Resize (+ CenterCrop); pad: letterbox, fit inside (+ CenterCrop or pad);
 # fit-height: PaddleOCR's text-line rule, the height fitted, the width padded (or squeezed)
 RESIZE_MODES = ("crop", "pad", "fit-height")
-PAD_POSITIONS = {"center": (0.5, 0.5), "top-left": (0.0, 0.0)}
-# Where a centre crop starts when the margin is odd: torchvision and timm round half to even,
-# Hugging Face's image processors floor.
+PAD_POSITIONS = ("center", "top-left")
+# Where a centred crop or pad starts when the margin is odd: torchvision, timm and Pillow's
+# ImageOps.pad round half to even; Hugging Face's image processors and many hand-written
+# letterboxes floor.
 CROP_OFFSETS = ("round", "floor")
 # Keys added after setup ids were first recorded: left out of the id at their default, so that
 # an upgrade does not make every row scored before it look stale.
@@ -626,8 +627,7 @@ def letterbox(rgb: Image.Image, config: PreprocessConfig) -> np.ndarray:
         size = _contained(rgb.width, rgb.height, width, height)
         out = np.empty((height, width, 3), dtype=np.uint8)
         out[:] = np.asarray(config.pad_value, dtype=np.uint8)
-        centre_x, centre_y = PAD_POSITIONS[config.pad_position]
-        left, top = round((width - size[0]) * centre_x), round((height - size[1]) * centre_y)
+        left, top = _pad_start(width - size[0], config), _pad_start(height - size[1], config)
         out[top : top + size[1], left : left + size[0]] = _resized(rgb, size, config.interpolation)
         return out
     ratio = max(rgb.height / height, rgb.width / width)
@@ -645,9 +645,13 @@ def fit_height(rgb: Image.Image, config: PreprocessConfig) -> np.ndarray:
     new_w = min(width, math.ceil(height * rgb.width / rgb.height))
     out = np.empty((height, width, 3), dtype=np.uint8)
     out[:] = np.asarray(config.pad_value, dtype=np.uint8)
-    left = round((width - new_w) * PAD_POSITIONS[config.pad_position][0])
+    left = _pad_start(width - new_w, config)
     out[:, left : left + new_w] = _resized(rgb, (new_w, height), config.interpolation)
     return out
+
+
+def _pad_start(margin: int, config: PreprocessConfig) -> int:
+    return 0 if config.pad_position == "top-left" else _crop_start(margin, config.crop_offset)
 
 
 def _contained(width: int, height: int, box_w: int, box_h: int) -> tuple[int, int]:

@@ -584,3 +584,19 @@ def test_paddleclas_resize_short_and_crop_with_opencv(
     top, left = (resized.shape[0] - 32) // 2, (resized.shape[1] - 32) // 2
     assert np.abs(fed - resized[top : top + 32, left : left + 32]).max() <= 1
     assert round(61 * 40 / 47) != int(61 * 40 / 47)  # (61, 47): the two roundings differ
+
+
+@pytest.mark.parametrize(("offset", "top"), [("round", 4), ("floor", 3)])
+def test_a_centred_letterbox_rounds_an_odd_margin_as_told(offset: str, top: int) -> None:
+    """A 10x3 picture in a 10x10 letterbox leaves 7 rows: Pillow's ImageOps.pad puts 4 above
+    (round half to even), many hand-written letterboxes 3 (`(320 - n) // 2`, occular-deskew's
+    OriNet among them: one row moved its probabilities by up to 0.35)."""
+    from PIL import Image
+
+    from batchscore.preprocess import resize_and_crop, resolve_preprocess
+
+    config = resolve_preprocess({"resize_size": [10, 10], "resize_mode": "pad",
+                                 "pad_value": 255, "crop_offset": offset})  # fmt: skip
+    pixels = resize_and_crop(Image.new("RGB", (10, 3), (0, 0, 0)), config)
+    dark_rows = np.flatnonzero(pixels[:, :, 0].max(axis=1) == 0)
+    assert list(dark_rows) == [top, top + 1, top + 2]

@@ -24,12 +24,8 @@ from batchscore.errors import ModelError
 from batchscore.exporters import exporter_config
 from batchscore.labels import find_labels
 from batchscore.onnx_files import model_sha256
-from batchscore.preprocess import (
-    DEFAULT_PREPROCESS,
-    PreprocessConfig,
-    resolve_preprocess,
-    tensor_batch,
-)
+from batchscore.preprocess import tensor_batch
+from batchscore.preprocess_config import DEFAULT_PREPROCESS, PreprocessConfig, resolve_preprocess
 
 # Looked for in a model directory in this order (model_int8.onnx: a folder `quantize` wrote);
 # else the folder's only .onnx file.

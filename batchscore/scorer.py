@@ -23,14 +23,8 @@ import numpy as np
 import onnxruntime as ort
 
 from batchscore.model import ModelSpec, create_session, first_line, run_model
-from batchscore.preprocess import (
-    ImageError,
-    ImageStats,
-    PreprocessConfig,
-    image_stats,
-    load_image,
-    tensor_batch,
-)
+from batchscore.preprocess import ImageError, ImageStats, image_stats, load_image, tensor_batch
+from batchscore.preprocess_config import PreprocessConfig
 from batchscore.settings import PipelineOptions
 from batchscore.sources import ImageRef
 

@@ -492,7 +492,8 @@ def test_a_thin_image_is_preprocessed_in_bounded_memory(
     Image.new("RGB", size, (200, 10, 10)).save(path)
     code = (
         "import re, sys\n"
-        "from batchscore.preprocess import load_image, resolve_preprocess\n"
+        "from batchscore.preprocess import load_image\n"
+        "from batchscore.preprocess_config import resolve_preprocess\n"
         f"config = resolve_preprocess({CROPPING!r})\n"
         "decoded = load_image(sys.argv[1], config)\n"
         "assert decoded.pixels.shape == (224, 224, 3), decoded.pixels.shape\n"

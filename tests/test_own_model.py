@@ -537,7 +537,8 @@ def test_fit_height_is_paddleocrs_text_line_rule(tmp_path: Path, size: tuple[int
     rest of the width 0 (pixel 127.5; batchscore's pad_value is a whole pixel, 128)."""
     import cv2
 
-    from batchscore.preprocess import load_image, resolve_preprocess, tensor_batch
+    from batchscore.preprocess import load_image, tensor_batch
+    from batchscore.preprocess_config import resolve_preprocess
 
     config = resolve_preprocess(
         {"resize_size": [48, 192], "resize_mode": "fit-height", "interpolation": "cv2-linear",
@@ -566,7 +567,8 @@ def test_paddleclas_resize_short_and_crop_with_opencv(
     rounds the longer side, cv2's INTER_LANCZOS4, `CropImage` starts at `(w - cw) // 2`."""
     import cv2
 
-    from batchscore.preprocess import load_image, resolve_preprocess
+    from batchscore.preprocess import load_image
+    from batchscore.preprocess_config import resolve_preprocess
 
     config = resolve_preprocess(
         {"resize_size": 40, "crop_size": 32, "interpolation": "cv2-lanczos4",
@@ -593,7 +595,8 @@ def test_a_centred_letterbox_rounds_an_odd_margin_as_told(offset: str, top: int)
     OriNet among them: one row moved its probabilities by up to 0.35)."""
     from PIL import Image
 
-    from batchscore.preprocess import resize_and_crop, resolve_preprocess
+    from batchscore.preprocess_config import resolve_preprocess
+    from batchscore.resize import resize_and_crop
 
     config = resolve_preprocess({"resize_size": [10, 10], "resize_mode": "pad",
                                  "pad_value": 255, "crop_offset": offset})  # fmt: skip

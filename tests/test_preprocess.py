@@ -12,15 +12,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from batchscore.errors import ModelError
-from batchscore.preprocess import (
-    ImageError,
-    PreprocessConfig,
-    center_crop,
-    load_image,
-    normalization_lut,
-    resized_size,
-    resolve_preprocess,
-)
+from batchscore.preprocess import ImageError, load_image, normalization_lut
+from batchscore.preprocess_config import PreprocessConfig, resolve_preprocess
+from batchscore.resize import center_crop, resized_size
 from tests.conftest import noisy
 
 

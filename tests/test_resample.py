@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from batchscore import preprocess
-from batchscore.preprocess import load_image, resolve_preprocess
+from batchscore import resize
+from batchscore.preprocess import load_image
+from batchscore.preprocess_config import resolve_preprocess
 from batchscore.resample import KERNELS, cv2_resize
 from tests.conftest import SAMPLES
 
@@ -69,7 +70,7 @@ def test_only_the_crop_window_is_resampled_for_huge_images(
     the same pixels as resizing the whole image and cropping."""
     config = resolve_preprocess({"resize_size": 48, "crop_size": 40, "interpolation": name})
     image = Image.open(SAMPLES / "cat.jpg").convert("RGB")
-    whole = preprocess.resize_and_crop(image, config)
-    monkeypatch.setattr(preprocess, "MAX_INTERMEDIATE_PIXELS", 100)
-    windowed = preprocess.resize_and_crop(image, config)
+    whole = resize.resize_and_crop(image, config)
+    monkeypatch.setattr(resize, "MAX_INTERMEDIATE_PIXELS", 100)
+    windowed = resize.resize_and_crop(image, config)
     assert np.abs(windowed.astype(int) - whole).max() <= (1 if name == "bilinear" else 0)

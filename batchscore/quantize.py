@@ -16,6 +16,7 @@ the images where fp32 is confident), and times both models in the same run. `onn
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import random
@@ -42,7 +43,7 @@ from batchscore.model import (
     load_model,
     run_model,
 )
-from batchscore.onnx_files import model_bytes
+from batchscore.onnx_files import external_data_files, model_bytes
 from batchscore.preprocess import ImageError, load_image, tensor_batch
 from batchscore.scorer import probabilities, top_k_indices
 from batchscore.settings import CALIBRATION_METHODS, QuantizeOptions
@@ -288,7 +289,7 @@ def _quantize_into(
         prepared = Path(temp) / "prepared.onnx"
         quantized = Path(temp) / INT8_FILENAME
         try:
-            api.quant_pre_process(_with_image_size(api.onnx.load(spec.path), spec), str(prepared))
+            _pre_process(api, _with_image_size(api.onnx.load(spec.path), spec), prepared)
             excluded = _excluded_nodes(api.onnx.load(str(prepared)), options)
             api.quantize_static(
                 str(prepared),
@@ -316,6 +317,26 @@ def _quantize_into(
         _copy_beside(spec, out)
         shutil.move(str(quantized), target)
     return target, excluded
+
+
+ORT_SHAPE_DUMP = "sym_shape_infer_temp.onnx"  # where ORT dumps a graph it could not infer
+
+
+def _pre_process(api: _Api, model: Any, prepared: Path) -> None:
+    """ORT's quantization pre-processing, leaving nothing behind: when its symbolic shape
+    inference gives up, ORT dumps the graph (and its weights, under a random name) into the
+    working directory before raising. What it dumped during this call is removed."""
+    dump = Path(ORT_SHAPE_DUMP)
+    dumped_before = dump.exists()
+    try:
+        api.quant_pre_process(model, str(prepared))
+    except Exception:
+        if not dumped_before and dump.is_file():
+            with contextlib.suppress(ModelError, OSError):  # the error to report is ORT's
+                for path in external_data_files(dump, dump.read_bytes()):
+                    path.unlink()
+            dump.unlink(missing_ok=True)
+        raise
 
 
 def _with_image_size(model: Any, spec: ModelSpec) -> Any:

@@ -264,3 +264,18 @@ def test_a_dynamo_export_with_external_data_and_any_image_size_quantizes(
     )
     assert code == 0, output
     assert (pd.read_parquet(preds)["status"] == "ok").sum() == 12
+
+
+def test_a_graph_ort_cannot_infer_leaves_nothing_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With symbolic height and width, ORT's symbolic shape inference gives up and dumps the
+    graph and its weights into the working directory; batchscore removes that dump (quantize
+    itself fixes the image axes first, so this path needs a graph ORT cannot infer anyway)."""
+    from batchscore.quantize import _api, _pre_process
+
+    monkeypatch.chdir(tmp_path)
+    model = onnx.load(str(REPO / "tests" / "exported" / "timm-nfnet-external-data" / "model.onnx"))
+    with pytest.raises(Exception, match="Incomplete symbolic shape inference"):
+        _pre_process(_api(), model, tmp_path / "prepared.onnx")
+    assert list(tmp_path.iterdir()) == []

@@ -5,8 +5,9 @@ The semantics are torchvision's eval transform on a PIL image
 (`Resize` -> `CenterCrop` -> `ToTensor` -> `Normalize`), reproduced without torchvision so
 that a model trained with it sees the same tensor here (to within 1/255 per value). The one
 deliberate shortcut is the JPEG draft decode: libjpeg scales the image down by 1/2, 1/4 or 1/8
-while decoding, which is several times faster on camera-sized photos and changes pixels by
-less than 1/255 on average; `fast_jpeg=False` turns it off.
+while decoding, to no less than twice the resized size, which is several times faster on
+camera-sized photos and changes pixels by 0.1-0.3 levels on average; `fast_jpeg=False` turns
+it off.
 
 Hostile files are this module's daily bread. Every decode starts from the same Pillow state
 (all plugins registered in one fixed order, so what a file opens as never depends on what was
@@ -28,8 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from batchscore.preprocess_config import PreprocessConfig
-from batchscore.resample import is_cv2
-from batchscore.resize import draft_target, resize_and_crop
+from batchscore.resize import draft_allowed, draft_target, resize_and_crop
 from batchscore.settings import DEFAULT_MAX_PIXELS
 
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as viewers do
@@ -248,8 +248,7 @@ def _load_image(
             )
         _pillow_pixel_limit(max_pixels)  # Pillow's check guards images nested in this one
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if config.exif_orientation else 1
-        # OpenCV's filters sample the full-size pixels: a draft decode would smooth them first.
-        if fast_jpeg and image.format == "JPEG" and not is_cv2(config.interpolation):
+        if fast_jpeg and image.format == "JPEG" and draft_allowed(config.interpolation):
             upright = (height, width) if orientation in _ROTATED_ORIENTATIONS else (width, height)
             target = draft_target(config, *upright)
             image.draft(None, (target, target))

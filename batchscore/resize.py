@@ -31,6 +31,11 @@ assert set(PILLOW_FILTERS) | set(KERNELS) == set(INTERPOLATIONS), "names must ag
 # Above this many pixels, the resized image is not made whole: only the part the centre crop
 # keeps is resampled. Ordinary photos stay far below it and take torchvision's exact path.
 MAX_INTERMEDIATE_PIXELS = 16_000_000
+# As Pillow's own thumbnail() (its reducing_gap): a JPEG draft decode keeps at least twice the
+# resized size. Measured on 15 photos, it cuts the change in pixels from 0.33-0.70 to
+# 0.10-0.27 levels on average (worst photo 3.3 -> 1.1), for 39 ms instead of 30 per 12 MP
+# photo at 256/224 (a full decode: 124).
+DRAFT_GAP = 2
 
 
 def resize_and_crop(rgb: Image.Image, config: PreprocessConfig) -> np.ndarray:
@@ -199,7 +204,15 @@ def _kept(size: int, crop: int, offset: str) -> tuple[int, int]:
     return start, start + crop
 
 
+def draft_allowed(interpolation: str) -> bool:
+    """A JPEG may be decoded at a reduced size only for the filters that average an area
+    anyway: nearest and OpenCV's filters pick source pixels, and need every one of them."""
+    return interpolation != "nearest" and not is_cv2(interpolation)
+
+
 def draft_target(config: PreprocessConfig, width: int, height: int) -> int:
-    """Smallest side length the JPEG draft decode must keep so that resize never upsamples."""
+    """Smallest side length the JPEG draft decode must keep: DRAFT_GAP times the resized
+    size, so that libjpeg's cruder DCT scaling leaves the last reduction to the filter."""
     out_w, out_h = _resized_size(width, height, config)
-    return max(out_w, out_h) if not isinstance(config.resize_size, int) else min(out_w, out_h)
+    side = max(out_w, out_h) if not isinstance(config.resize_size, int) else min(out_w, out_h)
+    return side * DRAFT_GAP

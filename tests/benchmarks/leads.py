@@ -28,9 +28,8 @@ import onnxruntime as ort
 from PIL import Image
 
 from batchscore.model import bundled_model_dir, load_model
-from batchscore.preprocess import load_image
-from batchscore.scorer import Scorer
-from batchscore.settings import PipelineOptions
+from batchscore.preprocess import load_image, tensor_batch
+from batchscore.resize import draft_target
 from tests.benchmarks.bench import CORPORA, make_corpus, wait_for_idle
 
 
@@ -67,7 +66,8 @@ def decode_leads(paths: Sequence[Path], repeats: int) -> None:
     def draft_decode(path: Path) -> Callable[[], object]:
         def decode() -> Image.Image:
             image = Image.open(path)
-            image.draft("RGB", (256, 256))
+            side = draft_target(spec.preprocess, *image.size)  # what load_image asks for
+            image.draft("RGB", (side, side))
             return image.convert("RGB")
 
         return decode
@@ -89,10 +89,9 @@ def decode_leads(paths: Sequence[Path], repeats: int) -> None:
     image = load_image(str(paths[0]), spec.preprocess).pixels
     mean = np.asarray(spec.preprocess.mean, np.float32)
     std = np.asarray(spec.preprocess.std, np.float32)
-    scorer = Scorer([spec], PipelineOptions(workers=0))
     naive = cpu_ms(lambda: ((np.asarray(image, np.float32) / 255 - mean) / std).transpose(2, 0, 1)
                    .copy(), repeats * 20)  # fmt: skip
-    table = cpu_ms(lambda: scorer._batch(spec, [image]), repeats * 20)
+    table = cpu_ms(lambda: tensor_batch([image], spec.preprocess, spec.input_dtype), repeats * 20)
     print(
         f"normalise one 224x224 image, CPU ms: numpy arithmetic + transpose {naive:.2f},"
         f" per-channel table into the batch buffer {table:.2f}"

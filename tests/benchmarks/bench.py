@@ -64,9 +64,8 @@ import PIL
 from PIL import Image
 
 from batchscore.model import ModelSpec, bundled_model_dir, create_session, load_model
-from batchscore.preprocess import load_image
+from batchscore.preprocess import load_image, tensor_batch
 from batchscore.score import score
-from batchscore.scorer import Scorer
 from batchscore.settings import PipelineOptions, ScoreSettings, default_workers
 from batchscore.sources import iter_refs, open_sources
 
@@ -233,7 +232,6 @@ def batchscore_run(manifest: Path, output: Path, settings: ScoreSettings) -> Usa
 def stage_costs(paths: Sequence[Path], spec: ModelSpec) -> tuple[float, float]:
     """CPU seconds per image: (decode + preprocess into the batch buffer, inference)."""
     options = PipelineOptions(workers=0)
-    scorer = Scorer([spec], options)
     session = create_session(spec, options.threads_per_worker)
     decode = infer = 0.0
     starts = [0, *range(0, len(paths), options.batch_size)]  # the first chunk twice: warm-up
@@ -241,7 +239,9 @@ def stage_costs(paths: Sequence[Path], spec: ModelSpec) -> tuple[float, float]:
         chunk = paths[start : start + options.batch_size]
         t0 = time.process_time()
         images = [load_image(str(p), spec.preprocess).pixels for p in chunk]
-        batch = scorer._batch(spec, images)
+        batch = tensor_batch(
+            images, spec.preprocess, spec.input_dtype, layout=spec.layout, channels=spec.channels
+        )
         t1 = time.process_time()
         session.run(None, {spec.input_name: batch})
         t2 = time.process_time()

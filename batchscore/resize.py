@@ -94,11 +94,9 @@ def letterbox(rgb: Image.Image, config: PreprocessConfig) -> np.ndarray:
     height, width = config.resize_size
     if config.crop_size is None:
         size = _contained(rgb.width, rgb.height, width, height)
-        out = np.empty((height, width, 3), dtype=np.uint8)
-        out[:] = np.asarray(config.pad_value, dtype=np.uint8)
         left, top = _pad_start(width - size[0], config), _pad_start(height - size[1], config)
-        out[top : top + size[1], left : left + size[0]] = _resized(rgb, size, config.interpolation)
-        return out
+        fitted = _resized(rgb, size, config.interpolation)
+        return _pasted(fitted, (height, width), (top, left), config.pad_value)
     ratio = max(rgb.height / height, rgb.width / width)
     size = (max(1, round(rgb.width / ratio)), max(1, round(rgb.height / ratio)))
     pixels = _resized(rgb, size, config.interpolation)
@@ -112,11 +110,9 @@ def fit_height(rgb: Image.Image, config: PreprocessConfig) -> np.ndarray:
     assert not isinstance(config.resize_size, int)  # ruled out by resolve_preprocess
     height, width = config.resize_size
     new_w = min(width, math.ceil(height * rgb.width / rgb.height))
-    out = np.empty((height, width, 3), dtype=np.uint8)
-    out[:] = np.asarray(config.pad_value, dtype=np.uint8)
     left = _pad_start(width - new_w, config)
-    out[:, left : left + new_w] = _resized(rgb, (new_w, height), config.interpolation)
-    return out
+    fitted = _resized(rgb, (new_w, height), config.interpolation)
+    return _pasted(fitted, (height, width), (0, left), config.pad_value)
 
 
 def resized_size(
@@ -169,13 +165,22 @@ def center_crop(
     if crop_w > width or crop_h > height:
         pad_left = (crop_w - width) // 2 if crop_w > width else 0
         pad_top = (crop_h - height) // 2 if crop_h > height else 0
-        padded = np.empty((max(height, crop_h), max(width, crop_w), 3), dtype=pixels.dtype)
-        padded[:] = np.asarray(fill, dtype=pixels.dtype)
-        padded[pad_top : pad_top + height, pad_left : pad_left + width] = pixels
-        pixels = padded
-        height, width = pixels.shape[:2]
+        padded_size = (max(height, crop_h), max(width, crop_w))
+        pixels = _pasted(pixels, padded_size, (pad_top, pad_left), fill)
+        height, width = padded_size
     top, left = _crop_start(height - crop_h, offset), _crop_start(width - crop_w, offset)
     return pixels[top : top + crop_h, left : left + crop_w]
+
+
+def _pasted(
+    pixels: np.ndarray, size: tuple[int, int], at: tuple[int, int], fill: tuple[int, int, int]
+) -> np.ndarray:
+    """A (height, width) canvas of `fill` with `pixels` placed at (top, left)."""
+    top, left = at
+    canvas = np.empty((*size, 3), dtype=pixels.dtype)
+    canvas[:] = np.asarray(fill, dtype=pixels.dtype)
+    canvas[top : top + pixels.shape[0], left : left + pixels.shape[1]] = pixels
+    return canvas
 
 
 def _crop_start(margin: int, offset: str) -> int:

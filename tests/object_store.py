@@ -208,20 +208,28 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @dataclass
-class Bucket:
-    """A fresh bucket on the moto server, with the few helpers tests need to seed and check it."""
+class Store:
+    """A bucket or container the tests made, named by its URL."""
 
     name: str
-    endpoint: str
-    client: Any  # boto3 S3 client bound to `endpoint`
+    scheme: ClassVar[str]
 
     @property
     def url(self) -> str:
-        return f"s3://{self.name}"
+        return f"{self.scheme}://{self.name}"
 
     def uri(self, key: str) -> str:
-        """`s3://bucket/key` for one object."""
+        """`scheme://name/key` for one object."""
         return f"{self.url}/{key.lstrip('/')}"
+
+
+@dataclass
+class Bucket(Store):
+    """A fresh bucket on the moto server, with the few helpers tests need to seed and check it."""
+
+    scheme: ClassVar[str] = "s3"
+    endpoint: str
+    client: Any  # boto3 S3 client bound to `endpoint`
 
     def put(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.name, Key=key, Body=data)
@@ -823,18 +831,11 @@ def azurite_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @dataclass
-class Container:
+class Container(Store):
     """A fresh blob container on Azurite, seeded and checked through adlfs."""
 
-    name: str
+    scheme: ClassVar[str] = "az"
     fs: Any
-
-    @property
-    def url(self) -> str:
-        return f"az://{self.name}"
-
-    def uri(self, key: str) -> str:
-        return f"{self.url}/{key.lstrip('/')}"
 
     def put(self, key: str, data: bytes) -> None:
         self.fs.pipe_file(f"{self.name}/{key}", data)

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from batchscore.cli import cli
 from tests.conftest import REPO
+from tests.install import differences, setup_commands, shown_output
 from tests.object_store import free_port
 
 README = (REPO / "README.md").read_text()
@@ -28,12 +29,6 @@ CODE_SPAN = re.compile(r"`([^`\n]+)`")
 REPO_PATH = re.compile(r"(batchscore|tests|jobs|tools|artifacts|docs)/[\w./-]*")
 DOTTED_NAME = re.compile(r"batchscore(\.\w+)+(\(.*\))?")
 IMPORT = re.compile(r"^\s*from (batchscore[\w.]*) import (.+)$", re.M)
-
-
-def _setup_commands() -> list[str]:
-    block = re.search(r"```bash\n(.*?)```", README, re.S)
-    assert block is not None
-    return [line for line in block.group(1).splitlines() if line.strip()]
 
 
 def _prose(text: str) -> str:
@@ -74,7 +69,7 @@ def _bash(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_readme_opens_with_exactly_two_setup_commands() -> None:
     assert README.index("```bash") < README.index("\n## ")
-    commands = _setup_commands()
+    commands = setup_commands(README)
     assert len(commands) == 2
     assert "batchscore score artifacts/samples" in commands[0]
     assert "pytest" in commands[1]
@@ -181,14 +176,15 @@ def test_python_names_in_the_text_exist(page: Path) -> None:
     assert not missing, f"{page.name} names what batchscore does not have: {missing}"
 
 
-def test_first_readme_command_prints_the_top_predictions(tmp_path: Path) -> None:
-    first = _setup_commands()[0]
+def test_first_readme_command_prints_what_the_readme_shows(tmp_path: Path) -> None:
+    """The same labels and top-k, probabilities within 1e-3: when the numbers change on
+    purpose, the README changes in the same commit."""
+    first = setup_commands(README)[0]
     scoring = first.split("&&", 1)[1]  # the part after `pip install .`
     (tmp_path / "artifacts").symlink_to(REPO / "artifacts")
     done = _bash(scoring, tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "espresso" in done.stdout and "tripod" in done.stdout
-    assert "4 images: 4 ok, 0 errors" in done.stderr
+    assert differences(done.stdout + done.stderr, shown_output(README)) == []
     assert len(pd.read_parquet(tmp_path / "preds.parquet")) == 4
 
 

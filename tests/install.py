@@ -171,13 +171,17 @@ def chosen_pythons(root: Path) -> tuple[list[Path], list[str]]:
 
 
 IMPORT_EVERY_MODULE = """
-import importlib, pkgutil, batchscore
+import importlib, importlib.metadata, pkgutil, batchscore
 for module in pkgutil.walk_packages(batchscore.__path__, "batchscore."):
+    if module.name == "batchscore.__main__":  # importing it runs the CLI
+        continue
     try:
         importlib.import_module(module.name)
     except ModuleNotFoundError as exc:  # an extra's dependency may be absent; our own may not
         if (exc.name or "").startswith("batchscore"):
             raise
+names = ("onnxruntime", "numpy", "pillow", "pandas", "pyarrow")
+print(", ".join(f"{name} {importlib.metadata.version(name)}" for name in names))
 """
 
 
@@ -232,6 +236,8 @@ def try_fresh_install(python: Path, work: Path) -> list[str]:
     imported = _run([str(venv / "bin" / "python"), "-c", IMPORT_EVERY_MODULE], elsewhere, cron_env)
     if imported.returncode != 0:
         wrong.append(f"importing every module failed: {imported.stderr.strip().splitlines()[-1]}")
+    else:
+        print(f"every module imports; with {imported.stdout.strip()}")
     return wrong
 
 

@@ -33,7 +33,14 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from batchscore import storage
-from batchscore.dataset import LOCK_NAME, RUNS_DIR, DatasetWriter, part_files, read_summaries
+from batchscore.dataset import (
+    LOCK_NAME,
+    RUNS_DIR,
+    DatasetWriter,
+    part_files,
+    read_summaries,
+    summary_name,
+)
 from batchscore.errors import BatchscoreError, LockHeld, OutputError, WriteFailed
 from batchscore.files import process_alive
 from batchscore.names import is_url, redact_url
@@ -382,6 +389,7 @@ class BucketDatasetWriter(DatasetWriter):
         finally:
             current.path.unlink(missing_ok=True)
         self.parts.append(relative)
+        self.committed_rows += current.rows
 
     def part_location(self, index: int) -> str:
         """Where a Dask worker uploads part `index`: its URL."""
@@ -392,10 +400,9 @@ class BucketDatasetWriter(DatasetWriter):
         return f"{self.url}/{self.partition.relative_to(self.root).as_posix()}"
 
     def _write_summary(self, record: Mapping[str, Any]) -> None:
-        summary = {**self.metadata, **record, "parts": self.parts}
-        summary.pop("class_map", None)
+        summary = self.summary(record)
         data = json.dumps(summary, indent=2, sort_keys=True, default=str).encode()
-        url = f"{self.url}/{RUNS_DIR}/{summary['run_id']}.json"
+        url = f"{self.url}/{RUNS_DIR}/{summary_name(summary)}"
         storage.put_bytes(url, data, self.options)
 
     def finish(self, record: Mapping[str, Any]) -> None:

@@ -3,10 +3,14 @@
 Layout (Hive-style, so pandas, pyarrow.dataset, DuckDB and polars read DIR as one table)::
 
     DIR/
-      run_date=2026-11-21/part-<run_id>-00000.parquet   committed parts
-      run_date=2026-11-21/.part-<run_id>-00001.parquet.<rand>.tmp   being written
-      _runs/<run_id>.json                                  one summary per run
+      run_date=2026-11-21/part-<run_id>-<attempt>-00000.parquet   committed parts
+      run_date=2026-11-21/.part-<run_id>-<attempt>-00001.parquet.<rand>.tmp   being written
+      _runs/<run_id>.<attempt>.json                                  one summary per attempt
       _batchscore.lock                                     held (flock) while a run writes
+
+A run id names a run and may be given again (a resumed run, a script's fixed name); the
+attempt, drawn afresh each time a run starts, makes every part name and summary name unique,
+so a rerun never overwrites what an earlier attempt committed.
 
 Parts are committed as they fill (every `part_rows` rows or `part_seconds` seconds): written
 under a hidden temporary name, fsynced, renamed. A run killed at any moment therefore leaves
@@ -20,6 +24,7 @@ import fcntl
 import json
 import os
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
@@ -36,6 +41,12 @@ from batchscore.settings import DEFAULT_PART_ROWS, DEFAULT_PART_SECONDS
 LOCK_NAME = "_batchscore.lock"
 RUNS_DIR = "_runs"
 PARTITION = "run_date"
+
+
+def new_attempt() -> str:
+    """A token unique to one start of one run: what keeps its parts' names apart from those of
+    any other start, with the same run id or not."""
+    return uuid.uuid4().hex[:8]
 
 
 def is_dataset_path(path: str | Path) -> bool:
@@ -118,6 +129,8 @@ class DatasetWriter:
         self.schema = schema
         self.metadata = dict(metadata)
         self.run_id = run_id
+        self.attempt = new_attempt()
+        self.committed_rows = 0
         self.part_rows = part_rows
         self.part_seconds = part_seconds
         self.partition = root / f"{PARTITION}={datetime.now(timezone.utc):%Y-%m-%d}"
@@ -142,6 +155,7 @@ class DatasetWriter:
         if self._current is not None:
             self._current.commit({"part_rows": self._current.rows})
             self.parts.append(str(self._current.path.relative_to(self.root)))
+            self.committed_rows += self._current.rows
             self._current = None
 
     def finish(self, record: Mapping[str, Any]) -> None:
@@ -163,29 +177,47 @@ class DatasetWriter:
         with suppress(WriteFailed):  # best effort: the disk may be what failed
             self._write_summary(record)
 
-    def _write_summary(self, record: Mapping[str, Any]) -> None:
-        summary = {**self.metadata, **record, "parts": self.parts}
+    def summary(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """What `_runs/` keeps of this attempt: its provenance, its record, and what it
+        committed (`n_committed`, which a run that failed mid-way has fewer of than scored)."""
+        summary = {
+            **self.metadata,
+            **record,
+            "attempt": self.attempt,
+            "parts": self.parts,
+            "n_committed": self.committed_rows,
+        }
         summary.pop("class_map", None)  # in every part already; keeps summaries small
-        write_summary(self.root, summary)
+        return summary
+
+    def _write_summary(self, record: Mapping[str, Any]) -> None:
+        write_summary(self.root, self.summary(record))
 
     def part_path(self, index: int) -> Path:
-        """Where part `index` of this run goes. The name depends only on (run_id, index), so an
-        engine that retries a partition replaces its part instead of adding rows twice."""
-        return self.partition / f"part-{self.run_id}-{index:05d}.parquet"
+        """Where part `index` of this attempt goes. The name depends only on (run_id, attempt,
+        index), so an engine that retries a partition replaces its part instead of adding rows
+        twice, and no other attempt, even with the same run id, can replace it."""
+        return self.partition / f"part-{self.run_id}-{self.attempt}-{index:05d}.parquet"
 
     def part_location(self, index: int) -> str:
         """Where another process (a Dask worker) writes part `index`: an absolute path."""
         return os.path.abspath(self.part_path(index))
 
-    def add_part(self, index: int) -> None:
-        """Record part `index`, committed by another process, for the run summary."""
+    def add_part(self, index: int, rows: int) -> None:
+        """Record part `index` of `rows` rows, committed by another process (a Dask worker)."""
         self.parts.append(self.part_path(index).relative_to(self.root).as_posix())
+        self.committed_rows += rows
+
+
+def summary_name(summary: Mapping[str, Any]) -> str:
+    """`<run_id>.<attempt>.json`: one file per attempt, so a reused run id keeps its history."""
+    return f"{summary['run_id']}.{summary['attempt']}.json"
 
 
 def write_summary(root: Path, summary: Mapping[str, Any]) -> Path:
-    """The run's summary JSON, written atomically beside the parts."""
+    """The attempt's summary JSON, written atomically beside the parts."""
     folder = root / RUNS_DIR
-    path = folder / f"{summary['run_id']}.json"
+    path = folder / summary_name(summary)
     with write_errors(path):
         folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(summary, indent=2, sort_keys=True, default=str))

@@ -202,6 +202,24 @@ def test_runs_lists_summaries(
     assert [json.loads(line)["n_images"] for line in output.splitlines()] == [3, 0]
 
 
+def test_two_nights_with_one_run_id_keep_both_nights(
+    tmp_path: Path, color_model_dir: Path, make_images: MakeImages
+) -> None:
+    """A script's fixed --run-id used to name the second night's parts like the first's, which
+    replaced them: 3 rows where 6 were scored."""
+    make_images("monday", ["red", "green", "blue"])
+    make_images("tuesday", ["blue", "blue", "red"])
+    dataset = tmp_path / "preds"
+    for night in ("monday", "tuesday"):
+        code, output = score_into(dataset, tmp_path / night, color_model_dir, "--run-id", "n")
+        assert code == 0, output
+    frame = pd.read_parquet(dataset, columns=["path", "run_id"])
+    assert sorted(Path(p).parent.name for p in frame["path"]) == ["monday"] * 3 + ["tuesday"] * 3
+    assert set(frame["run_id"]) == {"n"}
+    code, output = run("runs", str(dataset), "--field", "run_id,status,n_committed")
+    assert output.splitlines() == ["n\tcomplete\t3", "n\tcomplete\t3"]
+
+
 def test_incremental_needs_a_dataset(
     tmp_path: Path, color_model_dir: Path, make_images: MakeImages
 ) -> None:
@@ -234,7 +252,7 @@ def test_a_named_run_is_found_by_scripts_through_runs_fields(
     assert (code, output) == (0, "")
     shas = run("runs", str(dataset), "--field", "model_sha256")[1].split()
     assert len(set(shas)) == 2 and all(len(sha) == 64 for sha in shas)
-    assert sorted(p.name.split("-00000")[0] for p in part_files(dataset)) == [
+    assert sorted(p.name.rsplit("-", 2)[0] for p in part_files(dataset)) == [
         "part-night-1",
         "part-rescore.2",
     ]

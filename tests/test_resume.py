@@ -7,7 +7,6 @@ readable, no visible temporary, and after the rerun every image exactly once per
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -23,6 +22,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from batchscore.dataset import read_summaries
 from tests.conftest import COLORS, noisy
 from tests.models import color_model
 
@@ -114,8 +114,7 @@ def check_dataset(dataset: Path, *, complete: bool) -> pd.DataFrame:
 
 
 def last_summary(dataset: Path) -> dict[str, object]:
-    summaries = sorted((dataset / "_runs").glob("*.json"))
-    return dict(json.loads(summaries[-1].read_text()))
+    return read_summaries(dataset)[-1]
 
 
 @pytest.mark.slow
@@ -193,11 +192,14 @@ def test_kill_9_with_duplicate_ids_then_rerun_leaves_each_row_exactly_once(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("named", [(), ("--run-id", "n1")], ids=["default-id", "run-id"])
 def test_a_signal_commits_the_work_done_and_says_how_to_resume(
-    tmp_path: Path, images: Path, model: Path, signum: int, code: int
+    tmp_path: Path, images: Path, model: Path, signum: int, code: int, named: tuple[str, ...]
 ) -> None:
+    """The command it says to run again finishes the run, a named one too (its rerun used to
+    overwrite the parts committed before the signal: 28 rows of 40)."""
     dataset = tmp_path / "preds"
-    argv = command(images, dataset, model, "--batch-size", "2")
+    argv = command(images, dataset, model, "--batch-size", "2", *named)
     with running(argv) as process:
         wait_for_first_part(dataset, process)
         process.send_signal(signum)
@@ -207,11 +209,15 @@ def test_a_signal_commits_the_work_done_and_says_how_to_resume(
     committed = len(check_dataset(dataset, complete=False))
     assert 0 < committed < N_IMAGES
     assert f"{committed} images scored and committed; run the same command again" in stderr
-    assert last_summary(dataset)["status"] == "interrupted"
+    interrupted = last_summary(dataset)
+    assert (interrupted["status"], interrupted["n_committed"]) == ("interrupted", committed)
 
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     check_dataset(dataset, complete=True)
+    finished = last_summary(dataset)
+    assert finished["n_committed"] == N_IMAGES - committed
+    assert finished["attempt"] != interrupted["attempt"]
 
 
 @pytest.mark.slow
@@ -293,9 +299,12 @@ def test_a_full_disk_mid_run_exits_1_and_leaves_nothing_half_written(
         assert done.returncode == 1, done.stderr
         [line] = done.stderr.strip().splitlines()
         assert line.startswith("batchscore: error: cannot write ") and "No space left" in line
-        assert 0 < len(check_dataset(dataset, complete=False)) < N_IMAGES
+        committed = len(check_dataset(dataset, complete=False))
+        assert 0 < committed < N_IMAGES
         assert not list(dataset.glob("run_date=*/.*.tmp"))
-        assert last_summary(dataset)["status"] == "failed"
+        failed = last_summary(dataset)
+        assert failed["status"] == "failed"
+        assert failed["n_committed"] == committed  # what `runs` shows, not what was scored
 
         remount = ["mount", "-o", "remount,size=8m", str(disk)]
         subprocess.run(remount, check=True)

@@ -17,6 +17,7 @@ COLUMNS = (
     ("n_ok", "ok"),
     ("n_errors", "errors"),
     ("n_skipped", "skipped"),
+    ("n_committed", "committed"),
     ("images_per_s", "img/s"),
     ("mean_top1_prob", "mean p1"),
     ("low_confidence_share", "low conf"),

@@ -12,10 +12,10 @@ How a run flows (docs/dask.md has the whole story):
 - `RunPlugin` travels once to every worker. Each worker thread lazily builds its own `Scorer`
   (one ORT session per model with `threads_per_worker` intra-op threads, 1 by default; ORT
   ignores OMP_NUM_THREADS), so Dask threads x ORT threads = cores and nothing oversubscribes.
-- A partition is decoded, scored and written by one task into one Parquet part, atomically, at a
-  name fixed by (run_id, partition index): when Dask retries a partition (its worker died) the
-  retry replaces that part and never adds rows. Only the four columns the run's counts need go
-  back to the parent; probabilities stay on disk.
+- A partition is decoded, scored and written by one task into one Parquet part, atomically, at
+  a name fixed by (run_id, attempt, partition index): when Dask retries a partition (its worker
+  died) the retry replaces that part and never adds rows. Only the four columns the run's
+  counts need go back to the parent; probabilities stay on disk.
 - A partition that keeps killing its workers (a decoder crash, an out-of-memory kill) is scored
   again one image per task, one task at a time: as in the local engine, only an image that
   kills its worker again is lost, as an error row, and the run goes on.
@@ -405,7 +405,7 @@ def _shared_token(sink: DatasetWriter) -> Iterator[tuple[str, str]]:
     Named like a part temporary, so the next run removes it if this one dies."""
     value = uuid.uuid4().hex
     if isinstance(sink, BucketDatasetWriter):
-        url = f"{sink.partition_url}/.part-{sink.run_id}-shared.tmp"
+        url = f"{sink.partition_url}/.part-{sink.run_id}-{sink.attempt}-shared.tmp"
         storage.put_bytes(url, value.encode(), sink.options)
         try:
             yield url, value
@@ -413,7 +413,7 @@ def _shared_token(sink: DatasetWriter) -> Iterator[tuple[str, str]]:
             with suppress(Exception):
                 storage.delete_object(url, sink.options)
         return
-    path = Path(os.path.abspath(sink.partition)) / f".part-{sink.run_id}-shared.tmp"
+    path = Path(os.path.abspath(sink.partition)) / f".part-{sink.run_id}-{sink.attempt}-shared.tmp"
     with output_errors(sink.root):
         path.write_text(value)
     try:
@@ -489,7 +489,7 @@ def _stream(
         except Exception as exc:  # drain what is running first, so its parts are recorded
             failure = failure or exc
             continue
-        sink.add_part(index)
+        sink.add_part(index, len(chunk))
         yield batch
         if failure is None:
             submit_more()

@@ -14,6 +14,7 @@ from batchscore.storage import (
     StorageOptions,
     StoreHealth,
     authority,
+    is_image_fault,
     read_object,
     reason,
 )
@@ -62,9 +63,9 @@ def _fetched(ref: ImageRef, future: Future[bytes] | None, health: StoreHealth) -
     try:
         data = future.result()
     except StoreUnavailable as exc:
-        return replace(ref, problem=health.left_unanswered(store, exc))
+        return replace(ref, problem=health.left_unanswered(store, exc), unavailable=True)
     except Exception as exc:  # 404, 403...: the store answered, about this object
         health.answer(store)
-        return replace(ref, problem=reason(exc))
+        return replace(ref, problem=reason(exc), unavailable=not is_image_fault(exc))
     health.answer(store)
     return replace(ref, data=data)

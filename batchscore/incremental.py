@@ -38,6 +38,7 @@ from batchscore.bucket import Parts, dataset_parts
 from batchscore.errors import OutputError, StoreUnavailable
 from batchscore.files import file_sha256
 from batchscore.names import is_url, readable, written_name
+from batchscore.output import STATUS_ERROR, STATUS_OK
 from batchscore.sources import ImageRef
 from batchscore.storage import StorageOptions
 
@@ -121,13 +122,12 @@ def load_done(
     setup_sha256: str | None = None,
     storage_options: StorageOptions | None = None,
 ) -> DoneSet:
-    """Rows of this model already in the dataset (ok rows; error rows too if asked). With
+    """Rows of this model already in the dataset (ok rows; with `include_errors`, the rows of
+    images that failed in themselves too, never those the store failed: `done_condition`). With
     `setup_sha256`, only rows scored with the same class names and preprocessing count (rows
     written before batchscore recorded it count as the same). `root` may be a bucket URL.
     A dataset that cannot be read is one line, exit 2, before any image is scored."""
-    condition = pc.field("model_sha256") == model_sha256
-    if not include_errors:
-        condition = condition & (pc.field("status") == "ok")
+    condition = (pc.field("model_sha256") == model_sha256) & done_condition(include_errors)
     try:
         files = dataset_parts(root, storage_options or {})
         hashes = _done_keys(files, condition, use_fingerprint, setup_sha256)
@@ -135,6 +135,23 @@ def load_done(
         shown = written_name(str(root))
         raise OutputError(f"cannot read what {shown} holds: {storage.failure(exc)}") from exc
     return DoneSet(hashes, use_fingerprint)
+
+
+# What rows written before the `unavailable` status said when the store, not the image, failed.
+_LEGACY_STORE_FAILURES = ("no answer after ", "access denied (403)")
+
+
+def done_condition(include_errors: bool) -> pc.Expression:
+    """Which rows count as done: ok rows, and with `include_errors` the error rows of images
+    that failed in themselves. `unavailable` rows (the store or the network failed) never count,
+    nor do error rows that older versions wrote for a store's failure."""
+    ok = pc.field("status") == STATUS_OK
+    if not include_errors:
+        return ok
+    image_error = pc.field("status") == STATUS_ERROR
+    for prefix in _LEGACY_STORE_FAILURES:
+        image_error = image_error & ~pc.starts_with(pc.field("error"), pattern=prefix)
+    return ok | image_error
 
 
 def _done_keys(
@@ -194,7 +211,7 @@ def with_fingerprints(
             and ref.path is not None
             and is_url(ref.path)
         ]
-        asked: dict[int, tuple[str | None, str | None]] = {}
+        asked: dict[int, tuple[str | None, str | None]] = {}  # (fingerprint, unanswered)
         if remote and storage_options is not None:
             with ThreadPoolExecutor(_HEADS_AT_ONCE) as pool:
                 found = pool.map(
@@ -212,7 +229,7 @@ def with_fingerprints(
                 yield ref
             elif i in asked:
                 print_, problem = asked[i]
-                yield replace(ref, fingerprint=print_, problem=problem)
+                yield replace(ref, fingerprint=print_, problem=problem, unavailable=bool(problem))
             elif ref.path is not None and is_url(ref.path):
                 yield ref
             else:

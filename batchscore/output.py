@@ -27,11 +27,13 @@ from batchscore.names import readable, readable_or_none, written_name
 if TYPE_CHECKING:
     from batchscore.model import ModelSpec
     from batchscore.scorer import ChunkResult, ModelScores
+    from batchscore.sources import ImageRef
 
 METADATA_PREFIX = "batchscore."
 ROW_GROUP_ROWS = 2048
 STATUS_OK = "ok"
-STATUS_ERROR = "error"
+STATUS_ERROR = "error"  # the image's own failure: --no-retry-errors counts it as done
+STATUS_UNAVAILABLE = "unavailable"  # the store's or network's: every run tries it again
 # How each image looked (see `preprocess.ImageStats`): what input-drift monitoring compares.
 INPUT_STATS_FIELDS = (
     pa.field("format", pa.string()),
@@ -163,7 +165,7 @@ def chunk_to_batch(
         ),
         pa.array([ref.path_bytes for ref in refs], type=pa.binary()),
         pa.array([readable(ref.image_id) for ref in refs], type=pa.string()),
-        pa.array([STATUS_OK if ok else STATUS_ERROR for ok in valid], type=pa.string()),
+        pa.array([_status(ref, ok) for ref, ok in zip(refs, valid, strict=True)], pa.string()),
         pa.array([readable_or_none(e) for e in output.errors], type=pa.string()),
         pa.array(
             [_joined(ref.warning, w) for ref, w in zip(refs, output.warnings, strict=True)],
@@ -193,6 +195,12 @@ def chunk_to_batch(
         pa.array([result.finished_at] * n, type=pa.timestamp("us", tz="UTC")),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _status(ref: ImageRef, ok: bool) -> str:
+    if ok:
+        return STATUS_OK
+    return STATUS_UNAVAILABLE if ref.unavailable else STATUS_ERROR
 
 
 def _stats_columns(stats: list[Any]) -> list[pa.Array]:

@@ -51,6 +51,8 @@ class ImageRef:
     label: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     problem: str | None = None
+    # The problem is the store's or the network's, not the image's: never counted as done
+    unavailable: bool = False
     fingerprint: str | None = None  # content fingerprint, see batchscore.incremental
     warning: str | None = None  # something the row's reader should know (not an error)
     data: bytes | None = field(default=None, repr=False)  # the object's bytes, once fetched
@@ -244,11 +246,13 @@ class ManifestSource(Source):
             for key, value in row.items()
             if isinstance(key, str) and key not in RESERVED_COLUMNS
         }
+        unavailable = False
         if path is None:
             problem: str | None = f"{where}: empty or missing 'path'"
         else:
             reason = storage.url_problem(path) if is_url(path) else path_problem(path)
             problem = f"{where}: {reason}" if reason else None
+            unavailable = reason is not None and is_url(path) and storage.missing_extra(path)
         not_utf8 = [
             name
             for name, value in (("id", raw_id), ("label", raw_label), *extras.items())
@@ -265,6 +269,7 @@ class ManifestSource(Source):
             label=label,
             extras=extras,
             problem=problem,
+            unavailable=unavailable,
             warning=warning,
         )
 

@@ -10,10 +10,13 @@ Credentials come only from where each backend's SDK looks (environment, config f
 instance or service-account metadata) or from `--storage-option`; a URL that carries them
 is refused, and every URL written down is redacted first (`names.redact_url`).
 
-Failures are sorted in two: an object that is missing (404) or forbidden (403) is that
-image's problem and becomes an error row; throttling (503 SlowDown), timeouts and resets are
-the store's, retried with exponential backoff, and when they persist the run stops with
-`StoreUnavailable` (committed parts stay; a rerun resumes).
+Failures are sorted in two. Only what is wrong with the object itself (missing: 404, a prefix
+and not an object, larger than MAX_OBJECT_BYTES) is that image's problem: an error row that
+`--no-retry-errors` counts as done. Everything else is the store's or the network's
+(throttling, 5xx, timeouts, resets, a 403, missing credentials or extra): retried with
+exponential backoff; when it persists the object becomes an `unavailable` row, which no run
+counts as done, or the run stops with `StoreUnavailable` (committed parts stay; a rerun
+resumes).
 """
 
 from __future__ import annotations
@@ -92,6 +95,22 @@ def check_url(url: str) -> None:
             f"{name}:// needs batchscore's '{extra}' extra (from a checkout: pip install"
             f" '.[{extra}]'; docs/object-storage.md)"
         )
+
+
+def missing_extra(url: str) -> bool:
+    """Whether the backend this URL needs is not installed here (installed, it would work)."""
+    return scheme(url) in SCHEMES and find_spec(SCHEMES[scheme(url)][1]) is None
+
+
+def is_image_fault(exc: BaseException) -> bool:
+    """Whether a failed read says something about the object itself, which no retry changes:
+    missing (404, 410), a prefix and not an object, too large. Anything else (a 403, a 5xx,
+    no credentials, a client error) may pass, so the row is never counted as done."""
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError)):
+        return True
+    if isinstance(exc, ValueError) and str(exc).startswith("object larger than"):
+        return True
+    return status_of(exc) in (404, 410)
 
 
 def url_problem(url: str) -> str | None:

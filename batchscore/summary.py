@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from batchscore.output import STATUS_OK
+from batchscore.output import STATUS_OK, STATUS_UNAVAILABLE
 
 STATS_COLUMNS = ("status", "error", "pred_label", "pred_prob")
 LOW_CONFIDENCE = 0.5  # top-1 probability below this counts as low-confidence (drift signal)
@@ -28,6 +28,7 @@ class RunStats:
 
     n_ok: int = 0
     n_errors: int = 0
+    n_unavailable: int = 0  # of the errors, those the store failed: tried again by every run
     error_reasons: Counter[str] = field(default_factory=Counter)
     classes: Counter[str] = field(default_factory=Counter)
     top1_prob_sum: float = 0.0
@@ -44,6 +45,7 @@ class RunStats:
         ok = status == STATUS_OK
         self.n_ok += int(ok.sum())
         self.n_errors += int((~ok).sum())
+        self.n_unavailable += int((status == STATUS_UNAVAILABLE).sum())
         for reason in batch.column("error").drop_null().to_pylist():
             self.error_reasons[reason_kind(reason)] += 1
         if ok.any():
@@ -58,6 +60,7 @@ class RunStats:
             "n_images": self.n_images,
             "n_ok": self.n_ok,
             "n_errors": self.n_errors,
+            "n_unavailable": self.n_unavailable,
             "error_reasons": dict(self.error_reasons.most_common()),
             "mean_top1_prob": self.top1_prob_sum / self.n_ok if self.n_ok else None,
             "low_confidence_share": self.n_low_confidence / self.n_ok if self.n_ok else None,
@@ -93,7 +96,9 @@ class RunSummary:
             return f"nothing new to score ({skipped} {noun} already scored) -> {self.output}"
         already = f" ({skipped} already scored by this model, skipped)" if skipped else ""
         noun = "image" if s["n_images"] == 1 else "images"
+        unavailable = s.get("n_unavailable", 0)
+        store = f" ({unavailable} the store's, tried again next run)" if unavailable else ""
         return (
-            f"{s['n_images']} {noun}: {s['n_ok']} ok, {s['n_errors']} errors{already},"
+            f"{s['n_images']} {noun}: {s['n_ok']} ok, {s['n_errors']} errors{store}{already},"
             f" {self.images_per_s:.1f} images/s, {self.elapsed_s:.1f} s -> {self.output}"
         )

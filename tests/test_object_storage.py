@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
@@ -31,6 +32,7 @@ from batchscore import storage
 from batchscore.bucket import Lease
 from batchscore.cli import cli
 from batchscore.errors import LockHeld
+from batchscore.incremental import done_condition
 from tests.conftest import COLORS, noisy
 from tests.models import color_model
 from tests.object_store import Bucket, Container, FaultProxy, StaticServer, free_port
@@ -234,12 +236,73 @@ def test_missing_and_forbidden_objects_are_rows_throttling_and_resets_are_retrie
     row = {n: out.loc[s3.uri(f"in/{n}.png")] for n in names}
     assert row["a_red"]["pred_label"] == "red"
     assert row["b_secret"]["error"].startswith("access denied (403)")
+    assert row["b_secret"]["status"] == "unavailable"  # the store's answer, not the image's
+    assert row["e_gone"]["status"] == "error"
     assert row["c_hot"]["pred_label"] == "blue"
     assert row["d_cut"]["pred_label"] == "red"
     assert row["e_gone"]["error"] == "object not found (404)"
     assert proxy.count("c_hot", "GET") >= 4  # three 503s, then the answer
     assert proxy.count("d_cut", "GET") >= 3
     assert proxy.errors == []
+
+
+@pytest.mark.slow
+def test_a_store_fault_is_never_recorded_as_done_an_image_fault_is(
+    s3: Bucket, proxy: FaultProxy, model: str
+) -> None:
+    """The nightly job's --incremental --no-retry-errors counted error rows as done, and an
+    object's ETag never changes: six 503s on one GET, or a 403, used to lose that image for
+    good. Now only the image's own failures (404, undecodable) count as done."""
+    for i, color in enumerate(["red", "green", "blue", "red"]):
+        s3.put(f"up/{i}_{color}.png", png(color, seed=i))
+    s3.put("up/4_broken.png", b"not an image at all")
+    manifest = "".join(f"{s3.uri(k)}\n" for k in s3.keys("up/")) + s3.uri("up/5_gone.png") + "\n"
+    s3.put("lists/night.txt", manifest.encode())
+    preds = s3.uri("preds/")
+    args = ("score", s3.uri("lists/night.txt"), "-o", preds, "--model", model, "--workers", "0")
+    nightly = (*args, "--incremental", "--no-retry-errors")
+    proxy.add_fault("1_green", "slowdown", times=6, method="GET")  # every try of one read
+    proxy.add_fault("2_blue", "forbidden", times=-1, method="GET")
+    first = invoke(*nightly)
+    assert first.exit_code == 0, first.output
+    assert "6 images: 2 ok, 4 errors (2 the store's, tried again next run)" in first.output
+    rows = read_dataset(preds).set_index("path")
+    status = {Path(p).name: s for p, s in rows["status"].items()}
+    assert status == {
+        "0_red.png": "ok",
+        "1_green.png": "unavailable",
+        "2_blue.png": "unavailable",
+        "3_red.png": "ok",
+        "4_broken.png": "error",
+        "5_gone.png": "error",
+    }
+    assert rows.loc[s3.uri("up/1_green.png"), "error"].startswith("no answer after 6 tries")
+
+    proxy.clear_faults()
+    second = invoke(*nightly)
+    assert second.exit_code == 0, second.output
+    assert second.output.startswith("2 images: 2 ok, 0 errors (4 already scored"), second.output
+    latest = read_dataset(preds).sort_values("scored_at").drop_duplicates("path", keep="last")
+    labels = latest.set_index("path")["pred_label"]
+    assert labels[s3.uri("up/1_green.png")] == "green"
+    assert labels[s3.uri("up/2_blue.png")] == "blue"
+    assert "nothing new to score" in invoke(*nightly).output
+
+
+def test_rows_a_store_failed_before_this_version_are_not_done() -> None:
+    """Error rows that older versions wrote for a store's failure are tried again too."""
+    table = pa.table(
+        {
+            "status": ["ok", "error", "error", "error", "unavailable"],
+            "error": [None, "corrupt or truncated image: x", "object not found (404)",
+                      "no answer after 6 tries: HTTP 503", "access denied (403): y"],
+        }
+    )  # fmt: skip
+    kept = table.filter(done_condition(include_errors=True))
+    assert kept.column("error").to_pylist() == [
+        None, "corrupt or truncated image: x", "object not found (404)"
+    ]  # fmt: skip
+    assert table.filter(done_condition(include_errors=False)).num_rows == 1
 
 
 @pytest.mark.slow
@@ -494,12 +557,12 @@ def test_a_dead_or_failing_web_server_in_a_manifest_is_an_error_row_not_a_stoppe
         )  # fmt: skip
     assert done.exit_code == 0, done.output
     out = pd.read_parquet(tmp_path / "o.parquet")
-    assert out["status"].tolist() == ["ok", "error", "error", "ok"]
+    assert out["status"].tolist() == ["ok", "unavailable", "unavailable", "ok"]
     assert out["error"][1].startswith("no answer after 6 tries: ")
     assert out["error"][2].startswith("no answer after 6 tries: HTTP 503")
     assert again.exit_code == 0, again.output
     rows = pd.read_parquet(tmp_path / "preds")
-    assert rows["status"].tolist() == ["ok", "error", "error", "ok"]
+    assert rows["status"].tolist() == ["ok", "unavailable", "unavailable", "ok"]
     assert rows["error"][1].startswith("no answer after 6 tries: ")
     assert rows["error"][2].startswith("no answer after 6 tries: HTTP 503")
 

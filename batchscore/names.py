@@ -18,14 +18,30 @@ import re
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _QUERY_SCHEMES = ("http", "https", "az", "abfs", "abfss")  # where '?' starts a query
-# Query parameters of a signed URL (presigned S3 and GCS URLs, Azure SAS tokens): the secret
-# itself and what changes with each signing (date, expiry), so a URL signed anew each night
-# is written, and keyed for --incremental, the same way.
-_SIGNING_PARAMETER = re.compile(
-    r"^(x-amz-|x-goog-)|signature|credential|token|secret|password|key|auth|jwt|expires"
-    r"|googleaccessid|^(sig|se|st|sp|sv|sr|spr|srt|ss|skoid|sktid|skt|ske|sks|skv)$",
-    re.IGNORECASE,
-)
+_USERINFO_IS_CONTAINER = ("abfs", "abfss")  # abfss://container@account.dfs.core.windows.net/
+# Query parameters of a signed URL, by their exact names (any case): the secret itself and
+# what changes with each signing (date, expiry), so a URL signed anew each night is written,
+# and keyed for --incremental, the same way. Never a pattern: `?assetKey=monday-0001` names an
+# image, and dropping it made two images one. Other parameters are part of the identity.
+SIGNING_PARAMETERS = frozenset(
+    name.lower()
+    for name in (
+        # AWS Signature Version 4 and 2 (presigned S3 URLs)
+        "X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires",
+        "X-Amz-SignedHeaders", "X-Amz-Signature", "X-Amz-Security-Token",
+        "AWSAccessKeyId", "Signature", "Expires",
+        # Google Cloud Storage V4 and V2 signed URLs
+        "X-Goog-Algorithm", "X-Goog-Credential", "X-Goog-Date", "X-Goog-Expires",
+        "X-Goog-SignedHeaders", "X-Goog-Signature", "GoogleAccessId",
+        # Azure shared access signatures (account, service and user delegation SAS)
+        "sv", "ss", "srt", "sp", "se", "st", "spr", "sig", "sr", "si", "sdd", "ses",
+        "skoid", "sktid", "skt", "ske", "sks", "skv", "saoid", "suoid", "scid",
+        # CloudFront signed URLs (with Expires and Signature above)
+        "Key-Pair-Id", "Policy",
+        # bearer credentials some web servers take in the query
+        "access_token", "token", "api_key", "apikey", "key", "password",
+    )
+)  # fmt: skip
 
 
 def has_surrogates(text: str) -> bool:
@@ -78,22 +94,36 @@ def is_url(text: str) -> bool:
     return bool(_URL.match(text))
 
 
+def carries_credentials(url: str) -> bool:
+    """Whether a URL's authority holds user info. In `abfs://` and `abfss://` URLs the part
+    before '@' is the container (ADLS Gen2's `container@account.dfs.core.windows.net`), not a
+    user, unless it holds a ':' (`user:password@`)."""
+    scheme, _, rest = url.partition("://")
+    user, at, _ = rest.partition("/")[0].partition("?")[0].rpartition("@")
+    if not at:
+        return False
+    return scheme.lower() not in _USERINFO_IS_CONTAINER or ":" in user
+
+
 def redact_url(url: str) -> str:
-    """`url` without what must never be written down: user info, and in a web or Azure URL's
-    query every parameter of a signature (`_SIGNING_PARAMETER`: the secret, and the date and
-    expiry that change at each signing). Every other character is kept as it is (a tab in an
-    object key included); in `s3://` and `gs://` URLs a '?' is part of the key, not a query."""
+    """`url` without what must never be written down: user info (but an `abfss://` URL's
+    container), and in a web or Azure URL's query every parameter of a signature
+    (`SIGNING_PARAMETERS`: the secret, and the date and expiry that change at each signing).
+    Every other character is kept as it is (a tab in an object key included); in `s3://` and
+    `gs://` URLs a '?' is part of the key, not a query."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
     cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-    netloc, path = rest[:cut].rpartition("@")[2], rest[cut:]
+    netloc, path = rest[:cut], rest[cut:]
+    if carries_credentials(url):
+        netloc = netloc.rpartition("@")[2]
     if scheme.lower() in _QUERY_SCHEMES and "?" in path:
         path, _, query = path.partition("?")
         kept = [
             field
             for field in query.split("&")
-            if not _SIGNING_PARAMETER.search(field.partition("=")[0])
+            if field.partition("=")[0].lower() not in SIGNING_PARAMETERS
         ]
         path = f"{path}?{'&'.join(kept)}" if kept else path
     return f"{scheme}{sep}{netloc}{path}"

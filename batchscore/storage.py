@@ -29,7 +29,7 @@ from importlib.util import find_spec
 from typing import Any, TypeVar
 
 from batchscore.errors import ConfigError, StoreUnavailable, WriteFailed
-from batchscore.names import redact_url
+from batchscore.names import carries_credentials, redact_url
 
 StorageOptions = Mapping[str, Any]
 T = TypeVar("T")
@@ -81,7 +81,7 @@ def check_url(url: str) -> None:
     if name not in SCHEMES:
         known = ", ".join(f"{s}://" for s in SCHEMES)
         raise ConfigError(f"{redact_url(url)}: unsupported URL scheme (supported: {known})")
-    if "@" in authority(url):
+    if carries_credentials(url):
         raise ConfigError(
             f"{redact_url(url)}: the URL carries credentials; batchscore reads them only from"
             " the standard environment, config files or --storage-option, never from a URL"
@@ -292,9 +292,13 @@ def list_objects(url: str, options: StorageOptions) -> Iterator[tuple[str, dict[
     found: dict[str, dict[str, Any]] = retried(
         lambda: fs.find(path.rstrip("/"), detail=True), url, "LIST"
     )
+    spelled = authority(url)  # `container@account.dfs.core.windows.net`, kept as written
     for name, info in sorted(found.items()):
         if info.get("type", "file") == "file":
-            yield (name if "://" in name else f"{prefix}://{name}"), info  # http: URLs
+            if "://" in name:  # http: URLs
+                yield name, info
+            else:
+                yield f"{prefix}://{spelled}/{name.partition('/')[2]}", info
 
 
 def _s3_pages(fs: Any, path: str, url: str, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -35,7 +35,14 @@ from batchscore.errors import LockHeld
 from batchscore.incremental import done_condition
 from tests.conftest import COLORS, noisy
 from tests.models import color_model
-from tests.object_store import Bucket, Container, FaultProxy, StaticServer, free_port
+from tests.object_store import (
+    AZURITE_ACCOUNT,
+    Bucket,
+    Container,
+    FaultProxy,
+    StaticServer,
+    free_port,
+)
 from tests.test_resume import running
 
 NAMES = list(COLORS)
@@ -666,6 +673,14 @@ def test_azure_blob_storage_dataset_incremental_runs_and_the_lock(
     latest = rows.sort_values("scored_at").drop_duplicates("path", keep="last")
     assert latest.set_index("path").loc[changed, "pred_label"] == "blue"
     assert [k for k in azure.keys("preds/") if "lock" in k] == []
+    # ADLS Gen2's own form of the same container (it used to be refused as credentials)
+    gen2 = f"abfss://{azure.name}@{AZURITE_ACCOUNT}.dfs.core.windows.net"
+    again = invoke("score", f"{gen2}/uploads/", "-o", f"{gen2}/preds/", "--model", model)
+    assert again.exit_code == 0, again.output
+    assert again.output.startswith("6 images: 6 ok")  # another spelling, another identity
+    rows = pd.read_parquet(f"{azure.name}/preds/", filesystem=azure.fs)
+    assert len(rows) == 13
+    assert sum(path.startswith(f"{gen2}/uploads/img_") for path in rows["path"]) == 6
 
     won = race([Lease(azure.uri("locked"), {}, lease_s=60) for _ in range(4)])
     assert len(won) == 1  # an exclusive create: one of four
@@ -718,6 +733,47 @@ def test_on_dask_an_image_that_kills_its_worker_is_an_error_row_in_the_bucket(
     assert len(summary.stats) and summary.stats["n_images"] == 13
 
 
+def test_query_parameters_that_name_an_image_keep_images_apart(tmp_path: Path, model: str) -> None:
+    """`?assetKey=` was dropped as if it were a signature: Tuesday's new image had Monday's
+    identity ("nothing new to score") and both were written as `.../asset.png`. A signature
+    that changes at each signing still leaves one identity."""
+    web = tmp_path / "web"
+    web.mkdir()
+    (web / "asset.png").write_bytes(png("green"))
+    dataset = str(tmp_path / "preds") + "/"
+    nights = {
+        "monday": "asset.png?assetKey=monday-0001&X-Amz-Signature=aa&X-Amz-Date=20261207",
+        "tuesday": "asset.png?assetKey=tuesday-0002&X-Amz-Signature=bb&X-Amz-Date=20261208",
+        "monday re-signed": "asset.png?assetKey=monday-0001&X-Amz-Signature=cc&X-Amz-Date=2",
+    }
+    said = []
+    with StaticServer(web) as server:
+        for night, query in nights.items():
+            manifest = tmp_path / f"{night}.txt"
+            manifest.write_text(f"{server.url}/{query}\n")
+            done = invoke("score", str(manifest), "-o", dataset, "--model", model, "--workers", "0")
+            assert done.exit_code == 0, done.output
+            said.append(done.output.split(",")[0].split(" ->")[0])
+        paths = sorted(pd.read_parquet(dataset)["path"])
+    assert said == [
+        "1 image: 1 ok",
+        "1 image: 1 ok",
+        "nothing new to score (1 image already scored)",
+    ]
+    assert paths == [
+        f"{server.url}/asset.png?assetKey=monday-0001",
+        f"{server.url}/asset.png?assetKey=tuesday-0002",
+    ]
+
+
+@pytest.mark.parametrize(
+    "url", ["abfss://box@acct.dfs.core.windows.net/in/", "abfs://box@acct.dfs.core.windows.net/x"]
+)
+def test_an_adls_gen2_url_is_accepted(url: str) -> None:
+    """ADLS Gen2's standard form names the container before '@': not credentials."""
+    storage.check_url(url)
+
+
 @pytest.mark.parametrize(
     ("url", "written"),
     [
@@ -732,6 +788,16 @@ def test_on_dask_an_image_that_kills_its_worker_is_an_error_row_in_the_bucket(
         ("az://c/blob.jpg?sv=1&se=2&sp=r&sig=S", "az://c/blob.jpg"),
         ("https://user:pw@h/a.jpg", "https://h/a.jpg"),
         ("s3://b/q?x=1.jpg", "s3://b/q?x=1.jpg"),  # in a bucket key '?' is a character
+        (
+            "https://h/asset.png?assetKey=a1&apiVersion=2",
+            "https://h/asset.png?assetKey=a1&apiVersion=2",
+        ),
+        ("https://h/a.png?monkey=1&tokens=2&key=3", "https://h/a.png?monkey=1&tokens=2"),
+        (
+            "abfss://box@acct.dfs.core.windows.net/a.jpg",
+            "abfss://box@acct.dfs.core.windows.net/a.jpg",
+        ),
+        ("abfss://u:pw@acct.dfs.core.windows.net/a.jpg", "abfss://acct.dfs.core.windows.net/a.jpg"),
         ("s3://b/tab\tname.jpg", "s3://b/tab\tname.jpg"),
     ],
 )

@@ -363,7 +363,7 @@ class BucketDatasetWriter(DatasetWriter):
         part_rows: int,
         part_seconds: float,
     ) -> None:
-        self.staging = Path(tempfile.mkdtemp(prefix="batchscore-parts-"))
+        self.staging = new_staging("parts")
         super().__init__(
             self.staging,
             schema,
@@ -424,7 +424,7 @@ class BucketFileSink(FileSink):
     def __init__(
         self, url: str, schema: pa.Schema, metadata: Mapping[str, Any], options: StorageOptions
     ) -> None:
-        self.staging = Path(tempfile.mkdtemp(prefix="batchscore-output-"))
+        self.staging = new_staging("output")
         super().__init__(self.staging / "output.parquet", schema, metadata)
         self.url = url
         self.options = options
@@ -441,6 +441,27 @@ class BucketFileSink(FileSink):
     def abort(self, record: Mapping[str, Any]) -> None:
         with _removed_after(self.staging):
             super().abort(record)
+
+
+STAGING_PREFIX = "batchscore-staging-"
+
+
+def new_staging(kind: str) -> Path:
+    """A local folder for files on their way to a bucket, named after this process, after
+    removing those of processes that are gone (a `kill -9` leaves its folder behind)."""
+    remove_dead_staging()
+    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-{kind}-"))
+
+
+def remove_dead_staging() -> int:
+    """Delete the staging folders whose process no longer runs on this machine."""
+    removed = 0
+    for folder in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from batchscore import storage
-from batchscore.bucket import Lease
+from batchscore.bucket import STAGING_PREFIX, Lease
 from batchscore.cli import cli
 from batchscore.errors import LockHeld
 from batchscore.incremental import done_condition
@@ -421,10 +422,13 @@ def test_kill_9_leaves_whole_parts_and_the_rerun_resumes_at_once(
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     assert "preds/_batchscore.lock" in s3.keys("preds/")  # a dead run cannot release it
+    left = list(Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}{process.pid}-*"))
+    assert left, "the killed run had no staging folder: nothing tested"
     proxy.latency_s = 0.0
     resumed = subprocess.run(argv, capture_output=True, text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr
     check_exactly_once(s3, truth)
+    assert not any(folder.exists() for folder in left)  # the rerun removed the dead one's
 
 
 def test_a_lock_held_by_a_run_on_another_machine_blocks_until_its_lease_runs_out(

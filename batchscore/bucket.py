@@ -5,11 +5,20 @@
   and a killed run leaves only complete parts. Same for run summaries and single-file outputs.
 - The lock is an object created with a conditional create (S3 `If-None-Match: *`): of two runs
   starting at once exactly one gets it. It holds a lease that its run renews while it works
-  (a conditional `If-Match` overwrite of its own version). A run killed with the lock leaves
-  a lease that expires; the next run takes it over with the same conditional overwrite, so of
-  two runs taking over, again exactly one wins. A lease's age is this host's clock against the
-  lock's Last-Modified, which the store sets: clocks must agree to well within a lease (NTP).
-  A run that cannot renew for most of its lease stops committing: another may hold it by then.
+  (a conditional `If-Match` overwrite of its own version). Each renewal writes a new body (a
+  counter goes up), so its version changes: a run that read the lock before a renewal cannot
+  take it over after it. A run killed with the lock leaves a lease that expires; the next run
+  takes it over with the same conditional overwrite, so of two runs taking over, again exactly
+  one wins.
+- A lease's age is judged by the store's clock alone on S3 (the `Date` of the HEAD answer
+  against the lock's `Last-Modified`), so no host's clock can make a live lease look expired.
+  Elsewhere it is this host's clock against `Last-Modified`: hosts may disagree by less than
+  the fifth of a lease that a holder keeps in hand (60 s at the default 300 s).
+- The holder counts its lease from the moment a renewal was sent (not answered), and checks it
+  before every attempt to upload a part: past 80% of a lease with no renewal landed, it stops
+  committing, since another run may hold the lock by then. A renewal whose answer was lost
+  but which landed (Azure and S3 answer the next one with 412) is recognised by reading the
+  lock back: this run's token and counter mean it still holds it.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +59,7 @@ from batchscore.settings import DEFAULT_LEASE_S
 from batchscore.storage import StorageOptions
 
 RENEWALS_PER_LEASE = 5  # a lease survives four renewals failing in a row
+STORE_NOW = "batchscore_store_now"  # the store's own time, where it said it (S3's Date)
 WAIT_POLL_S = 10.0
 
 
@@ -161,7 +172,9 @@ class Lease:
         self.version: str | None = None
         self.lost: str | None = None
         self.token = uuid.uuid4().hex  # this run's, so no other run's lock body is the same
-        self.renewed_at = 0.0  # time.monotonic() of the last create or renewal that landed
+        self.renewals = 0  # in the body: every renewal changes the lock's version
+        self.renewed_at = 0.0  # time.monotonic() when the last write that landed was sent
+        self._sent_at: dict[int, float] = {}  # renewal counter -> when that write was sent
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
@@ -172,11 +185,13 @@ class Lease:
             "pid_namespace": _pid_namespace(),
             "lease_s": self.lease_s,
             "token": self.token,
+            "renewals": self.renewals,
         }
         return json.dumps(holder).encode()
 
     def acquire(self, *, wait: bool) -> None:
         while True:
+            sent = time.monotonic()
             try:
                 self._create()
             except Exception as exc:
@@ -188,7 +203,7 @@ class Lease:
                 info, holder = held
                 if holder.get("token") == self.token:  # our create landed, its answer did not
                     self.version = str(info.get("ETag") or info.get("etag") or "") or None
-                    self.renewed_at = time.monotonic()
+                    self.renewed_at = sent
                     break
                 if self._expired(info, holder) and self._take_over(info):
                     break
@@ -208,11 +223,12 @@ class Lease:
         self._renewer.start()
 
     def _create(self) -> None:
+        sent = time.monotonic()
         response = storage.retried(
             lambda: self.fs.pipe_file(self.path, self._body(), mode="create"), self.url, "PUT"
         )
         self.version = _etag(response) or self._version()
-        self.renewed_at = time.monotonic()
+        self.renewed_at = sent
 
     def _version(self) -> str | None:
         info = storage.stat_object(self.url, self.options)
@@ -220,7 +236,7 @@ class Lease:
 
     def _held(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
         try:
-            info = storage.stat_object(self.url, self.options)
+            info = self._stat_with_store_time()
             holder = json.loads(storage.read_object(self.url, self.options))
         except FileNotFoundError:
             return None
@@ -247,10 +263,31 @@ class Lease:
             return False  # no time to judge by: never take a lock over
         lease = holder.get("lease_s", self.lease_s)
         lease_s = float(lease) if isinstance(lease, (int, float)) else self.lease_s
-        return (datetime.now(timezone.utc) - modified).total_seconds() > lease_s
+        now = info.get(STORE_NOW) or datetime.now(timezone.utc)  # the store's clock if it told
+        return bool((now - modified).total_seconds() > lease_s)
+
+    def _stat_with_store_time(self) -> dict[str, Any]:
+        """The lock's metadata; on S3 with the store's own time of the answer (`STORE_NOW`,
+        from its `Date` header), so that expiry is judged by one clock, the store's."""
+        if self.protocol != "s3":
+            return storage.stat_object(self.url, self.options)
+        from fsspec.asyn import sync  # noqa: PLC0415  (an extra's dependency, loaded on use)
+
+        bucket, _, key = self.path.partition("/")
+        answer = storage.retried(
+            lambda: sync(self.fs.loop, self.fs._call_s3, "head_object", Bucket=bucket, Key=key),
+            self.url,
+            "HEAD",
+        )
+        info = dict(answer)
+        date = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        with suppress(TypeError, ValueError):
+            info[STORE_NOW] = parsedate_to_datetime(date)
+        return info
 
     def _take_over(self, info: Mapping[str, Any]) -> bool:
         """Overwrite an expired lock only if it is still the version we saw."""
+        sent = time.monotonic()
         try:
             if not self.conditional_overwrite:
                 self.fs.rm_file(self.path)  # then race for the create like a fresh start
@@ -262,7 +299,7 @@ class Lease:
                 raise
             return False  # another run took it over first (the precondition failed)
         self.version = _etag(response) or self._version()
-        self.renewed_at = time.monotonic()
+        self.renewed_at = sent
         return True
 
     def _overwrite_if(self, version: str) -> Any:
@@ -284,14 +321,37 @@ class Lease:
             self.renew()
 
     def renew(self) -> None:
+        sent = time.monotonic()
+        self.renewals += 1
+        self._sent_at = {n: t for n, t in self._sent_at.items() if sent - t < self.lease_s}
+        self._sent_at[self.renewals] = sent
         try:
             response = self._overwrite_if(str(self.version))
             self.version = _etag(response) or self._version()
-            self.renewed_at = time.monotonic()
+            self.renewed_at = sent
         except Exception as exc:
-            if storage.is_permanent(exc):
+            if storage.is_transient(exc):
+                return  # tried again at the next renewal, well within the lease
+            if not self._adopt_own_write():
                 self.lost = "another run took over this run's lock (its lease had expired)"
-            # a transient failure is retried at the next renewal, well within the lease
+
+    def _adopt_own_write(self) -> bool:
+        """Whether the lock holds a renewal of this run whose answer was lost on the way (it
+        landed, so the next If-Match failed): then the lease counts from when that one was
+        sent, and its version is the one to renew."""
+        try:
+            held = self._held()
+        except Exception:
+            return False
+        if held is None:
+            return False
+        info, holder = held
+        sent = self._sent_at.get(holder.get("renewals", -1))
+        version = str(info.get("ETag") or info.get("etag") or "")
+        if holder.get("token") != self.token or sent is None or not version:
+            return False
+        self.version, self.renewed_at = version, sent
+        return True
 
     def check(self) -> None:
         """Raise before committing anything once the lock is no longer this run's, or may not
@@ -383,13 +443,17 @@ class BucketDatasetWriter(DatasetWriter):
         current.commit({"part_rows": current.rows})
         self._current = None
         relative = current.path.relative_to(self.root).as_posix()
-        self.lease.check()
         try:
-            storage.put_file(str(current.path), f"{self.url}/{relative}", self.options)
+            storage.put_file(
+                str(current.path), f"{self.url}/{relative}", self.options, fence=self.lease.check
+            )
         finally:
             current.path.unlink(missing_ok=True)
         self.parts.append(relative)
         self.committed_rows += current.rows
+
+    def fence(self) -> None:
+        self.lease.check()
 
     def part_location(self, index: int) -> str:
         """Where a Dask worker uploads part `index`: its URL."""

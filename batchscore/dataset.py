@@ -203,6 +203,10 @@ class DatasetWriter:
         """Where another process (a Dask worker) writes part `index`: an absolute path."""
         return os.path.abspath(self.part_path(index))
 
+    def fence(self) -> None:
+        """Raise WriteFailed when this run may no longer commit. A local dataset's flock holds
+        until the process dies, so nothing to check here; a bucket's lease may run out."""
+
     def add_part(self, index: int, rows: int) -> None:
         """Record part `index` of `rows` rows, committed by another process (a Dask worker)."""
         self.parts.append(self.part_path(index).relative_to(self.root).as_posix())

@@ -325,11 +325,20 @@ def _s3_pages(fs: Any, path: str, url: str, prefix: str) -> Iterator[tuple[str, 
         request["ContinuationToken"] = token
 
 
-def put_file(local: str, url: str, options: StorageOptions) -> None:
+def put_file(
+    local: str, url: str, options: StorageOptions, fence: Callable[[], None] | None = None
+) -> None:
     """Upload a finished local file as one object: readers see all of it or nothing (a
-    multipart upload becomes visible only when completed)."""
+    multipart upload becomes visible only when completed). `fence` runs before every attempt
+    and raises WriteFailed when the upload may no longer land (the lock's lease is gone)."""
     fs, path = filesystem(url, options)
-    _written(lambda: fs.put_file(local, path), url)
+
+    def attempt() -> None:
+        if fence is not None:
+            fence()
+        fs.put_file(local, path)
+
+    _written(attempt, url)
 
 
 def put_bytes(url: str, data: bytes, options: StorageOptions) -> None:
@@ -342,6 +351,8 @@ def _written(action: Callable[[], object], url: str) -> None:
     line, exit 1 (a store that stopped answering says so in it)."""
     try:
         retried(action, url, "PUT")
+    except WriteFailed:
+        raise
     except StoreUnavailable as exc:
         raise WriteFailed(str(exc)) from exc
     except Exception as exc:

@@ -59,7 +59,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-FAULT_KINDS = ("slowdown", "forbidden", "reset", "timeout", "disconnect")
+FAULT_KINDS = ("slowdown", "forbidden", "reset", "timeout", "disconnect", "lost")
 
 # Real S3 error replies, so clients run their actual error parsing and retry classification.
 S3_ERRORS: dict[str, tuple[int, str, str, str]] = {
@@ -531,6 +531,9 @@ class _ProxyHandler(_Handler):
         fault = proxy._take_fault(self.command, self.path)
         if fault is None:
             self.forward(proxy, body)
+        elif fault.kind == "lost":  # the request lands upstream; its answer never comes back
+            self.forward(proxy, body, relay=False)
+            self.reset_connection()
         elif fault.kind in S3_ERRORS:
             status, reason, code, message = S3_ERRORS[fault.kind]
             self.send_bytes(
@@ -546,8 +549,9 @@ class _ProxyHandler(_Handler):
                 proxy._closing.wait(fault.delay_s)
             self.reset_connection()
 
-    def forward(self, proxy: FaultProxy, body: bytes) -> None:
-        """Replay the request upstream on a fresh connection and relay the reply, whole."""
+    def forward(self, proxy: FaultProxy, body: bytes, *, relay: bool = True) -> None:
+        """Replay the request upstream on a fresh connection and relay the reply, whole
+        (or drop it, `relay=False`)."""
         listed = {
             token.strip().lower()
             for value in self.headers.get_all("Connection", [])
@@ -578,6 +582,8 @@ class _ProxyHandler(_Handler):
             return
         finally:
             conn.close()
+        if not relay:
+            return
         self.send_response_only(response.status, response.reason)
         for name, value in _relayable(response.getheaders()):
             self.send_header(name, value)
@@ -660,7 +666,8 @@ class FaultProxy(_ThreadedServer):
 
         kind: "slowdown" (503 SlowDown XML), "forbidden" (403 AccessDenied XML), "reset" (TCP
         RST, no reply), "timeout" (no reply for `delay_s`, then RST), "disconnect" (clean FIN,
-        no reply: clients raise a different exception than for a reset). HEAD gets the error
+        no reply: clients raise a different exception than for a reset), "lost" (forwarded:
+        the write lands upstream, then RST instead of its reply). HEAD gets the error
         status without a body, as from S3. Faults are checked in the order added; the first
         that applies is used up."""
         if kind not in FAULT_KINDS:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import suppress
+from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +33,13 @@ from PIL import Image
 from batchscore import storage
 from batchscore.bucket import STAGING_PREFIX, Lease
 from batchscore.cli import cli
-from batchscore.errors import LockHeld
+from batchscore.errors import LockHeld, WriteFailed
 from batchscore.incremental import done_condition
 from tests.conftest import COLORS, noisy
 from tests.models import color_model
 from tests.object_store import (
     AZURITE_ACCOUNT,
+    AZURITE_KEY,
     Bucket,
     Container,
     FaultProxy,
@@ -385,6 +387,134 @@ def race(leases: list[Lease]) -> list[Lease]:
     return won
 
 
+def _lease(bucket: Bucket, lease_s: float = 60) -> Lease:
+    return Lease(bucket.uri("preds"), {}, lease_s)
+
+
+def _stop_renewing(lease: Lease) -> None:
+    lease._stop.set()
+    if lease._renewer is not None:
+        lease._renewer.join()
+
+
+def test_a_renewal_changes_the_version_a_taker_read(s3: Bucket) -> None:
+    """A renewal rewrote the same body, so the lock's ETag never changed: a run that read the
+    lock before a renewal still took it over with If-Match after it."""
+    holder = _lease(s3)
+    holder.acquire(wait=False)
+    _stop_renewing(holder)
+    taker = _lease(s3)
+    held = taker._held()
+    assert held is not None
+    seen, _ = held
+    holder.renew()
+    assert holder.lost is None
+    assert str(seen.get("ETag")) != holder.version
+    assert taker._take_over(seen) is False  # the version it read is gone
+    holder.check()  # still the holder's
+
+
+def clock_ahead(seconds: float) -> type[datetime]:
+    """`datetime` as seen on a host whose clock is `seconds` ahead (isinstance still works)."""
+
+    class Meta(type):
+        def __instancecheck__(cls, instance: object) -> bool:
+            return isinstance(instance, datetime)
+
+    class Ahead(datetime, metaclass=Meta):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]
+            return datetime.now(tz) + timedelta(seconds=seconds)
+
+    return Ahead
+
+
+def test_a_host_whose_clock_runs_ahead_cannot_take_a_live_lease(
+    s3: Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Expiry was judged by the taker's own clock: a host 301 s ahead took a 300 s lease from
+    a run that was alive. On S3 it is the store's clock (Date against Last-Modified) now."""
+    holder = _lease(s3, lease_s=300)
+    holder.acquire(wait=False)
+    try:
+        monkeypatch.setattr("batchscore.bucket.datetime", clock_ahead(301))
+        taker = Lease(s3.uri("preds"), {}, 300)
+        with pytest.raises(LockHeld):
+            taker.acquire(wait=False)
+        holder.check()
+    finally:
+        holder.release()
+
+
+def test_a_renewal_that_landed_but_lost_its_answer_keeps_the_lease(
+    s3: Bucket, proxy: FaultProxy
+) -> None:
+    """The next If-Match then fails (412): the run read that as "another run took over" and
+    stopped, though the lock was its own. It reads the lock back and finds its own write."""
+    holder = _lease(s3)
+    holder.acquire(wait=False)
+    _stop_renewing(holder)
+    proxy.add_fault("_batchscore.lock", "lost", times=1, method="PUT")
+    holder.renew()  # lands, answer lost: transient, the version it knows is now stale
+    assert proxy.count("_batchscore.lock", "PUT") >= 2
+    holder.renew()  # If-Match on the stale version: 412, then the lock is read back
+    assert holder.lost is None
+    holder.check()
+    holder.renew()  # and renewing goes on from the adopted version
+    assert holder.lost is None
+    holder.release()
+    assert "preds/_batchscore.lock" not in s3.keys("preds/")
+
+
+def test_on_azure_a_renewal_that_landed_but_lost_its_answer_keeps_the_lease(
+    azure: Container, azurite_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Azure answers every write with a new ETag: when a renewal landed but its answer was
+    lost, the next If-Match got 412 and the run exited 1 saying another run took over, though
+    the lock was its own. It now reads the lock back and finds its own token and counter."""
+    import adlfs
+
+    server, _, account = azurite_endpoint.rpartition("/")
+    with FaultProxy(server) as front:
+        monkeypatch.setenv(
+            "AZURE_STORAGE_CONNECTION_STRING",
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+            f"AccountKey={AZURITE_KEY};BlobEndpoint={front.url}/{account};",
+        )
+        adlfs.AzureBlobFileSystem.clear_instance_cache()
+        holder = Lease(azure.uri("preds"), {}, 60)
+        holder.acquire(wait=False)
+        _stop_renewing(holder)
+        front.add_fault("_batchscore.lock", "lost", times=1, method="PUT")
+        holder.renew()  # lands, its answer is lost
+        holder.renew()  # If-Match on the version before it: 412
+        assert holder.lost is None
+        holder.check()
+        holder.renew()
+        assert holder.lost is None
+        holder.release()
+    adlfs.AzureBlobFileSystem.clear_instance_cache()
+    assert [k for k in azure.keys("preds/") if "lock" in k] == []
+
+
+def test_a_part_upload_stops_retrying_once_the_lease_may_be_gone(
+    s3: Bucket, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A part upload used to retry for minutes with no fence, past the lease. The lease is
+    checked before every attempt: once it may have passed, nothing more is sent."""
+    holder = _lease(s3, lease_s=1.0)
+    holder.acquire(wait=False)
+    _stop_renewing(holder)  # its renewals stop landing
+    local = tmp_path / "part.parquet"
+    local.write_bytes(b"PAR1" * 1000)
+    proxy.add_fault("preds/part-x", "slowdown", times=-1, method="PUT")
+    with pytest.raises(WriteFailed, match="could not renew this run's lock"):
+        storage.put_file(str(local), s3.uri("preds/part-x.parquet"), {}, fence=holder.check)
+    attempts = proxy.count("preds/part-x", "PUT")
+    assert 1 <= attempts < storage.ATTEMPTS  # stopped by the fence, not by the retry limit
+    assert "preds/part-x.parquet" not in s3.keys("preds/")
+
+
 def command(source: str, output: str, model: str, *extra: str) -> list[str]:
     return [
         *(sys.executable, "-m", "batchscore", "score", source, "-o", output),
@@ -482,6 +612,27 @@ def test_the_dask_engine_reads_and_writes_the_bucket_with_no_shared_directory(
     check_exactly_once(s3, truth)
     assert list(tmp_path.iterdir()) == []  # nothing written on this machine's disk
     assert not [k for k in s3.keys("preds/") if "/." in k]  # no token or check object left
+
+
+@pytest.mark.slow
+def test_on_dask_no_partition_starts_once_the_lease_may_be_gone(
+    s3: Bucket, proxy: FaultProxy, model: str, tmp_path: Path
+) -> None:
+    """The Dask bucket path never checked the lease: a run whose renewals all failed went on
+    committing parts after another run could have taken the lock."""
+    seed(s3, "uploads/", 30)
+    argv = command(s3.uri("uploads/"), s3.uri("preds/"), model, "--engine", "dask")
+    argv += ["--lock-lease", "2", "--part-rows", "10"]
+    with running(argv) as process:
+        deadline = time.monotonic() + 30
+        while "preds/_batchscore.lock" not in s3.keys("preds/"):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        proxy.add_fault("_batchscore.lock", "slowdown", times=-1, method="PUT")  # no renewal
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr
+    assert "could not renew this run's lock for most of its lease" in stderr
+    assert parts(s3, "preds/") == []
 
 
 def test_a_single_file_output_and_a_canary_report_go_to_the_bucket(s3: Bucket, model: str) -> None:

@@ -465,6 +465,7 @@ def _stream(
     def submit_more() -> None:
         limit = _slots(client)  # again each time: workers may come and go
         while completed.count() < limit and not stop():
+            sink.fence()  # no partition starts once the lock may be another run's
             item = next(partitions, None)
             if item is None:
                 return

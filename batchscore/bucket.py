@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from batchscore import storage
@@ -47,9 +48,11 @@ from batchscore.dataset import (
     LOCK_NAME,
     RUNS_DIR,
     DatasetWriter,
+    attempt_prefix,
     part_files,
     read_summaries,
     summary_name,
+    write_summary,
 )
 from batchscore.errors import BatchscoreError, LockHeld, OutputError, WriteFailed
 from batchscore.files import process_alive
@@ -156,6 +159,49 @@ def dataset_summaries(location: str | Path, options: StorageOptions) -> list[dic
                 f"cannot read {redact_url(location)}: {storage.failure(exc)}"
             ) from exc
     return read_summaries(Path(location))
+
+
+def settle_dead_attempts(location: str | Path, options: StorageOptions) -> int:
+    """Summaries still `running` belong to attempts that died (this run holds the lock): each
+    becomes `killed`, with what its parts hold (found by the attempt in their names), so that
+    `batchscore runs` adds up to what the dataset holds. Call only while holding the lock."""
+    try:
+        summaries = dataset_summaries(location, options)
+    except OutputError:  # a new dataset: nothing in it yet
+        return 0
+    dead = [s for s in summaries if s.get("status") == "running"]
+    if not dead:
+        return 0
+    everything = dataset_parts(location, options)
+    for summary in dead:
+        prefix = attempt_prefix(summary)
+        mine = [p for p in everything.paths if p.rsplit("/", 1)[-1].startswith(prefix)]
+        status = (
+            Parts(mine, everything.filesystem).dataset().to_table(columns=["status"])
+            if mine
+            else pa.table({"status": pa.array([], pa.string())})
+        ).column("status")
+        n_ok = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
+        root = str(location).rstrip("/")
+        settled = {
+            **summary,
+            "status": "killed",
+            "parts": sorted(p.split(f"{root}/", 1)[-1] for p in mine),
+            "n_images": len(status),
+            "n_ok": n_ok,
+            "n_errors": len(status) - n_ok,
+            "n_committed": len(status),
+        }
+        _put_summary(location, settled, options)
+    return len(dead)
+
+
+def _put_summary(location: str | Path, summary: Mapping[str, Any], options: StorageOptions) -> None:
+    if isinstance(location, Path) or not is_url(location):
+        write_summary(Path(location), summary)
+        return
+    data = json.dumps(summary, indent=2, sort_keys=True, default=str).encode()
+    storage.put_bytes(f"{location.rstrip('/')}/{RUNS_DIR}/{summary_name(summary)}", data, options)
 
 
 class Lease:
@@ -464,10 +510,7 @@ class BucketDatasetWriter(DatasetWriter):
         return f"{self.url}/{self.partition.relative_to(self.root).as_posix()}"
 
     def _write_summary(self, record: Mapping[str, Any]) -> None:
-        summary = self.summary(record)
-        data = json.dumps(summary, indent=2, sort_keys=True, default=str).encode()
-        url = f"{self.url}/{RUNS_DIR}/{summary_name(summary)}"
-        storage.put_bytes(url, data, self.options)
+        _put_summary(self.url, self.summary(record), self.options)
 
     def finish(self, record: Mapping[str, Any]) -> None:
         with _removed_after(self.staging):

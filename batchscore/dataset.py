@@ -140,6 +140,11 @@ class DatasetWriter:
         with output_errors(root):
             self.partition.mkdir(parents=True, exist_ok=True)
 
+    def begin(self, record: Mapping[str, Any]) -> None:
+        """Record the attempt as `running` before any part: if it is killed, the next run
+        finds this summary and counts what the attempt committed (`bucket.settle_dead_attempts`)."""
+        self._write_summary(record)
+
     def write(self, batch: pa.RecordBatch) -> None:
         if self._current is None:
             path = self.part_path(len(self.parts))
@@ -211,6 +216,11 @@ class DatasetWriter:
         """Record part `index` of `rows` rows, committed by another process (a Dask worker)."""
         self.parts.append(self.part_path(index).relative_to(self.root).as_posix())
         self.committed_rows += rows
+
+
+def attempt_prefix(summary: Mapping[str, Any]) -> str:
+    """How the names of an attempt's parts start."""
+    return f"part-{summary['run_id']}-{summary['attempt']}-"
 
 
 def summary_name(summary: Mapping[str, Any]) -> str:

@@ -29,6 +29,7 @@ from batchscore.bucket import (
     Lease,
     bucket_lock,
     remove_stale_bucket_temporaries,
+    settle_dead_attempts,
 )
 from batchscore.dataset import DatasetWriter, is_dataset_path, output_lock, remove_stale_temporaries
 from batchscore.engines import RunContext, engine
@@ -185,6 +186,7 @@ def score(
             remove_stale_temporaries(root)
         else:
             remove_stale_bucket_temporaries(root, options)
+        settle_dead_attempts(root, options)
         done = load_done(
             root,
             specs[0].sha256,
@@ -253,12 +255,12 @@ def _run(
     sink = _open_sink(
         output, output_schema(layout), metadata, run_id, settings, dataset=done, lease=lease
     )
+    started_at = datetime.now(timezone.utc)
     scored = engine(settings.engine)
     assumed = tuple(note for s in specs for note in s.notes if note.startswith("assumed"))
     stats = RunStats()
     skips = SkipCounter()
     stop = StopFlag()
-    started_at = datetime.now(timezone.utc)
     started = time.perf_counter()
     refs = with_fingerprints(
         iter_refs(opened),
@@ -288,6 +290,8 @@ def _run(
         return summary, record
 
     try:
+        if isinstance(sink, DatasetWriter):
+            sink.begin(summarize("running")[1])
         with stop.installed(), _progress(opened, settings.progress) as bar:
             context = RunContext(specs, settings, layout, run_id)
             for batch in scored(refs, context, sink, stop):

@@ -149,6 +149,11 @@ def test_kill_9_at_any_moment_then_the_same_command_finishes(
     )
     assert expected in done.stderr
     check_dataset(dataset, complete=True)
+    # `runs` adds up: each killed attempt was found by the next run and counted from its parts
+    summaries = read_summaries(dataset)
+    assert sum(int(s["n_committed"]) for s in summaries) == N_IMAGES
+    assert {s["status"] for s in summaries} <= {"killed", "complete"}
+    assert "running" not in {s["status"] for s in summaries}
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ def format_runs(summaries: list[dict[str, Any]]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON lines.")
 @click.option(
     "--status",
-    type=click.Choice(["complete", "interrupted", "failed"]),
+    type=click.Choice(["running", "complete", "interrupted", "failed", "killed"]),
     default=None,
     help="Only the runs that ended so.",
 )

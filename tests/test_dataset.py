@@ -194,10 +194,10 @@ def test_runs_lists_summaries(
     code, output = run("runs", str(dataset))
     assert code == 0
     lines = output.strip().splitlines()
-    assert lines[0].split()[:3] == ["run", "status", "model"]
+    assert lines[0].split()[:4] == ["run", "attempt", "status", "model"]
     assert len(lines) == 3
-    assert lines[1].split()[1] == "complete" and lines[1].split()[3] == "3"
-    assert lines[2].split()[6] == "3"  # skipped
+    assert lines[1].split()[2] == "complete" and lines[1].split()[4] == "3"
+    assert lines[2].split()[7] == "3"  # skipped
     code, output = run("runs", str(dataset), "--json")
     assert [json.loads(line)["n_images"] for line in output.splitlines()] == [3, 0]
 
@@ -218,6 +218,8 @@ def test_two_nights_with_one_run_id_keep_both_nights(
     assert set(frame["run_id"]) == {"n"}
     code, output = run("runs", str(dataset), "--field", "run_id,status,n_committed")
     assert output.splitlines() == ["n\tcomplete\t3", "n\tcomplete\t3"]
+    code, output = run("runs", str(dataset), "--field", "run_id,committed")
+    assert code == 2 and "no field committed in these summaries" in output
 
 
 def test_incremental_needs_a_dataset(

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import suppress
-from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +45,7 @@ from tests.object_store import (
     StaticServer,
     free_port,
 )
+from tests.schedules import clock_ahead
 from tests.test_resume import running
 
 NAMES = list(COLORS)
@@ -412,21 +412,6 @@ def test_a_renewal_changes_the_version_a_taker_read(s3: Bucket) -> None:
     assert str(seen.get("ETag")) != holder.version
     assert taker._take_over(seen) is False  # the version it read is gone
     holder.check()  # still the holder's
-
-
-def clock_ahead(seconds: float) -> type[datetime]:
-    """`datetime` as seen on a host whose clock is `seconds` ahead (isinstance still works)."""
-
-    class Meta(type):
-        def __instancecheck__(cls, instance: object) -> bool:
-            return isinstance(instance, datetime)
-
-    class Ahead(datetime, metaclass=Meta):
-        @classmethod
-        def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]
-            return datetime.now(tz) + timedelta(seconds=seconds)
-
-    return Ahead
 
 
 def test_a_host_whose_clock_runs_ahead_cannot_take_a_live_lease(

@@ -226,6 +226,28 @@ def test_a_signal_commits_the_work_done_and_says_how_to_resume(
 
 
 @pytest.mark.slow
+def test_a_signal_during_start_up_says_so_in_one_line(
+    tmp_path: Path, images: Path, model: Path
+) -> None:
+    """Before the run installs its own handlers (imports, lock, model: over a second), a
+    SIGTERM used to end it with a bare 143 and nothing in the log."""
+    dataset = tmp_path / "preds"
+    with running(command(images, dataset, model)) as process:
+        time.sleep(0.6)  # batchscore.cli is imported; the scoring stack is not yet
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines() == [
+        "batchscore: error: stopped by signal 15 before or after its work: nothing more was"
+        " written; run the same command again to finish"
+    ]
+    argv = command(images, dataset, model)
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    check_dataset(dataset, complete=True)
+
+
+@pytest.mark.slow
 def test_a_killed_worker_does_not_kill_the_job(tmp_path: Path, images: Path, model: Path) -> None:
     dataset = tmp_path / "preds"
     with running(command(images, dataset, model, "--batch-size", "2")) as process:

@@ -7,6 +7,7 @@ Nothing heavy is imported until a command runs: `batchscore --help` needs only C
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import click
@@ -19,7 +20,7 @@ from batchscore.cli.monitor import monitor_command
 from batchscore.cli.quantize import quantize_command
 from batchscore.cli.runs import runs_command
 from batchscore.cli.score import score_command
-from batchscore.errors import BatchscoreError, exit_codes_help
+from batchscore.errors import BatchscoreError, Interrupted, exit_codes_help
 
 
 class BatchscoreGroup(click.Group):
@@ -48,7 +49,24 @@ def cli() -> None:
 
 
 def main() -> None:
+    stop_on_signals()
     cli()
+
+
+def stop_on_signals() -> None:
+    """Until a run installs its own handlers (after its imports, the lock and the model, over
+    a second), SIGTERM and SIGINT end the command with its one line and exit code, instead of
+    a silent 143 that a cron log cannot explain."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Interrupted(
+            f"stopped by signal {signum} before or after its work: nothing more was written;"
+            " run the same command again to finish",
+            signum,
+        )
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
 
 
 cli.add_command(score_command)

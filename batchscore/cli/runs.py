@@ -11,6 +11,7 @@ from batchscore.cli.options import parse_storage_options, storage_option_flag
 
 COLUMNS = (
     ("run_id", "run"),
+    ("attempt", "attempt"),
     ("status", "status"),
     ("model_sha256", "model"),
     ("n_images", "images"),
@@ -70,9 +71,9 @@ def runs_command(
 ) -> None:
     """List the runs that wrote a dataset directory, oldest first.
 
-    Each run's summary (DIR/_runs/RUN_ID.json) holds its counts by status and error reason,
-    speed, class distribution, mean top-1 probability and the share of low-confidence
-    predictions: compare them night over night to spot drift.
+    Each attempt's summary (DIR/_runs/RUN_ID.ATTEMPT.json) holds its counts by status and
+    error reason, the rows it committed, speed, class distribution, mean top-1 probability
+    and the share of low-confidence predictions: compare them night over night to spot drift.
 
     Example:
 
@@ -88,6 +89,14 @@ def runs_command(
         summaries = [s for s in summaries if s.get("status") == status]
     if field is not None:
         names = [name.strip() for name in field.split(",")]
+        known = {key for summary in summaries for key in summary}
+        unknown = [name for name in names if summaries and name not in known]
+        if unknown:
+            raise click.BadParameter(
+                f"no field {', '.join(unknown)} in these summaries; they have:"
+                f" {', '.join(sorted(known))}",
+                param_hint="--field",
+            )
         for summary in summaries:
             values = [summary.get(name) for name in names]
             click.echo("\t".join(v if isinstance(v, str) else json.dumps(v) for v in values))

@@ -79,7 +79,8 @@ from batchscore.settings import (
     type=click.IntRange(min=1),
     default=DEFAULT_PART_ROWS,
     show_default=True,
-    help="Dataset output: commit a part every this many rows.",
+    help="Dataset output: commit a part once it holds this many rows (whole batches: a part"
+    " may hold up to a batch more).",
 )
 @click.option(
     "--part-seconds",

@@ -22,6 +22,7 @@ about 16 MB for a million images.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -128,13 +129,23 @@ def load_done(
     written before batchscore recorded it count as the same). `root` may be a bucket URL.
     A dataset that cannot be read is one line, exit 2, before any image is scored."""
     condition = (pc.field("model_sha256") == model_sha256) & done_condition(include_errors)
-    try:
-        files = dataset_parts(root, storage_options or {})
-        hashes = _done_keys(files, condition, use_fingerprint, setup_sha256)
-    except (OSError, pa.ArrowException, StoreUnavailable) as exc:
-        shown = written_name(str(root))
-        raise OutputError(f"cannot read what {shown} holds: {storage.failure(exc)}") from exc
-    return DoneSet(hashes, use_fingerprint)
+    # In a bucket the parts are read through pyarrow and the store's fsspec client, outside
+    # `storage.retried`, and s3fs reports a throttled HEAD (503) as a missing object: a part
+    # listed a moment ago, which no other run may delete while this one holds the lock, is
+    # read again after a backoff, like every other request, before the run gives up.
+    attempts = storage.ATTEMPTS if is_url(str(root)) else 1
+    for attempt in range(attempts):
+        try:
+            files = dataset_parts(root, storage_options or {})
+            hashes = _done_keys(files, condition, use_fingerprint, setup_sha256)
+            return DoneSet(hashes, use_fingerprint)
+        except (OSError, pa.ArrowException, StoreUnavailable) as exc:
+            if attempt == attempts - 1:
+                shown = written_name(str(root))
+                failed = storage.failure(exc)
+                raise OutputError(f"cannot read what {shown} holds: {failed}") from exc
+            time.sleep(storage.BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 # What rows written before the `unavailable` status said when the store, not the image, failed.

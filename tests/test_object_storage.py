@@ -299,6 +299,22 @@ def test_a_store_fault_is_never_recorded_as_done_an_image_fault_is(
     assert "nothing new to score" in invoke(*nightly).output
 
 
+def test_throttled_reads_of_the_dataset_s_own_parts_are_retried(
+    s3: Bucket, proxy: FaultProxy, model: str
+) -> None:
+    """Found by the fault schedules (seed 100017): reading what the dataset holds goes through
+    pyarrow and s3fs, which reported a 503 on a part's HEAD as a missing object, and the run
+    exited 2, "cannot read what ... holds: object not found (404)"."""
+    seed(s3, "uploads/", 4)
+    args = ("score", s3.uri("uploads/"), "-o", s3.uri("preds/"), "--model", model)
+    assert invoke(*args, "--workers", "0").exit_code == 0
+    proxy.add_fault("preds/run_date", "slowdown", times=4)
+    again = invoke(*args, "--workers", "0")
+    assert again.exit_code == 0, again.output
+    assert "nothing new to score (4 images already scored)" in again.output
+    assert proxy.count("preds/run_date") >= 5
+
+
 def test_rows_a_store_failed_before_this_version_are_not_done() -> None:
     """Error rows that older versions wrote for a store's failure are tried again too."""
     table = pa.table(

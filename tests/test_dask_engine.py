@@ -331,7 +331,7 @@ def test_a_partition_commits_once_under_its_own_name(
             plugin.score_partition(str(sink.partition / "gone" / "part.parquet"), refs)
     assert counts[0].equals(counts[1])
     assert counts[0].schema.names == ["status", "error", "pred_label", "pred_prob"]
-    assert [p.name for p in part_files(sink.root)] == ["part-run-1-00003.parquet"]
+    assert [p.name for p in part_files(sink.root)] == [f"part-run-1-{sink.attempt}-00003.parquet"]
     assert pq.read_table(sink.part_path(3))["image_id"].to_pylist() == [r.image_id for r in refs]
     assert not list(sink.partition.glob(".*"))
 
@@ -339,7 +339,7 @@ def test_a_partition_commits_once_under_its_own_name(
     # started (which removes the dead run's token): it must not commit.
     with pytest.raises(BatchscoreError, match="partition not committed"):
         plugin.score_partition(sink.part_location(4), refs)
-    assert [p.name for p in part_files(sink.root)] == ["part-run-1-00003.parquet"]
+    assert [p.name for p in part_files(sink.root)] == [f"part-run-1-{sink.attempt}-00003.parquet"]
     assert not list(sink.partition.glob(".*"))
 
 

@@ -7,6 +7,7 @@ Nothing heavy is imported until a command runs: `batchscore --help` needs only C
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -20,7 +21,7 @@ from batchscore.cli.monitor import monitor_command
 from batchscore.cli.quantize import quantize_command
 from batchscore.cli.runs import runs_command
 from batchscore.cli.score import score_command
-from batchscore.errors import BatchscoreError, Interrupted, exit_codes_help
+from batchscore.errors import BatchscoreError, exit_codes_help
 
 
 class BatchscoreGroup(click.Group):
@@ -55,15 +56,19 @@ def main() -> None:
 
 def stop_on_signals() -> None:
     """Until a run installs its own handlers (after its imports, the lock and the model, over
-    a second), SIGTERM and SIGINT end the command with its one line and exit code, instead of
-    a silent 143 that a cron log cannot explain."""
+    a second) and after it restores them, SIGTERM and SIGINT end the command at once with its
+    one line and exit code, instead of a silent 143 that a cron log cannot explain. At once,
+    as a kill would: an exception raised at an arbitrary point would be caught on its way out
+    and reported as something else (a model that "cannot load"). What the run committed stays;
+    what it left half-written is what a kill leaves, and the next run clears it."""
 
     def handler(signum: int, _frame: object) -> None:
-        raise Interrupted(
-            f"stopped by signal {signum} before or after its work: nothing more was written;"
-            " run the same command again to finish",
-            signum,
+        line = (
+            f"batchscore: error: stopped by signal {signum} before or after its work: nothing"
+            " more was written; run the same command again to finish\n"
         )
+        os.write(2, line.encode())
+        os._exit(128 + signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)

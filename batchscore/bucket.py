@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from batchscore import storage
@@ -60,6 +59,7 @@ from batchscore.names import is_url, redact_url
 from batchscore.output import FileSink
 from batchscore.settings import DEFAULT_LEASE_S
 from batchscore.storage import StorageOptions
+from batchscore.summary import STATS_COLUMNS, RunStats
 
 RENEWALS_PER_LEASE = 5  # a lease survives four renewals failing in a row
 STORE_NOW = "batchscore_store_now"  # the store's own time, where it said it (S3's Date)
@@ -173,24 +173,22 @@ def settle_dead_attempts(location: str | Path, options: StorageOptions) -> int:
     if not dead:
         return 0
     everything = dataset_parts(location, options)
+    root = str(location).rstrip("/")
     for summary in dead:
         prefix = attempt_prefix(summary)
         mine = [p for p in everything.paths if p.rsplit("/", 1)[-1].startswith(prefix)]
-        status = (
-            Parts(mine, everything.filesystem).dataset().to_table(columns=["status"])
-            if mine
-            else pa.table({"status": pa.array([], pa.string())})
-        ).column("status")
-        n_ok = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
-        root = str(location).rstrip("/")
+        stats = RunStats()  # what the attempt's own summary would have counted
+        if mine:
+            for batch in (
+                Parts(mine, everything.filesystem).dataset().to_batches(columns=list(STATS_COLUMNS))
+            ):
+                stats.add(batch)
         settled = {
             **summary,
+            **stats.as_dict(),
             "status": "killed",
             "parts": sorted(p.split(f"{root}/", 1)[-1] for p in mine),
-            "n_images": len(status),
-            "n_ok": n_ok,
-            "n_errors": len(status) - n_ok,
-            "n_committed": len(status),
+            "n_committed": stats.n_images,
         }
         _put_summary(location, settled, options)
     return len(dead)

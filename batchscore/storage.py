@@ -64,6 +64,10 @@ _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 _TRANSIENT_NAME = re.compile(r"Timeout|Connect|Disconnect|Reset|IncompleteRead|Payload|Throttl")
 
 
+class ObjectTooLarge(ValueError):
+    """An object bigger than MAX_OBJECT_BYTES: that image's own problem, not the store's."""
+
+
 def scheme(url: str) -> str:
     return url.partition("://")[0].lower()
 
@@ -89,8 +93,8 @@ def check_url(url: str) -> None:
     if not authority(url):
         kind = "host" if name in ("http", "https") else "bucket"
         raise ConfigError(f"{redact_url(url)}: no {kind} name after {name}://")
-    _, module, extra = SCHEMES[name]
-    if find_spec(module) is None:
+    if missing_extra(url):
+        extra = SCHEMES[name][2]
         raise ConfigError(
             f"{name}:// needs batchscore's '{extra}' extra (from a checkout: pip install"
             f" '.[{extra}]'; docs/object-storage.md)"
@@ -106,9 +110,7 @@ def is_image_fault(exc: BaseException) -> bool:
     """Whether a failed read says something about the object itself, which no retry changes:
     missing (404, 410), a prefix and not an object, too large. Anything else (a 403, a 5xx,
     no credentials, a client error) may pass, so the row is never counted as done."""
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError)):
-        return True
-    if isinstance(exc, ValueError) and str(exc).startswith("object larger than"):
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, ObjectTooLarge)):
         return True
     return status_of(exc) in (404, 410)
 
@@ -244,7 +246,7 @@ def retried(action: Callable[[], T], url: str, what: str, attempts: int = ATTEMP
 
 
 def read_object(url: str, options: StorageOptions) -> bytes:
-    """The bytes of one object, at most MAX_OBJECT_BYTES (a bigger one raises ValueError)."""
+    """The bytes of one object, at most MAX_OBJECT_BYTES (a bigger one raises ObjectTooLarge)."""
     fs, path = filesystem(url, options)
     try:
         data: bytes = retried(
@@ -255,7 +257,7 @@ def read_object(url: str, options: StorageOptions) -> bytes:
             return b""
         raise
     if len(data) > MAX_OBJECT_BYTES:
-        raise ValueError(f"object larger than {MAX_OBJECT_BYTES >> 20} MiB")
+        raise ObjectTooLarge(f"object larger than {MAX_OBJECT_BYTES >> 20} MiB")
     return data
 
 

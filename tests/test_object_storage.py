@@ -315,6 +315,21 @@ def test_throttled_reads_of_the_dataset_s_own_parts_are_retried(
     assert proxy.count("preds/run_date") >= 5
 
 
+@pytest.mark.parametrize(
+    ("failure", "image_fault"),
+    [
+        (FileNotFoundError("gone"), True),
+        (IsADirectoryError("a prefix"), True),
+        (storage.ObjectTooLarge("object larger than 512 MiB"), True),
+        (PermissionError("403"), False),
+        (ConnectionResetError("reset"), False),
+        (ValueError("a client's own error"), False),
+    ],
+)
+def test_which_failed_reads_are_the_image_s_own(failure: Exception, image_fault: bool) -> None:
+    assert storage.is_image_fault(failure) is image_fault
+
+
 def test_rows_a_store_failed_before_this_version_are_not_done() -> None:
     """Error rows that older versions wrote for a store's failure are tried again too."""
     table = pa.table(

@@ -404,8 +404,9 @@ def _shared_token(sink: DatasetWriter) -> Iterator[tuple[str, str]]:
     """A file only this run can have written: a worker that reads it sees the same storage.
     Named like a part temporary, so the next run removes it if this one dies."""
     value = uuid.uuid4().hex
+    name = f".part-{sink.run_id}-{sink.attempt}-shared.tmp"
     if isinstance(sink, BucketDatasetWriter):
-        url = f"{sink.partition_url}/.part-{sink.run_id}-{sink.attempt}-shared.tmp"
+        url = f"{sink.partition_url}/{name}"
         storage.put_bytes(url, value.encode(), sink.options)
         try:
             yield url, value
@@ -413,7 +414,7 @@ def _shared_token(sink: DatasetWriter) -> Iterator[tuple[str, str]]:
             with suppress(Exception):
                 storage.delete_object(url, sink.options)
         return
-    path = Path(os.path.abspath(sink.partition)) / f".part-{sink.run_id}-{sink.attempt}-shared.tmp"
+    path = Path(os.path.abspath(sink.partition)) / name
     with output_errors(sink.root):
         path.write_text(value)
     try:

@@ -26,9 +26,9 @@ import pyarrow.dataset as ds
 
 from batchscore.dataset import part_files
 from batchscore.errors import ConfigError, GateFailed
-from batchscore.files import output_errors
 from batchscore.names import is_url, redact_url
-from batchscore.output import STATUS_OK, AtomicParquetFile
+from batchscore.output import STATUS_OK, FileSink
+from batchscore.store import LocalStore
 from batchscore.summary import reason_kind
 
 REQUIRED_COLUMNS = ("image_id", "status", "error", "pred_label", "pred_prob", "model_sha256")
@@ -205,15 +205,13 @@ def write_changed(report: DiffReport, path: str | Path) -> Path:
         "n_compared": report.n_compared,
         "n_changed": report.n_changed,
     }
-    with output_errors(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        sink = AtomicParquetFile(target, report.changed.schema, metadata)
+    sink = FileSink(LocalStore(target.parent), target.name, report.changed.schema, metadata)
     try:
         for batch in report.changed.to_batches():
             sink.write(batch)
-        sink.commit({})
+        sink.finish({})
     except BaseException:
-        sink.abort()
+        sink.abort({})
         raise
     return target
 

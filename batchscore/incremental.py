@@ -35,13 +35,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchscore import storage
-from batchscore.bucket import Parts, dataset_parts
+from batchscore.dataset import dataset_parts
 from batchscore.errors import OutputError, StoreUnavailable
 from batchscore.files import file_sha256
 from batchscore.names import is_url, readable, written_name
 from batchscore.output import STATUS_ERROR, STATUS_OK
 from batchscore.sources import ImageRef
 from batchscore.storage import StorageOptions
+from batchscore.store import Parts
 
 _CHUNK = 4096
 _HEADS_AT_ONCE = 32

@@ -41,9 +41,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from batchscore import storage
-from batchscore.bucket import Parts, dataset_parts, dataset_summaries, object_parts
 from batchscore.charts import bar_chart, line_chart
-from batchscore.dataset import PARTITION
+from batchscore.dataset import PARTITION, dataset_parts, dataset_summaries
 from batchscore.drift import chi_square, js_distance, ks_from_histograms, psi
 from batchscore.errors import ConfigError
 from batchscore.files import atomic_write_text, output_errors
@@ -51,6 +50,7 @@ from batchscore.names import is_url, redact_url, written_name
 from batchscore.output import STATUS_OK
 from batchscore.settings import MonitorSettings
 from batchscore.storage import StorageOptions
+from batchscore.store import Parts, object_parts
 
 BINS = 10_000
 CALIBRATION_BINS = 20

@@ -8,10 +8,7 @@ name, and readers never see one.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchscore.files import output_errors, process_alive, write_errors
+from batchscore.files import output_errors, write_errors
 from batchscore.names import readable, readable_or_none, written_name
+from batchscore.store import Fence, Store
 
 if TYPE_CHECKING:
     from batchscore.model import ModelSpec
@@ -270,13 +268,18 @@ class Sink(Protocol):
 
 
 class FileSink:
-    """A run written to one Parquet file, visible only once complete (see `AtomicParquetFile`)."""
+    """A run written to one Parquet file, visible only once complete: staged, then committed
+    whole by its store (a folder or a bucket prefix)."""
 
-    def __init__(self, path: Path, schema: pa.Schema, metadata: Mapping[str, Any]) -> None:
-        remove_stale_file_temporaries(path)
-        with output_errors(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = AtomicParquetFile(path, schema, metadata)
+    def __init__(
+        self, store: Store, name: str, schema: pa.Schema, metadata: Mapping[str, Any]
+    ) -> None:
+        self.store = store
+        self.name = name
+        store.remove_dead_temporaries(name)
+        shown = store.shown(name)
+        with output_errors(shown):
+            self.file = ParquetPart(store.stage(name), schema, metadata, shown=shown)
         self.schema = self.file.schema
         self.metadata = metadata
 
@@ -284,61 +287,74 @@ class FileSink:
         self.file.write(batch)
 
     def finish(self, record: Mapping[str, Any]) -> None:
-        self.file.commit({k: v for k, v in record.items() if k not in self.metadata})
+        final = {k: v for k, v in record.items() if k not in self.metadata}
+        try:
+            self.file.commit(self.store, self.name, final)
+        finally:
+            self.store.close()
 
     def stop(self, record: Mapping[str, Any]) -> str:
-        self.file.abort()
+        self.abort(record)
         return f"partial output discarded after {record['n_images']} images"
 
     def abort(self, record: Mapping[str, Any]) -> None:
         del record  # a file that never completes leaves no trace to record it in
-        self.file.abort()
+        try:
+            self.file.abort()
+        finally:
+            self.store.close()
 
 
-class AtomicParquetFile:
-    """A Parquet file written under a temporary name and renamed into place by `commit`."""
+class ParquetPart:
+    """A Parquet file written at a staging path (`Store.stage`), committed whole by its store
+    once closed. `shown` names its destination in messages."""
 
-    def __init__(self, path: Path, schema: pa.Schema, metadata: Mapping[str, Any]) -> None:
+    def __init__(
+        self, path: Path, schema: pa.Schema, metadata: Mapping[str, Any], *, shown: str
+    ) -> None:
         self.path = path
-        self.tmp_path = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        self.shown = shown
         self.schema = schema.with_metadata(file_metadata(metadata))
         self.rows = 0
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         try:
-            self._writer = pq.ParquetWriter(self.tmp_path, self.schema, compression="zstd")
-        except BaseException:  # a full disk can fail the header: leave no temporary behind
-            self.tmp_path.unlink(missing_ok=True)
+            self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        except BaseException:  # a full disk can fail the header: leave nothing behind
+            path.unlink(missing_ok=True)
             raise
 
     def write(self, batch: pa.RecordBatch) -> None:
-        with write_errors(self.path):
-            self._write(batch)
+        with write_errors(self.shown):
+            self._pending.append(batch)
+            self._pending_rows += batch.num_rows
+            self.rows += batch.num_rows
+            if self._pending_rows >= ROW_GROUP_ROWS:
+                self._flush()
 
-    def _write(self, batch: pa.RecordBatch) -> None:
-        self._pending.append(batch)
-        self._pending_rows += batch.num_rows
-        self.rows += batch.num_rows
-        if self._pending_rows >= ROW_GROUP_ROWS:
-            self.flush()
-
-    def flush(self) -> None:
+    def _flush(self) -> None:
         if self._pending:
             self._writer.write_table(pa.Table.from_batches(self._pending, schema=self.schema))
             self._pending, self._pending_rows = [], 0
 
-    def commit(self, final_metadata: Mapping[str, Any]) -> None:
-        with write_errors(self.path):
-            self._commit(final_metadata)
-
-    def _commit(self, final_metadata: Mapping[str, Any]) -> None:
-        self.flush()
-        self._writer.add_key_value_metadata(file_metadata(final_metadata))
-        self._writer.close()
-        with open(self.tmp_path, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(self.tmp_path, self.path)
-        _fsync_dir(self.path.parent)
+    def commit(
+        self,
+        store: Store,
+        name: str,
+        final_metadata: Mapping[str, Any],
+        fence: Fence | None = None,
+    ) -> None:
+        """Close the file with `final_metadata` in its footer and have `store` make it
+        `name`; `fence` runs right before (see `Store.commit`)."""
+        try:
+            with write_errors(self.shown):
+                self._flush()
+                self._writer.add_key_value_metadata(file_metadata(final_metadata))
+                self._writer.close()
+        except BaseException:
+            self.abort()  # closes the file too, or a full disk keeps its space
+            raise
+        store.commit(self.path, name, fence)
 
     def abort(self) -> None:
         try:
@@ -346,26 +362,4 @@ class AtomicParquetFile:
         except OSError:
             pass  # the file is being thrown away; a close error changes nothing
         finally:
-            self.tmp_path.unlink(missing_ok=True)
-
-
-def remove_stale_file_temporaries(path: Path) -> int:
-    """Delete temporaries of `path` left by killed runs: those whose writer's pid is gone.
-
-    The pid is in the temporary's name, so a run writing the same file right now keeps its
-    own (a pid reused by an unrelated process only delays the clean-up to a later run)."""
-    removed = 0
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = tmp.name.removeprefix(f".{path.name}.").split("-", 1)[0]
-        if pid.isdigit() and not process_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            self.path.unlink(missing_ok=True)

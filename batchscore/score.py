@@ -23,15 +23,12 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from batchscore import __version__, storage
-from batchscore.bucket import (
-    BucketDatasetWriter,
-    BucketFileSink,
-    Lease,
-    bucket_lock,
-    remove_stale_bucket_temporaries,
+from batchscore.dataset import (
+    DatasetWriter,
+    is_dataset_path,
+    remove_stale_temporaries,
     settle_dead_attempts,
 )
-from batchscore.dataset import DatasetWriter, is_dataset_path, output_lock, remove_stale_temporaries
 from batchscore.engines import RunContext, engine
 from batchscore.errors import ConfigError, ErrorRateExceeded, Interrupted, OutputError
 from batchscore.incremental import DoneSet, SkipCounter, load_done, skip_done, with_fingerprints
@@ -41,6 +38,7 @@ from batchscore.output import FileSink, OutputLayout, Sink, output_schema
 from batchscore.settings import BASELINE_PREFIX, FINGERPRINTS, ScoreSettings
 from batchscore.signals import StopFlag
 from batchscore.sources import Source, iter_refs, merged_extra_columns, open_sources
+from batchscore.store import Held, open_store, split
 from batchscore.summary import RunStats, RunSummary
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -160,42 +158,32 @@ def score(
     if settings.engine == "dask" and not dataset:
         raise ConfigError("--engine dask writes one part per partition: -o must be a directory")
     options = settings.storage_options
-    remote = isinstance(output, str) and is_url(output)
     if not dataset:
         opened = open_sources(
             sources, labelled_folders=settings.labelled_folders, storage_options=options
         )
         specs = load_models(settings)
-        if remote:
-            storage.check_reachable(str(output), options)
-        return _run(opened, output if remote else Path(output), specs, settings, done=None)
+        split(output, options)[0].prepare()
+        return _run(opened, output, specs, settings, done=None)
     # The lock comes first: a second run of a nightly job must leave at once, before it
     # spends seconds loading and test-running the model.
-    lock = (
-        bucket_lock(str(output), options, wait=settings.wait_lock, lease_s=settings.lock_lease_s)
-        if remote
-        else output_lock(Path(output), wait=settings.wait_lock)
-    )
-    with lock as lease:
-        root = output if remote else Path(output)
+    store = open_store(output, options)
+    with store.lock(wait=settings.wait_lock, lease_s=settings.lock_lease_s) as held:
         opened = open_sources(
             sources, labelled_folders=settings.labelled_folders, storage_options=options
         )
         specs = load_models(settings)
-        if isinstance(root, Path):
-            remove_stale_temporaries(root)
-        else:
-            remove_stale_bucket_temporaries(root, options)
-        settle_dead_attempts(root, options)
+        remove_stale_temporaries(store)
+        settle_dead_attempts(store)
         done = load_done(
-            root,
+            output,
             specs[0].sha256,
             use_fingerprint=settings.incremental,
             include_errors=not settings.retry_errors,
             setup_sha256=specs[0].setup_sha256,
             storage_options=options,
         )
-        return _run(opened, root, specs, settings, done=done, lease=lease)
+        return _run(opened, output, specs, settings, done=done, held=held)
 
 
 def check_output(output: str | Path) -> bool:
@@ -241,7 +229,7 @@ def _run(
     settings: ScoreSettings,
     *,
     done: DoneSet | None,
-    lease: Lease | None = None,
+    held: Held | None = None,
 ) -> RunSummary:
     spec = specs[0]
     run_id = settings.run_id or new_run_id()
@@ -253,7 +241,7 @@ def _run(
     )
     metadata = run_metadata(specs, opened, run_id, settings)
     sink = _open_sink(
-        output, output_schema(layout), metadata, run_id, settings, dataset=done, lease=lease
+        output, output_schema(layout), metadata, run_id, settings, dataset=done, held=held
     )
     started_at = datetime.now(timezone.utc)
     scored = engine(settings.engine)
@@ -322,32 +310,21 @@ def _open_sink(
     settings: ScoreSettings,
     *,
     dataset: DoneSet | None,
-    lease: Lease | None,
+    held: Held | None,
 ) -> Sink:
-    """A file, or (when the dataset's state was read) the dataset directory; in a bucket when
-    `output` is a URL."""
+    """A file, or (when the dataset's state was read under its lock) the dataset; in a bucket
+    when `output` is a URL."""
     options = settings.storage_options
-    if isinstance(output, str):
-        if dataset is None:
-            return BucketFileSink(output, schema, metadata, options)
-        assert lease is not None, "a dataset in a bucket is written under its lease"
-        return BucketDatasetWriter(
-            output,
-            schema,
-            metadata,
-            run_id=run_id,
-            options=options,
-            lease=lease,
-            part_rows=settings.part_rows,
-            part_seconds=settings.part_seconds,
-        )
     if dataset is None:
-        return FileSink(output, schema, metadata)
+        folder, name = split(output, options)
+        return FileSink(folder, name, schema, metadata)
+    assert held is not None, "a dataset is written under its lock"
     return DatasetWriter(
-        output,
+        open_store(output, options),
         schema,
         metadata,
         run_id=run_id,
+        fence=held.check,
         part_rows=settings.part_rows,
         part_seconds=settings.part_seconds,
     )

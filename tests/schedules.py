@@ -51,9 +51,9 @@ def run_cli(argv: list[str], env: dict[str, str], log: str, clock_ahead_s: float
     os.dup2(fd, 2)
     os.environ.update(env)
     if clock_ahead_s:
-        import batchscore.bucket
+        import batchscore.lease
 
-        batchscore.bucket.datetime = clock_ahead(clock_ahead_s)  # type: ignore[misc]
+        batchscore.lease.datetime = clock_ahead(clock_ahead_s)  # type: ignore[misc]
     from batchscore.cli import main
 
     sys.argv = ["batchscore", *argv]

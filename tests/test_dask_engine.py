@@ -29,7 +29,7 @@ import dask  # noqa: E402
 
 from batchscore import score as score_module  # noqa: E402
 from batchscore.cli import cli  # noqa: E402
-from batchscore.dataset import DatasetWriter, part_files, read_summaries  # noqa: E402
+from batchscore.dataset import DatasetWriter, dataset_summaries, part_files  # noqa: E402
 from batchscore.engines import RunContext  # noqa: E402
 from batchscore.engines.dask import (  # noqa: E402
     PARTITION_IMAGES,
@@ -45,6 +45,7 @@ from batchscore.score import run_metadata, score  # noqa: E402
 from batchscore.scorer import WORKER_DIED  # noqa: E402
 from batchscore.settings import PipelineOptions, ScoreSettings  # noqa: E402
 from batchscore.sources import ImageRef, iter_refs, open_sources  # noqa: E402
+from batchscore.store import LocalStore  # noqa: E402
 from tests.conftest import COLORS, noisy  # noqa: E402
 from tests.models import color_model  # noqa: E402
 
@@ -167,7 +168,7 @@ def assert_summary(
     output: Path, *, n_images: int, status: str = "complete", run_id: str | None = None
 ) -> dict[str, Any]:
     """The summary of run `run_id` (of the only run when None) lists exactly its parts."""
-    summaries = read_summaries(output)
+    summaries = dataset_summaries(output, {})
     (summary,) = [s for s in summaries if run_id in (None, s["run_id"])]
     assert summary["status"] == status
     assert summary["n_images"] == n_images
@@ -185,7 +186,7 @@ def test_local_cluster_scores_like_the_local_engine(
     output = tmp_path / "preds"
     summary = score([images], output, settings(model, engine="dask"))  # LocalCluster, 2 x 1
     assert summary.stats["n_ok"] == N_IMAGES - 2
-    assert summary.stats["error_reasons"] == read_summaries(local_output)[0]["error_reasons"]
+    assert summary.stats["error_reasons"] == dataset_summaries(local_output, {})[0]["error_reasons"]
     assert_same_as_local(output, local_output)
     assert_summary(output, n_images=N_IMAGES)
 
@@ -314,33 +315,39 @@ def test_a_partition_commits_once_under_its_own_name(
     specs = [load_model(model)]
     layout = OutputLayout(extra_columns={}, has_label=False)
     run_settings = settings(model, engine="dask")
+    root = tmp_path / "preds"
     sink = DatasetWriter(
-        tmp_path / "preds",
+        LocalStore(root),
         output_schema(layout),
         run_metadata(specs, [], "run-1", run_settings),
         run_id="run-1",
     )
+    partition = root / sink.partition
     refs = list(with_fingerprints(iter_refs(open_sources([images])), "size-mtime"))
     context = RunContext(specs, run_settings, layout, "run-1")
     with _shared_token(sink) as token:
         plugin = RunPlugin(context, sink, token=token, probe=refs[0].path, ignore_sigint=False)
         plugin.setup(worker=None)
         assert plugin.problem is None
-        counts = [plugin.score_partition(sink.part_location(3), refs) for _ in range(2)]
+        counts = [plugin.score_partition(sink.part_name(3), refs) for _ in range(2)]
+        (partition / "blocked").write_bytes(b"")  # a file where a folder would have to be
         with pytest.raises(WriteFailed, match="cannot write"):  # one line for the CLI, exit 1
-            plugin.score_partition(str(sink.partition / "gone" / "part.parquet"), refs)
+            plugin.score_partition(f"{sink.partition}/blocked/part.parquet", refs)
+        (partition / "blocked").unlink()
     assert counts[0].equals(counts[1])
     assert counts[0].schema.names == ["status", "error", "pred_label", "pred_prob"]
-    assert [p.name for p in part_files(sink.root)] == [f"part-run-1-{sink.attempt}-00003.parquet"]
-    assert pq.read_table(sink.part_path(3))["image_id"].to_pylist() == [r.image_id for r in refs]
-    assert not list(sink.partition.glob(".*"))
+    assert [p.name for p in part_files(root)] == [f"part-run-1-{sink.attempt}-00003.parquet"]
+    assert pq.read_table(root / sink.part_name(3))["image_id"].to_pylist() == [
+        r.image_id for r in refs
+    ]
+    assert not list(partition.glob(".*"))
 
     # A partition still running when its client died, finishing after the next run has
     # started (which removes the dead run's token): it must not commit.
     with pytest.raises(BatchscoreError, match="partition not committed"):
-        plugin.score_partition(sink.part_location(4), refs)
-    assert [p.name for p in part_files(sink.root)] == [f"part-run-1-{sink.attempt}-00003.parquet"]
-    assert not list(sink.partition.glob(".*"))
+        plugin.score_partition(sink.part_name(4), refs)
+    assert [p.name for p in part_files(root)] == [f"part-run-1-{sink.attempt}-00003.parquet"]
+    assert not list(partition.glob(".*"))
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from batchscore.cli import cli
-from batchscore.dataset import LOCK_NAME, part_files
+from batchscore.dataset import part_files
+from batchscore.store import LOCK_NAME
 from tests.conftest import COLORS, noisy
 from tests.models import color_model
 

@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from batchscore.bucket import STAGING_PREFIX, dataset_summaries, is_part
-from batchscore.dataset import part_files, read_summaries
+from batchscore.dataset import dataset_summaries, is_part, part_files
 from batchscore.files import process_alive
+from batchscore.store import STAGING_PREFIX
 from tests.conftest import COLORS
 from tests.models import color_model
 from tests.object_store import Bucket, FaultProxy
@@ -105,7 +105,7 @@ def test_local_datasets_keep_every_image_exactly_once(
                 p.relative_to(dataset).as_posix(): pq.read_metadata(p).num_rows
                 for p in part_files(dataset)
             }
-            problems += summary_problems(read_summaries(dataset), parts, len(rows))
+            problems += summary_problems(dataset_summaries(dataset, {}), parts, len(rows))
             left = [*dataset.glob("run_date=*/.part-*"), *dataset.glob("_runs/.*")]
             problems += [f"temporary left after the clean run: {p.name}" for p in left]
         if problems:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from batchscore.dataset import LOCK_NAME
+from batchscore.store import LOCK_NAME
 from tests.conftest import COLORS, REPO, noisy
 from tests.models import color_model
 

@@ -30,10 +30,11 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from batchscore import storage
-from batchscore.bucket import STAGING_PREFIX, Lease
 from batchscore.cli import cli
 from batchscore.errors import LockHeld, WriteFailed
 from batchscore.incremental import done_condition
+from batchscore.lease import STORE_NOW, Lease
+from batchscore.store import LOCK_NAME, STAGING_PREFIX
 from tests.conftest import COLORS, noisy
 from tests.models import color_model
 from tests.object_store import (
@@ -43,6 +44,7 @@ from tests.object_store import (
     Container,
     FaultProxy,
     StaticServer,
+    Store,
     free_port,
 )
 from tests.schedules import clock_ahead
@@ -376,24 +378,26 @@ def test_of_runs_racing_for_a_lock_exactly_one_gets_it_and_an_expired_lease_is_t
 ) -> None:
     root = s3.uri("preds")
 
-    won = race([Lease(root, {}, lease_s=60) for _ in range(6)])
+    won = race([Lease(f"{root}/{LOCK_NAME}", {}, lease_s=60) for _ in range(6)])
     assert len(won) == 1
     holder = won[0]
     holder._stop.set()  # the holder dies: it stops renewing and never releases
     assert holder._renewer is not None
     holder._renewer.join()
     time.sleep(1.5)  # the store's clock counts whole seconds
-    assert race([Lease(root, {}, lease_s=60) for _ in range(3)]) == []  # 60 s not run out
+    assert (
+        race([Lease(f"{root}/{LOCK_NAME}", {}, lease_s=60) for _ in range(3)]) == []
+    )  # 60 s not run out
     # Contenders with a shorter lease of their own change nothing: the holder's lease counts.
-    assert race([Lease(root, {}, lease_s=0.5) for _ in range(3)]) == []
+    assert race([Lease(f"{root}/{LOCK_NAME}", {}, lease_s=0.5) for _ in range(3)]) == []
 
-    short = Lease(s3.uri("short"), {}, lease_s=0.5)
+    short = Lease(s3.uri(f"short/{LOCK_NAME}"), {}, lease_s=0.5)
     short.acquire(wait=False)
     short._stop.set()
     assert short._renewer is not None
     short._renewer.join()
     time.sleep(2.1)
-    takers = race([Lease(s3.uri("short"), {}, lease_s=30) for _ in range(4)])
+    takers = race([Lease(s3.uri(f"short/{LOCK_NAME}"), {}, lease_s=30) for _ in range(4)])
     assert len(takers) == 1
     for lease in (*takers, *won):
         lease._stop.set()
@@ -418,8 +422,8 @@ def race(leases: list[Lease]) -> list[Lease]:
     return won
 
 
-def _lease(bucket: Bucket, lease_s: float = 60) -> Lease:
-    return Lease(bucket.uri("preds"), {}, lease_s)
+def _lease(bucket: Store, lease_s: float = 60) -> Lease:
+    return Lease(bucket.uri(f"preds/{LOCK_NAME}"), {}, lease_s)
 
 
 def _stop_renewing(lease: Lease) -> None:
@@ -445,16 +449,21 @@ def test_a_renewal_changes_the_version_a_taker_read(s3: Bucket) -> None:
     holder.check()  # still the holder's
 
 
+@pytest.mark.parametrize("store", ["s3", "azure"])
 def test_a_host_whose_clock_runs_ahead_cannot_take_a_live_lease(
-    s3: Bucket, monkeypatch: pytest.MonkeyPatch
+    store: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Expiry was judged by the taker's own clock: a host 301 s ahead took a 300 s lease from
-    a run that was alive. On S3 it is the store's clock (Date against Last-Modified) now."""
-    holder = _lease(s3, lease_s=300)
+    a run that was alive. It is the store's clock (its Date against Last-Modified) now, on S3
+    and on Azure alike."""
+    where: Store = request.getfixturevalue(store)
+    holder = _lease(where, lease_s=300)
     holder.acquire(wait=False)
     try:
-        monkeypatch.setattr("batchscore.bucket.datetime", clock_ahead(301))
-        taker = Lease(s3.uri("preds"), {}, 300)
+        monkeypatch.setattr("batchscore.lease.datetime", clock_ahead(301))
+        taker = _lease(where, lease_s=300)
+        held = taker._held()
+        assert held is not None and STORE_NOW in held[0]  # the store said its time
         with pytest.raises(LockHeld):
             taker.acquire(wait=False)
         holder.check()
@@ -498,7 +507,7 @@ def test_on_azure_a_renewal_that_landed_but_lost_its_answer_keeps_the_lease(
             f"AccountKey={AZURITE_KEY};BlobEndpoint={front.url}/{account};",
         )
         adlfs.AzureBlobFileSystem.clear_instance_cache()
-        holder = Lease(azure.uri("preds"), {}, 60)
+        holder = Lease(azure.uri(f"preds/{LOCK_NAME}"), {}, 60)
         holder.acquire(wait=False)
         _stop_renewing(holder)
         front.add_fault("_batchscore.lock", "lost", times=1, method="PUT")
@@ -854,14 +863,14 @@ def test_azure_blob_storage_dataset_incremental_runs_and_the_lock(
     assert len(rows) == 13
     assert sum(path.startswith(f"{gen2}/uploads/img_") for path in rows["path"]) == 6
 
-    won = race([Lease(azure.uri("locked"), {}, lease_s=60) for _ in range(4)])
+    won = race([Lease(azure.uri(f"locked/{LOCK_NAME}"), {}, lease_s=60) for _ in range(4)])
     assert len(won) == 1  # an exclusive create: one of four
     won[0]._stop.set()  # its run dies: no renewal, no release
     assert won[0]._renewer is not None
     won[0]._renewer.join()
     azure.put("locked/_batchscore.lock", json.dumps({"host": "elsewhere", "lease_s": 1}).encode())
     time.sleep(2.1)
-    takers = race([Lease(azure.uri("locked"), {}, lease_s=30) for _ in range(4)])
+    takers = race([Lease(azure.uri(f"locked/{LOCK_NAME}"), {}, lease_s=30) for _ in range(4)])
     assert len(takers) == 1  # the etag condition lets exactly one take it over
     takers[0].release()
 

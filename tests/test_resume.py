@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore.dataset import read_summaries
+from batchscore.dataset import dataset_summaries
 from tests.conftest import COLORS, noisy
 from tests.models import color_model
 
@@ -114,7 +114,7 @@ def check_dataset(dataset: Path, *, complete: bool) -> pd.DataFrame:
 
 
 def last_summary(dataset: Path) -> dict[str, object]:
-    return read_summaries(dataset)[-1]
+    return dataset_summaries(dataset, {})[-1]
 
 
 @pytest.mark.slow
@@ -150,7 +150,7 @@ def test_kill_9_at_any_moment_then_the_same_command_finishes(
     assert expected in done.stderr
     check_dataset(dataset, complete=True)
     # `runs` adds up: each killed attempt was found by the next run and counted from its parts
-    summaries = read_summaries(dataset)
+    summaries = dataset_summaries(dataset, {})
     assert sum(int(s["n_committed"]) for s in summaries) == N_IMAGES
     assert {s["status"] for s in summaries} <= {"killed", "complete"}
     assert "running" not in {s["status"] for s in summaries}

@@ -82,7 +82,7 @@ def runs_command(
         batchscore runs /data/preds/ --status complete --field model_sha256
         batchscore runs s3://preds/nightly/
     """
-    from batchscore.bucket import dataset_summaries  # noqa: PLC0415 (pyarrow)
+    from batchscore.dataset import dataset_summaries  # noqa: PLC0415 (pyarrow)
 
     summaries = dataset_summaries(dataset, parse_storage_options(storage_option))
     if status is not None:

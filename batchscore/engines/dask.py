@@ -32,14 +32,12 @@ import math
 import os
 import posixpath
 import signal
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from itertools import chain, count, islice
-from pathlib import Path
 from typing import Any, cast
 
 import dask
@@ -59,7 +57,6 @@ from distributed.comm.registry import get_backend
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from batchscore import __version__, storage
-from batchscore.bucket import BucketDatasetWriter
 from batchscore.dataset import DatasetWriter, remove_stale_temporaries
 from batchscore.engines import RunContext
 from batchscore.errors import (
@@ -69,10 +66,10 @@ from batchscore.errors import (
     WriteFailed,
 )
 from batchscore.fetch import prefetched
-from batchscore.files import output_errors, write_errors
+from batchscore.files import write_errors
 from batchscore.model import ModelSpec
 from batchscore.names import is_url, redact_url
-from batchscore.output import AtomicParquetFile, OutputLayout, Sink, chunk_to_batch
+from batchscore.output import OutputLayout, ParquetPart, Sink, chunk_to_batch
 from batchscore.scorer import (
     ChunkOutput,
     ChunkResult,
@@ -83,6 +80,7 @@ from batchscore.scorer import (
 )
 from batchscore.settings import PipelineOptions
 from batchscore.sources import ImageRef
+from batchscore.store import Store
 from batchscore.summary import STATS_COLUMNS
 
 PARTITION_IMAGES = 256  # big enough to amortise a task (~ms), small enough to retry cheaply
@@ -115,11 +113,8 @@ class RunPlugin(WorkerPlugin):
         self.run_id = context.run_id
         self.schema: pa.Schema = sink.schema
         self.metadata: dict[str, Any] = sink.metadata
-        self.partition = (
-            sink.partition_url
-            if isinstance(sink, BucketDatasetWriter)
-            else os.path.abspath(sink.partition)
-        )
+        self.store = sink.store
+        self.partition = sink.partition
         self.storage_options = dict(context.settings.storage_options)
         self.token = token
         self.probe = probe
@@ -132,7 +127,12 @@ class RunPlugin(WorkerPlugin):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         self._local = threading.local()
         self.problem = storage_problem(
-            self.partition, self.token, self.probe, self.metadata, self.storage_options
+            self.store,
+            self.partition,
+            token=self.token,
+            probe=self.probe,
+            metadata=self.metadata,
+            options=self.storage_options,
         )
 
     def scorer(self) -> Scorer:
@@ -149,58 +149,42 @@ class RunPlugin(WorkerPlugin):
             raise OutputError(f"this Dask worker cannot use the run's files: {self.problem}")
         return self.scorer().score(task_of(refs))
 
-    def score_partition(self, location: str, refs: Sequence[ImageRef]) -> pa.RecordBatch:
-        """Score `refs` in input order, batch by batch, into the part at `location` (a path,
-        or a URL: then this worker reads the objects and uploads the part itself)."""
+    def score_partition(self, name: str, refs: Sequence[ImageRef]) -> pa.RecordBatch:
+        """Score `refs` in input order, batch by batch, into the part `name` of the run's
+        store (in a bucket, this worker reads the objects and uploads the part itself)."""
         fetched = prefetched(refs, self.storage_options)
         chunks = chunk_refs(fetched, self.options.batch_size)
-        return self.commit_part(location, (_result(chunk, self.score(chunk)) for chunk in chunks))
-
-    def commit_part(self, location: str, results: Iterable[ChunkResult]) -> pa.RecordBatch:
-        """Write `results` as the part at `location`: in place on a shared disk, or staged
-        here and uploaded as one object to a bucket."""
-        if not is_url(location):
-            return self.write_part(Path(location), results)
-        with tempfile.TemporaryDirectory(prefix="batchscore-part-") as staging:
-            staged = Path(staging) / "part.parquet"
-            counts = self.write_part(staged, results)
-            storage.put_file(str(staged), location, self.storage_options)
-        return counts
+        return self.commit_part(name, (_result(chunk, self.score(chunk)) for chunk in chunks))
 
     def score_images(self, refs: Sequence[ImageRef]) -> ChunkOutput:
         """Score refs (read from their bucket here when they name objects) as one batch."""
         return self.score(list(prefetched(refs, self.storage_options)))
 
-    def write_part(self, path: Path, results: Iterable[ChunkResult]) -> pa.RecordBatch:
-        """Write `results` as one committed part; return the columns the run's counts need."""
-        with write_errors(path):  # as DatasetWriter.write: one line, exit 1, not a traceback
-            part = AtomicParquetFile(path, self.schema, self.metadata)
+    def commit_part(self, name: str, results: Iterable[ChunkResult]) -> pa.RecordBatch:
+        """Write `results` as the part `name`, committed whole by the run's store; return the
+        columns the run's counts need."""
+        shown = self.store.shown(name)
+        with write_errors(shown):  # as DatasetWriter.write: one line, exit 1, not a traceback
+            part = ParquetPart(self.store.stage(name), self.schema, self.metadata, shown=shown)
         counted = []
         try:
             for result in results:
                 batch = chunk_to_batch(result, self.specs, self.schema, self.layout, self.run_id)
                 part.write(batch)
                 counted.append(batch.select(list(STATS_COLUMNS)))
-            if not self._token_present():
-                # The client is gone and the next run has removed its token: that run may have
-                # read the dataset already, so committing now could write rows twice.
-                raise BatchscoreError(f"run {self.run_id} is over; partition not committed")
-            part.commit({"part_rows": part.rows})
         except BaseException:
             part.abort()
             raise
+        part.commit(self.store, name, {"part_rows": part.rows}, fence=self._fence)
         batches: list[pa.RecordBatch] = pa.Table.from_batches(counted).combine_chunks().to_batches()
         return batches[0]
 
-    def _token_present(self) -> bool:
-        where = self.token[0]
-        if not is_url(where):
-            return os.path.exists(where)
-        try:
-            storage.stat_object(where, self.storage_options)
-        except FileNotFoundError:
-            return False
-        return True
+    def _fence(self) -> None:
+        """Run right before the part is committed (and before every retry of its upload)."""
+        if not self.store.exists(self.token[0]):
+            # The client is gone and the next run has removed its token: that run may have
+            # read the dataset already, so committing now could write rows twice.
+            raise BatchscoreError(f"run {self.run_id} is over; partition not committed")
 
 
 def _result(refs: list[ImageRef], output: ChunkOutput) -> ChunkResult:
@@ -208,20 +192,40 @@ def _result(refs: list[ImageRef], output: ChunkOutput) -> ChunkResult:
 
 
 def storage_problem(
+    store: Store,
     partition: str,
+    *,
     token: tuple[str, str],
     probe: str | None,
     metadata: Mapping[str, Any],
     options: Mapping[str, Any],
 ) -> str | None:
-    """Why this process cannot take part in the run, or None. Runs on each worker."""
-    problem = (
-        _bucket_problem(partition, token, probe, options)
-        if is_url(partition)
-        else _shared_disk_problem(partition, token, probe)
-    )
-    if problem is not None:
-        return problem
+    """Why this process cannot take part in the run, or None. Runs on each worker: it must
+    read the client's token and write into the dataset (where the client writes: the same
+    shared disk, or the same bucket with its own credentials), and read the first input."""
+    token_name, token_value = token
+    shown = store.shown(partition)
+    try:
+        seen = store.get(token_name).decode()
+    except Exception as exc:
+        return (
+            f"cannot read {store.shown(token_name)} ({_why(exc)}): is {shown} shared storage,"
+            " or a bucket this worker reaches?"
+        )
+    if seen != token_value:
+        return f"{shown} here is not where the client writes (not shared storage?)"
+    scratch = f"{partition}/.part-check-{uuid.uuid4().hex}.tmp"
+    try:
+        store.put(scratch, b"")
+        store.delete(scratch)
+    except WriteFailed as exc:
+        return str(exc)
+    except Exception as exc:
+        return f"cannot write into {shown}: {storage.failure(exc)}"
+    if probe is not None:
+        problem = _probe_problem(probe, options)
+        if problem is not None:
+            return problem
     versions = (metadata["batchscore_version"], metadata["onnxruntime_version"])
     if (__version__, ort.__version__) != versions:
         return (
@@ -231,38 +235,14 @@ def storage_problem(
     return None
 
 
-def _bucket_problem(
-    partition: str, token: tuple[str, str], probe: str | None, options: Mapping[str, Any]
-) -> str | None:
-    """A worker must read the client's token object, write into the dataset's prefix and read
-    the first input: with its own credentials, from where it runs."""
-    token_url, token_value = token
-    shown = redact_url(partition)
-    try:
-        seen = storage.read_object(token_url, options).decode()
-    except Exception as exc:
-        return f"cannot read {redact_url(token_url)} ({storage.reason(exc)})"
-    if seen != token_value:
-        return f"{shown} here is not the prefix the client writes (another endpoint?)"
-    scratch = f"{partition}/.part-check-{uuid.uuid4().hex}.tmp"
-    try:
-        storage.put_bytes(scratch, b"", options)
-        storage.delete_object(scratch, options)
-    except WriteFailed as exc:
-        return str(exc)
-    except Exception as exc:
-        return f"cannot write into {shown}: {storage.failure(exc)}"
-    if probe is not None and is_url(probe):
+def _probe_problem(probe: str, options: Mapping[str, Any]) -> str | None:
+    """Whether the first input can be read here."""
+    if is_url(probe):
         try:
             storage.read_object(probe, options)
         except Exception as exc:
             return f"cannot read input {redact_url(probe)} ({storage.reason(exc)})"
-    elif probe is not None:
-        return _local_probe_problem(probe)
-    return None
-
-
-def _local_probe_problem(probe: str) -> str | None:
+        return None
     try:
         with open(probe, "rb") as handle:
             handle.read(1)
@@ -271,26 +251,15 @@ def _local_probe_problem(probe: str) -> str | None:
     return None
 
 
-def _shared_disk_problem(partition: str, token: tuple[str, str], probe: str | None) -> str | None:
-    token_path, token_value = token
-    try:
-        seen = Path(token_path).read_text()
-    except OSError as exc:
-        return f"cannot read {token_path} ({exc.strerror or exc}): is {partition} shared storage?"
-    if seen != token_value:
-        return f"{partition} here is not the directory the client writes (not shared storage)"
-    scratch = Path(partition) / f".part-check-{uuid.uuid4().hex}.tmp"
-    try:
-        scratch.write_bytes(b"")
-        scratch.unlink()
-    except OSError as exc:
-        return f"cannot write into {partition}: {exc.strerror or exc}"
-    return None if probe is None else _local_probe_problem(probe)
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not is_url(str(exc.filename or "")) and exc.strerror:
+        return exc.strerror
+    return storage.reason(exc)
 
 
-def score_partition(plugin_name: str, location: str, refs: Sequence[ImageRef]) -> pa.RecordBatch:
+def score_partition(plugin_name: str, name: str, refs: Sequence[ImageRef]) -> pa.RecordBatch:
     """The task: a module-level function, so workers unpickle it by reference."""
-    return _plugin(plugin_name).score_partition(location, refs)
+    return _plugin(plugin_name).score_partition(name, refs)
 
 
 def score_images(plugin_name: str, refs: Sequence[ImageRef]) -> ChunkOutput:
@@ -345,7 +314,7 @@ def score(
             size = min(PARTITION_IMAGES, settings.part_rows)
             partitions = _partitions(chain([first], refs), size, _slots(client))
             yield from _stream(client, plugin, partitions, sink, stop)
-            remove_stale_temporaries(sink.root)  # of parts whose worker died mid-write
+            remove_stale_temporaries(sink.store)  # of parts whose worker died mid-write
         finally:
             with suppress(OSError):  # a lost scheduler must not hide the run's own error
                 client.unregister_worker_plugin(plugin.name)
@@ -402,25 +371,15 @@ def _connect(address: str | None, workers: int) -> Iterator[Client]:
 @contextmanager
 def _shared_token(sink: DatasetWriter) -> Iterator[tuple[str, str]]:
     """A file only this run can have written: a worker that reads it sees the same storage.
-    Named like a part temporary, so the next run removes it if this one dies."""
+    Named like a staged file, so the next run removes it if this one dies."""
     value = uuid.uuid4().hex
-    name = f".part-{sink.run_id}-{sink.attempt}-shared.tmp"
-    if isinstance(sink, BucketDatasetWriter):
-        url = f"{sink.partition_url}/{name}"
-        storage.put_bytes(url, value.encode(), sink.options)
-        try:
-            yield url, value
-        finally:
-            with suppress(Exception):
-                storage.delete_object(url, sink.options)
-        return
-    path = Path(os.path.abspath(sink.partition)) / name
-    with output_errors(sink.root):
-        path.write_text(value)
+    name = f"{sink.partition}/.part-{sink.run_id}-{sink.attempt}-shared.tmp"
+    sink.store.put(name, value.encode())
     try:
-        yield str(path), value
+        yield name, value
     finally:
-        path.unlink(missing_ok=True)
+        with suppress(Exception):
+            sink.store.delete(name)
 
 
 def _wait_for_workers(client: Client) -> None:
@@ -474,7 +433,7 @@ def _stream(
             future = client.submit(
                 score_partition,
                 plugin.name,
-                sink.part_location(index),
+                sink.part_name(index),
                 chunk,
                 key=f"{plugin.name}-part-{index:05d}",
                 retries=TASK_RETRIES,
@@ -487,7 +446,7 @@ def _stream(
     for future in completed:
         index, chunk = in_flight.pop(str(future.key))
         try:
-            batch = _counts(future, client, plugin, chunk, sink.part_location(index))
+            batch = _counts(future, client, plugin, chunk, sink.part_name(index))
         except Exception as exc:  # drain what is running first, so its parts are recorded
             failure = failure or exc
             continue
@@ -504,19 +463,17 @@ def _counts(
     client: Client,
     plugin: RunPlugin,
     chunk: list[ImageRef],
-    location: str,
+    name: str,
 ) -> pa.RecordBatch:
     """A partition's counts, once its part is committed."""
     try:
         batch: pa.RecordBatch = future.result()
     except KilledWorker:
-        return _isolate(client, plugin, chunk, location)
+        return _isolate(client, plugin, chunk, name)
     return batch
 
 
-def _isolate(
-    client: Client, plugin: RunPlugin, chunk: list[ImageRef], location: str
-) -> pa.RecordBatch:
+def _isolate(client: Client, plugin: RunPlugin, chunk: list[ImageRef], name: str) -> pa.RecordBatch:
     """A partition killed the workers that ran it (a decoder crash, an out-of-memory kill), or
     was queued on them when another one did. Score its images one task at a time, so a worker
     that dies then held no other image of it: only an image that kills its worker again is
@@ -524,10 +481,10 @@ def _isolate(
     numbers = count()
 
     def score_one(ref: ImageRef) -> ChunkOutput:
-        key = f"{posixpath.basename(location).removesuffix('.parquet')}-image-{next(numbers)}"
+        key = f"{posixpath.basename(name).removesuffix('.parquet')}-image-{next(numbers)}"
         future = client.submit(score_images, plugin.name, [ref], key=key)
         output: ChunkOutput = future.result()
         return output
 
     output = one_at_a_time(chunk, score_one, KilledWorker, plugin.specs, plugin.options.top_k)
-    return plugin.commit_part(location, [_result(chunk, output)])
+    return plugin.commit_part(name, [_result(chunk, output)])

@@ -118,3 +118,79 @@ def kolmogorov_sf(x: float) -> float:
         if term < 1e-16:
             break
     return min(1.0, max(0.0, 2 * total))
+
+
+# ---------------------------------------------------------------- significance (the noise model)
+# Each signal of `batchscore monitor` gets a p-value: how often a night drawn from the
+# reference's own distribution, at tonight's size, would look at least this different. The
+# tests check each against scipy (chi2_contingency on pooled columns, fisher_exact,
+# statsmodels-free two-proportion z, false_discovery_control / Holm by hand).
+
+MIN_EXPECTED = 5.0  # the chi-square approximation's usual rule, per cell
+
+
+def pooled(reference: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two count vectors with every category too rare for the chi-square approximation
+    (an expected count below MIN_EXPECTED on either side) merged into one "other" column:
+    1,000 classes and a night of 200 images leave most cells with a fraction of a row."""
+    total = reference.sum() + current.sum()
+    if total == 0:
+        return reference[:0], current[:0]
+    columns = reference + current
+    smaller_side = min(reference.sum(), current.sum())
+    common = columns * smaller_side / total >= MIN_EXPECTED
+    ref = np.append(reference[common], reference[~common].sum())
+    cur = np.append(current[common], current[~common].sum())
+    keep = (ref + cur) > 0
+    return ref[keep], cur[keep]
+
+
+def normal_sf(z: float) -> float:
+    """P(Z > z) for a standard normal Z."""
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def rise_p_value(hits_ref: int, n_ref: int, hits_cur: int, n_cur: int) -> float:
+    """One-sided p-value that the current share of hits is above the reference's: Fisher's
+    exact test when a cell is small, else the pooled two-proportion z-test."""
+    if n_ref == 0 or n_cur == 0:
+        return 1.0
+    hits = hits_ref + hits_cur
+    n = n_ref + n_cur
+    expected = min(hits, n - hits) * min(n_ref, n_cur) / n
+    if expected < MIN_EXPECTED:
+        return _fisher_greater(hits_cur, n_cur, hits, n)
+    share = hits / n
+    spread = math.sqrt(share * (1 - share) * (1 / n_ref + 1 / n_cur))
+    return normal_sf((hits_cur / n_cur - hits_ref / n_ref) / spread) if spread else 1.0
+
+
+def _fisher_greater(hits_cur: int, n_cur: int, hits: int, n: int) -> float:
+    """P(X >= hits_cur) for X hypergeometric: `n_cur` drawn from `n` rows of which `hits` hit."""
+    top = min(hits, n_cur)
+    if hits_cur > top:
+        return 0.0
+
+    def log_pmf(k: int) -> float:
+        return _log_choose(hits, k) + _log_choose(n - hits, n_cur - k) - _log_choose(n, n_cur)
+
+    return min(1.0, sum(math.exp(log_pmf(k)) for k in range(hits_cur, top + 1)))
+
+
+def _log_choose(n: int, k: int) -> float:
+    if k < 0 or k > n:
+        return -math.inf
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values: rejecting those below alpha keeps the chance of any
+    false alarm among them at most alpha, however the tests depend on each other."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [1.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted

@@ -5,23 +5,27 @@ Rows are read in Arrow batches with only the columns needed and the window's fil
 the scan; what is kept is counts per predicted class and a 10,000-bin histogram of top-1
 probabilities per side, so memory does not grow with the number of rows.
 
-Signals, each a number, a threshold and a verdict (`drift` holds the statistics):
-- prediction drift: the predicted-class distribution, Jensen-Shannon distance (alert above
-  `max_js`) and PSI (above `max_psi`), with the chi-square test's p-value reported;
-- confidence drift: the top-1 probability distribution, Kolmogorov-Smirnov statistic (alert
-  above `max_ks` when its p-value is below `alpha`), and the share of predictions below
-  `low_confidence` (alert when it rose by more than `max_low_confidence_rise`);
-- error rate: the share of error rows (alert when it rose by more than `max_error_rate_rise`);
+Signals, each an effect (how big the change is), a floor and a p-value: how often a window of
+this size drawn from the reference's own distribution would differ at least this much (`drift`
+holds the statistics and the tests):
+- prediction drift: the predicted-class mix, chi-square test on the counts with rare classes
+  pooled; effect the Jensen-Shannon distance (PSI reported);
+- confidence drift: the top-1 probabilities, two-sample Kolmogorov-Smirnov;
+- the share of predictions below `low_confidence`, overall and for the class whose share rose
+  most clearly (one-sided two-proportion tests; Bonferroni over the classes tested);
+- the error rate (the same test); a NaN or infinite probability counts as an error;
 - estimated accuracy, without labels (confidence-based performance estimation, as NannyML's
-  CBPE): when the reference has labels (a canary's predictions, a labelled run), its rows
-  calibrate the model's top-1 probabilities by histogram binning (the accuracy of the labelled
-  rows in each of `CALIBRATION_BINS` probability bins); tonight's accuracy is estimated as the
-  mean calibrated probability of tonight's rows, with a 95% interval, and compared with the
-  reference's measured accuracy (alert on a drop of more than `max_accuracy_drop`). It holds
-  while the model's calibration does: drift in which images come, not in what they mean;
-- input drift: how the images look, from the columns every run records while decoding:
-  brightness, contrast, saturation, width and height (two-sample KS each, alert like the
-  confidence drift) and the file format (Jensen-Shannon distance, alert like the predictions).
+  CBPE): when the reference has labels (a canary's predictions, a labelled run), its labelled
+  rows calibrate the model's top-1 probabilities by histogram binning; tonight's accuracy is
+  the mean calibrated probability of tonight's rows. Its noise, and its interval, come from a
+  bootstrap of the labelled rows and of tonight's bins. It holds while the model's calibration
+  does: drift in which images come, not in what they mean;
+- input drift: brightness, contrast, saturation, width and height (Kolmogorov-Smirnov each) and
+  the file format (chi-square, like the classes).
+
+A signal alerts when its Holm-adjusted p-value is below `alpha` (so that at most that share of
+unchanged nights alert at all) and its effect passes its floor. A side with fewer than
+`MIN_SIGNAL_ROWS` rows leaves a signal "insufficient data": it never alerts, and says so.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -43,7 +47,16 @@ import pyarrow.dataset as ds
 from batchscore import storage
 from batchscore.charts import bar_chart, line_chart
 from batchscore.dataset import PARTITION, dataset_parts, dataset_summaries
-from batchscore.drift import chi_square, js_distance, ks_from_histograms, psi
+from batchscore.drift import (
+    chi_square,
+    holm,
+    js_distance,
+    ks_from_histograms,
+    normal_sf,
+    pooled,
+    psi,
+    rise_p_value,
+)
 from batchscore.errors import ConfigError
 from batchscore.files import atomic_write_text, output_errors
 from batchscore.names import is_url, redact_url, written_name
@@ -57,6 +70,10 @@ CALIBRATION_BINS = 20
 INPUT_BINS = 1_000
 TREND_RUNS = 30
 MIN_CLASS_ROWS = 20
+MIN_SIGNAL_ROWS = 30  # fewer rows on a side: that signal says "insufficient data"
+MOVED_CLASSES = 5  # the classes named as having moved most
+BOOTSTRAP = 400
+INSUFFICIENT = "insufficient data"
 TOP_CLASSES = 12
 # Input statistics, each binned on [0, 1]: the 0-1 ones as they are, sizes as log2(px) / 16.
 INPUT_STATS = ("brightness", "contrast", "saturation", "width", "height")
@@ -89,9 +106,17 @@ class Side:
     def n_ok(self) -> int:
         return self.n_rows - self.n_errors
 
+    @property
+    def n_low(self) -> int:
+        """Predictions below the side's low-confidence threshold."""
+        return int(self.confidence[: int(self.low_confidence * BINS)].sum())
+
     def add(self, batch: pa.RecordBatch) -> None:
         self.n_rows += batch.num_rows
-        ok = pc.equal(batch.column("status"), STATUS_OK)
+        # A row is a prediction only with a finite probability: NaN or Inf counts as an error.
+        probs = batch.column("pred_prob")
+        finite = pc.fill_null(pc.is_finite(probs), False)
+        ok = pc.and_(pc.fill_null(pc.equal(batch.column("status"), STATUS_OK), False), finite)
         self.n_errors += batch.num_rows - int(pc.sum(ok).as_py() or 0)
         self.models.update(v for v in batch.column("model_sha256").unique().to_pylist() if v)
         self.classes.update(_value_counts(pc.filter(batch.column("pred_label"), ok)))
@@ -103,6 +128,10 @@ class Side:
         if "correct" in batch.schema.names:
             correct = pc.filter(batch.column("correct"), ok)
             known = correct.is_valid().to_numpy(zero_copy_only=False)
+            if "label" in batch.schema.names:  # a canary's unlabelled images are not wrong
+                known &= (
+                    pc.filter(batch.column("label"), ok).is_valid().to_numpy(zero_copy_only=False)
+                )
             scored = scored.to_numpy(zero_copy_only=False)
             hits = correct.fill_null(False).to_numpy(zero_copy_only=False)
             self.labelled += np.bincount(_bins(scored[known]), minlength=BINS)
@@ -127,10 +156,7 @@ class Side:
         A bin with no labelled row takes its own mean probability (assumed calibrated)."""
         if not self.labelled.sum():
             return None
-        labelled = self.labelled.reshape(CALIBRATION_BINS, -1).sum(axis=1)
-        right = self.right.reshape(CALIBRATION_BINS, -1).sum(axis=1)
-        midpoints = (np.arange(CALIBRATION_BINS) + 0.5) / CALIBRATION_BINS
-        return np.where(labelled > 0, right / np.maximum(labelled, 1), midpoints)
+        return _calibration(_coarse(self.labelled), _coarse(self.right))
 
     def estimated_accuracy(self, calibration: np.ndarray) -> tuple[float, float]:
         """(estimate, half-width of its 95% interval) of this side's top-1 accuracy."""
@@ -144,8 +170,7 @@ class Side:
 
     def low_share(self) -> float:
         """Share of the predictions below the side's low-confidence threshold."""
-        below = int(self.confidence[: int(self.low_confidence * BINS)].sum())
-        return below / self.n_ok if self.n_ok else 0.0
+        return self.n_low / self.n_ok if self.n_ok else 0.0
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -158,15 +183,57 @@ class Side:
 
 @dataclass(frozen=True)
 class Signal:
+    """One comparison of the window with the reference.
+
+    `value` is the effect (how big the change is) and `threshold` the practical floor it must
+    pass; `p_value` is how often a window of this size, drawn from the reference's own
+    distribution, would differ at least this much (None: a side has too few rows to tell).
+    `adjusted_p` is the p-value after Holm's correction across the night's signals, and the
+    signal alerts when that is below the night's false-alarm rate and the effect passes the
+    floor: a change both clear and large enough to matter."""
+
     name: str
     value: float
     threshold: float
-    alert: bool
+    p_value: float | None
     details: dict[str, Any]
+    adjusted_p: float | None = None
+    alert: bool = False
+
+    @property
+    def verdict(self) -> str:
+        if self.p_value is None:
+            return INSUFFICIENT
+        return "alert" if self.alert else "ok"
 
     def line(self) -> str:
+        if self.p_value is None:
+            return f"n/a   {self.name}: insufficient data ({self.details['why']})"
         verdict = "ALERT" if self.alert else "ok"
-        return f"{verdict:<5} {self.name}: {self.value:.4f} (threshold {self.threshold:g})"
+        return (
+            f"{verdict:<5} {self.name}: {self.value:.4f} (floor {self.threshold:g},"
+            f" p {self.adjusted_p:.2g})"
+        )
+
+
+def insufficient(name: str, threshold: float, why: str) -> Signal:
+    """A signal that cannot be judged: it never alerts, and says why."""
+    return Signal(name, 0.0, threshold, None, {"why": why})
+
+
+def judged(signals: list[Signal], alpha: float) -> list[Signal]:
+    """Each signal's verdict, with Holm's correction across all of them: on nights drawn from
+    the reference's distribution, at most `alpha` of them alert at all."""
+    tested = [i for i, signal in enumerate(signals) if signal.p_value is not None]
+    adjusted = dict(zip(tested, holm([signals[i].p_value or 0.0 for i in tested]), strict=True))
+    return [
+        replace(
+            signal,
+            adjusted_p=adjusted.get(i),
+            alert=i in adjusted and adjusted[i] < alpha and signal.value > signal.threshold,
+        )
+        for i, signal in enumerate(signals)
+    ]
 
 
 @dataclass(frozen=True)
@@ -177,10 +244,18 @@ class MonitorResult:
     sides: dict[str, dict[str, Any]]
     trend: list[dict[str, Any]] = field(default_factory=list)  # one entry per night
     classes: dict[str, list[Any]] = field(default_factory=dict)  # top classes, both shares
+    alpha: float = 0.01
 
     @property
     def alert(self) -> bool:
         return any(signal.alert for signal in self.signals)
+
+    @property
+    def verdict(self) -> str:
+        """alert, ok, or insufficient data (no signal could be judged): never a silent pass."""
+        if self.alert:
+            return "alert"
+        return "ok" if any(s.p_value is not None for s in self.signals) else INSUFFICIENT
 
     def lines(self) -> list[str]:
         """Alerts first, then the rest, one line per signal."""
@@ -190,9 +265,11 @@ class MonitorResult:
     def as_dict(self) -> dict[str, Any]:
         return {
             "alert": self.alert,
+            "verdict": self.verdict,
+            "false_alarm_rate": self.alpha,
             "window": self.window,
             "reference": self.reference,
-            "signals": [asdict(signal) for signal in self.signals],
+            "signals": [{**asdict(s), "verdict": s.verdict} for s in self.signals],
             "sides": self.sides,
             "trend": self.trend,
             "classes": self.classes,
@@ -226,7 +303,13 @@ def monitor(
     nights = _read_runs(everything, [str(r["run_id"]) for r in runs], settings)
     trend = [_night(run, nights[str(run["run_id"])], base) for run in runs]
     return MonitorResult(
-        window, written_name(str(reference)), signals, sides, trend, _top_classes(base, current)
+        window,
+        written_name(str(reference)),
+        signals,
+        sides,
+        trend,
+        _top_classes(base, current),
+        settings.alpha,
     )
 
 
@@ -314,95 +397,172 @@ def _bins(probs: np.ndarray) -> np.ndarray:
     return np.clip(scaled, 0, BINS - 1)
 
 
-def _accuracy_signal(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
-    calibration = base.calibration()
-    if calibration is None:
-        return []  # no labels in the reference: nothing to calibrate on
-    measured = float(base.right.sum() / base.labelled.sum())
-    estimate, half_width = current.estimated_accuracy(calibration)
-    details = {
-        "reference_accuracy": measured,
-        "estimated_accuracy": estimate,
-        "interval": [estimate - half_width, estimate + half_width],
-        "reference_labelled": int(base.labelled.sum()),
-    }
-    drop = measured - estimate
-    name = f"estimated accuracy drop (measured {measured:.3f}, estimated {estimate:.3f})"
-    return [
-        Signal(name, drop, settings.max_accuracy_drop, drop > settings.max_accuracy_drop, details)
-    ]
-
-
-def _class_low_confidence_signal(base: Side, current: Side, settings: MonitorSettings) -> Signal:
-    """The class whose low-confidence share rose most, among classes predicted at least
-    MIN_CLASS_ROWS times on both sides (a drift one class hides in the overall share)."""
-    rises = {
-        name: current.low_by_class[name] / current.classes[name]
-        - base.low_by_class[name] / base.classes[name]
-        for name in set(base.classes) & set(current.classes)
-        if min(base.classes[name], current.classes[name]) >= MIN_CLASS_ROWS
-    }
-    worst = max(rises, key=lambda name: rises[name], default=None)
-    value = rises[worst] if worst is not None else 0.0
-    top = dict(sorted(rises.items(), key=lambda item: -item[1])[:10])
-    return Signal(
-        "low-confidence share rise, worst class",
-        value,
-        settings.max_low_confidence_rise,
-        value > settings.max_low_confidence_rise,
-        {"class": worst, "by_class": top, "min_rows": MIN_CLASS_ROWS},
-    )
-
-
-def _input_signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
-    """Only for what both sides recorded (datasets older than these columns have none)."""
-    signals = []
-    for name in INPUT_STATS:
-        if name in base.inputs and name in current.inputs:
-            ks, p_value = ks_from_histograms(base.inputs[name], current.inputs[name])
-            alert = ks > settings.max_ks and p_value < settings.alpha
-            signals.append(
-                Signal(f"input drift: {name} (Kolmogorov-Smirnov)", ks, settings.max_ks, alert,
-                       {"p_value": p_value})
-            )  # fmt: skip
-    if base.formats and current.formats:
-        js = js_distance(*_aligned(base.formats, current.formats))
-        details = {"reference": dict(base.formats), "window": dict(current.formats)}
-        signals.append(
-            Signal("input drift: format (Jensen-Shannon)", js, settings.max_js,
-                   js > settings.max_js, details)
-        )  # fmt: skip
-    return signals
-
-
 def _signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
-    ref_counts, cur_counts = _aligned(base.classes, current.classes)
-    js = js_distance(ref_counts, cur_counts)
-    stability = psi(ref_counts, cur_counts)
-    statistic, p_value, dof = chi_square(ref_counts, cur_counts)
-    prediction = {"chi2": statistic, "chi2_p": p_value, "chi2_dof": dof}
-    ks, ks_p = ks_from_histograms(base.confidence, current.confidence)
-    low_ref, low_cur = base.low_share(), current.low_share()
-    err_ref = base.n_errors / base.n_rows
-    err_cur = current.n_errors / current.n_rows
-    return [
-        Signal("prediction drift (Jensen-Shannon)", js, settings.max_js, js > settings.max_js,
-               prediction),
-        Signal("prediction drift (PSI)", stability, settings.max_psi,
-               stability > settings.max_psi, prediction),
-        Signal("confidence drift (Kolmogorov-Smirnov)", ks, settings.max_ks,
-               ks > settings.max_ks and ks_p < settings.alpha, {"p_value": ks_p}),
-        Signal(f"low-confidence share rise (top-1 < {settings.low_confidence:g})",
-               low_cur - low_ref, settings.max_low_confidence_rise,
-               low_cur - low_ref > settings.max_low_confidence_rise,
-               {"reference": low_ref, "window": low_cur}),
-        Signal("error rate rise", err_cur - err_ref, settings.max_error_rate_rise,
-               err_cur - err_ref > settings.max_error_rate_rise,
-               {"reference": err_ref, "window": err_cur}),
+    low = f"low-confidence share rise (top-1 < {settings.low_confidence:g})"
+    signals = [
+        _mix_signal("prediction drift (class mix)", base.classes, current.classes, settings.max_js),
+        _ks_signal("confidence drift (Kolmogorov-Smirnov)", base.confidence,
+                   current.confidence, settings.max_ks),
+        _rise_signal(low, (base.n_low, base.n_ok), (current.n_low, current.n_ok),
+                     settings.max_low_confidence_rise),
+        _rise_signal("error rate rise", (base.n_errors, base.n_rows),
+                     (current.n_errors, current.n_rows), settings.max_error_rate_rise),
         _class_low_confidence_signal(base, current, settings),
         *_accuracy_signal(base, current, settings),
         *_input_signals(base, current, settings),
     ]  # fmt: skip
+    return judged(signals, settings.alpha)
+
+
+def _mix_signal(name: str, reference: Counter[str], window: Counter[str], floor: float) -> Signal:
+    """A categorical mix (predicted classes, file formats): the chi-square test on the counts,
+    rare categories pooled; the effect is the Jensen-Shannon distance."""
+    ref, cur = _aligned(reference, window)
+    if min(ref.sum(), cur.sum()) < MIN_SIGNAL_ROWS:
+        return insufficient(name, floor, _too_few(ref.sum(), cur.sum()))
+    statistic, p_value, dof = chi_square(*pooled(ref, cur))
+    ref_share, cur_share = ref / ref.sum(), cur / cur.sum()
+    names = sorted(set(reference) | set(window))
+    moved = np.argsort(-np.abs(cur_share - ref_share))[:MOVED_CLASSES]
+    details = {
+        "chi2": statistic,
+        "chi2_dof": dof,
+        "psi": psi(ref, cur),
+        "moved": [
+            {"name": names[i], "reference": float(ref_share[i]), "window": float(cur_share[i])}
+            for i in moved
+        ],
+    }
+    return Signal(name, js_distance(ref, cur), floor, p_value, details)
+
+
+def _ks_signal(name: str, reference: np.ndarray, window: np.ndarray, floor: float) -> Signal:
+    n_ref, n_cur = int(reference.sum()), int(window.sum())
+    if min(n_ref, n_cur) < MIN_SIGNAL_ROWS:
+        return insufficient(name, floor, _too_few(n_ref, n_cur))
+    statistic, p_value = ks_from_histograms(reference, window)
+    return Signal(name, statistic, floor, p_value, {})
+
+
+def _rise_signal(
+    name: str, reference: tuple[int, int], window: tuple[int, int], floor: float
+) -> Signal:
+    """A share that should not grow (hits among rows): one-sided two-proportion test."""
+    (hits_ref, n_ref), (hits_cur, n_cur) = reference, window
+    if min(n_ref, n_cur) < MIN_SIGNAL_ROWS:
+        return insufficient(name, floor, _too_few(n_ref, n_cur))
+    share_ref, share_cur = hits_ref / n_ref, hits_cur / n_cur
+    p_value = rise_p_value(hits_ref, n_ref, hits_cur, n_cur)
+    details = {"reference": share_ref, "window": share_cur}
+    return Signal(name, share_cur - share_ref, floor, p_value, details)
+
+
+def _too_few(n_ref: int, n_cur: int) -> str:
+    return f"{n_ref} rows in the reference and {n_cur} in the window; {MIN_SIGNAL_ROWS} needed"
+
+
+def _class_low_confidence_signal(base: Side, current: Side, settings: MonitorSettings) -> Signal:
+    """The class whose low-confidence share rose most clearly, among classes predicted at
+    least MIN_CLASS_ROWS times on both sides (a drift one class hides in the overall share).
+    Each class is tested on its own; the family's p-value is Bonferroni's (the number of
+    classes times the smallest p-value among those whose rise passes the floor), so looking at
+    a thousand classes does not make a thousand chances of a false alarm."""
+    name = "low-confidence share rise, worst class"
+    floor = settings.max_low_confidence_rise
+    eligible = [
+        label
+        for label in set(base.classes) & set(current.classes)
+        if min(base.classes[label], current.classes[label]) >= MIN_CLASS_ROWS
+    ]
+    if not eligible:
+        return insufficient(name, floor, f"no class predicted {MIN_CLASS_ROWS} times on both sides")
+    tests = {}
+    for label in sorted(eligible):
+        ref = (base.low_by_class[label], base.classes[label])
+        cur = (current.low_by_class[label], current.classes[label])
+        tests[label] = (cur[0] / cur[1] - ref[0] / ref[1], rise_p_value(*ref, *cur))
+    large = [label for label in tests if tests[label][0] > floor] or list(tests)
+    worst = min(large, key=lambda label: (tests[label][1], -tests[label][0]))
+    rise, p_value = tests[worst]
+    ranked = sorted(tests.items(), key=lambda item: item[1][1])[:MOVED_CLASSES]
+    details = {
+        "class": worst,
+        "classes_tested": len(tests),
+        "by_class": {label: {"rise": r, "p_value": p} for label, (r, p) in ranked},
+        "min_rows": MIN_CLASS_ROWS,
+    }
+    return Signal(name, rise, floor, min(1.0, p_value * len(tests)), details)
+
+
+def _accuracy_signal(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
+    """The accuracy estimated without labels (CBPE) against the reference's measured one.
+    Its noise comes from two places, both resampled (a bootstrap of `BOOTSTRAP` draws, seeded,
+    so the same night gets the same verdict): the labelled reference rows behind the
+    calibration table and the measured accuracy, and which probability bins tonight's rows
+    fell in. The interval for tonight's accuracy adds the chance in tonight's own outcomes."""
+    if not base.labelled.sum():
+        return []  # no labels in the reference: nothing to calibrate on
+    name = "estimated accuracy drop"
+    floor = settings.max_accuracy_drop
+    if current.n_ok < MIN_SIGNAL_ROWS:
+        return [insufficient(name, floor, _too_few(int(base.labelled.sum()), current.n_ok))]
+    labelled = _coarse(base.labelled)
+    right = _coarse(base.right)
+    counts = _coarse(current.confidence)
+    n = int(counts.sum())
+    measured = float(right.sum() / labelled.sum())
+    calibration = _calibration(labelled, right)
+    estimate = float(counts @ calibration / n)
+    rng = np.random.default_rng(0)
+    cells = np.concatenate([right, labelled - right]).astype(np.float64)
+    drawn = rng.multinomial(int(labelled.sum()), cells / cells.sum(), size=BOOTSTRAP)
+    right_b = drawn[:, :CALIBRATION_BINS]
+    labelled_b = right_b + drawn[:, CALIBRATION_BINS:]
+    calibration_b = _calibration(labelled_b, right_b)
+    measured_b = right_b.sum(axis=1) / labelled_b.sum(axis=1)
+    weights_b = rng.multinomial(n, counts / n, size=BOOTSTRAP) / n
+    drop_b = measured_b - np.sum(weights_b * calibration_b, axis=1)
+    spread = float(np.std(drop_b, ddof=1))
+    drop = measured - estimate
+    p_value = normal_sf(drop / spread) if spread > 0 else float(drop <= 0)
+    calibration_var = float(np.var(calibration_b @ counts / n, ddof=1))
+    outcome_var = float(np.sum(counts * calibration * (1 - calibration)) / n**2)
+    half_width = 1.96 * (calibration_var + outcome_var) ** 0.5
+    details = {
+        "reference_accuracy": measured,
+        "estimated_accuracy": estimate,
+        "interval": [estimate - half_width, estimate + half_width],
+        "reference_labelled": int(labelled.sum()),
+    }
+    return [Signal(name, drop, floor, p_value, details)]
+
+
+def _coarse(fine: np.ndarray) -> np.ndarray:
+    """Counts on BINS fine probability bins, summed into CALIBRATION_BINS coarse ones."""
+    coarse: np.ndarray = fine.reshape(CALIBRATION_BINS, -1).sum(axis=1)
+    return coarse
+
+
+def _calibration(labelled: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Accuracy per coarse bin (along the last axis); a bin with no labelled row takes its own
+    mean probability (assumed calibrated)."""
+    midpoints = (np.arange(CALIBRATION_BINS) + 0.5) / CALIBRATION_BINS
+    return np.where(labelled > 0, right / np.maximum(labelled, 1), midpoints)
+
+
+def _input_signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
+    """Only for what both sides recorded (datasets older than these columns have none)."""
+    signals = [
+        _ks_signal(f"input drift: {name} (Kolmogorov-Smirnov)", base.inputs[name],
+                   current.inputs[name], settings.max_ks)
+        for name in INPUT_STATS
+        if name in base.inputs and name in current.inputs
+    ]  # fmt: skip
+    if base.formats and current.formats:
+        signals.append(
+            _mix_signal("input drift: format", base.formats, current.formats, settings.max_js)
+        )
+    return signals
 
 
 def _window(
@@ -481,7 +641,7 @@ def _batches(
     if not files.paths:
         return
     dataset = files.dataset()
-    optional = ["correct", "format", *INPUT_STATS]
+    optional = ["correct", "label", "format", *INPUT_STATS]
     names = dataset.schema.names
     columns = [*COLUMNS, *(extra or []), *(name for name in optional if name in names)]
     yield from dataset.to_batches(
@@ -509,14 +669,20 @@ def write_report(result: MonitorResult, folder: Path) -> None:
     lines = [
         f"# Monitor: {result.window} against {result.reference}",
         "",
-        "**ALERT**" if result.alert else "No alert.",
+        {"alert": "**ALERT**", "ok": "No alert."}.get(result.verdict, "Insufficient data."),
         "",
-        "| signal | value | threshold | verdict |",
-        "| --- | --- | --- | --- |",
+        f"A signal alerts when its change is clear (Holm-adjusted p below {result.alpha:g}) and"
+        " larger than its floor.",
+        "",
+        "| signal | effect | floor | p (adjusted) | verdict |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for signal in result.signals:
-        verdict = "alert" if signal.alert else "ok"
-        lines.append(f"| {signal.name} | {signal.value:.4f} | {signal.threshold:g} | {verdict} |")
+        p = "-" if signal.adjusted_p is None else f"{signal.adjusted_p:.2g}"
+        lines.append(
+            f"| {signal.name} | {signal.value:.4f} | {signal.threshold:g} | {p} |"
+            f" {signal.verdict} |"
+        )
     lines += ["", "| | reference | window |", "| --- | --- | --- |"]
     for key in ("rows", "errors"):
         lines.append(

@@ -94,10 +94,12 @@ class MonitorSettings:
     date: str | None = None  # by default the newest complete run of the dataset
     since: str | None = None
     allow_model_change: bool = False
-    max_js: float = 0.1
-    max_psi: float = 0.2
-    max_ks: float = 0.1
+    # A signal alerts when its change is both clear against the night's noise (Holm-adjusted
+    # p-value below `alpha`, the share of unchanged nights allowed to alert) and larger than
+    # its floor: max_js, max_ks, and the rises and drop below.
     alpha: float = 0.01
+    max_js: float = 0.1
+    max_ks: float = 0.1
     low_confidence: float = 0.5
     max_low_confidence_rise: float = 0.1
     max_error_rate_rise: float = 0.05

@@ -68,45 +68,61 @@ def test_psi_by_its_definition() -> None:
     assert psi(ref, ref) == 0
 
 
-def _variants(image: Image.Image) -> list[Image.Image]:
+def _augmented(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """One draw of a fixed augmentation recipe: a random crop of 60-100% of each side, a
+    mirror half the time, a tilt of up to 10 degrees, brightness and contrast within 15%.
+    Two nights drawn with different seeds come from one distribution: neither is the other's
+    photos again."""
     w, h = image.size
-    return [
-        image,
-        ImageOps.mirror(image),
-        image.crop((0, 0, w * 3 // 4, h * 3 // 4)),
-        image.crop((w // 4, h // 4, w, h)),
-        ImageOps.mirror(image).crop((w // 8, 0, w, h * 7 // 8)),
-        image.rotate(8),
-    ]
+    cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    picture = image.crop((left, top, left + cw, top + ch))
+    if rng.random() < 0.5:
+        picture = ImageOps.mirror(picture)
+    picture = picture.rotate(float(rng.uniform(-10, 10)))
+    picture = ImageEnhance.Brightness(picture).enhance(float(rng.uniform(0.85, 1.15)))
+    return ImageEnhance.Contrast(picture).enhance(float(rng.uniform(0.85, 1.15)))
+
+
+def _draw(folder: Path, per_photo: int, seed: int, brightness: float = 1.0) -> list[Path]:
+    """`per_photo` augmented draws of each sample photo, as JPEGs."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    written = []
+    for sample in sorted(SAMPLES.glob("*.jpg")):
+        photo = Image.open(sample).convert("RGB")
+        for i in range(per_photo):
+            picture = ImageEnhance.Brightness(_augmented(photo, rng)).enhance(brightness)
+            path = folder / f"{sample.stem}_{i:02d}.jpg"
+            picture.save(path, quality=92)
+            written.append(path)
+    return written
 
 
 @pytest.fixture(scope="module")
 def nights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A reference and three nights, scored by the bundled model into one dataset each."""
+    """A reference (4 photos x 30 draws of one augmentation recipe) and nights of 48 images,
+    scored by the bundled model into one dataset each: an unchanged night (the same recipe,
+    fresh draws) and four planted shifts."""
     root = tmp_path_factory.mktemp("monitor")
-    names = ("reference", "same", "dark", "one_kind", "broken", "png")
-    folders = {name: root / name for name in names}
-    for folder in folders.values():
-        folder.mkdir()
-    for sample in sorted(SAMPLES.glob("*.jpg")):
-        for i, picture in enumerate(_variants(Image.open(sample).convert("RGB"))):
-            for name in ("reference", "same", "broken"):
-                picture.save(folders[name] / f"{sample.stem}_{i}.jpg", quality=92)
-            same = Image.open(folders["same"] / f"{sample.stem}_{i}.jpg")
-            same.save(folders["png"] / f"{sample.stem}_{i}.png")  # the same pixels, as PNG
-            dark = ImageEnhance.Brightness(picture).enhance(0.12)
-            dark.save(folders["dark"] / f"{sample.stem}_{i}.jpg", quality=92)
+    _draw(root / "reference", 30, seed=1)
+    same = _draw(root / "same", 12, seed=2)
+    _draw(root / "dark", 12, seed=3, brightness=0.12)
+    broken = _draw(root / "broken", 12, seed=4)
+    for path in broken[::4]:
+        path.write_bytes(path.read_bytes()[:300])  # truncated uploads: a quarter of the night
+    (root / "png").mkdir()
+    for path in same:  # the same pixels as the unchanged night, as PNG
+        Image.open(path).save(root / "png" / f"{path.stem}.png")
+    (root / "one_kind").mkdir()
     cat = Image.open(SAMPLES / "cat.jpg").convert("RGB")
-    for i in range(24):
-        cat.crop((i * 3, i * 2, cat.width - i * 2, cat.height - i)).save(
-            folders["one_kind"] / f"cat_{i}.jpg", quality=92
-        )
-    for path in sorted(folders["broken"].glob("*.jpg"))[:8]:
-        path.write_bytes(path.read_bytes()[:300])  # truncated uploads
+    rng = np.random.default_rng(5)
+    for i in range(48):
+        _augmented(cat, rng).save(root / "one_kind" / f"cat_{i:02d}.jpg", quality=92)
     outputs = {}
-    for name, folder in folders.items():
+    for name in ("reference", "same", "dark", "one_kind", "broken", "png"):
         dataset = root / f"preds_{name}"
-        args = ["score", str(folder), "-o", f"{dataset}/", "--workers", "0", "-q"]
+        args = ["score", str(root / name), "-o", f"{dataset}/", "--workers", "0", "-q"]
         assert CliRunner().invoke(cli, [*args, "--run-id", f"night-{name}"]).exit_code == 0
         outputs[name] = dataset
     return outputs
@@ -137,12 +153,12 @@ def test_an_unchanged_night_raises_nothing_and_planted_drifts_raise_their_signal
     assert code == 0, output
     assert _alerts(output) == set()
     saved = json.loads((tmp_path / "report" / "monitor.json").read_text())
-    assert saved["alert"] is False and len(saved["signals"]) == 12  # no labels: no accuracy
+    assert saved["verdict"] == "ok" and len(saved["signals"]) == 11  # no labels: no accuracy
     assert (tmp_path / "report" / "report.md").read_text().startswith("# Monitor: run night-same")
 
     code, output = _monitor(nights["one_kind"], reference)
     assert code == 3
-    assert {"prediction drift (Jensen-Shannon)", "prediction drift (PSI)"} <= _alerts(output)
+    assert "prediction drift (class mix)" in _alerts(output)
     assert output.splitlines()[1].strip().startswith("ALERT")  # alerts first
 
     code, output = _monitor(nights["dark"], reference)
@@ -152,16 +168,15 @@ def test_an_unchanged_night_raises_nothing_and_planted_drifts_raise_their_signal
         "input drift: brightness (Kolmogorov-Smirnov)",
         "input drift: contrast (Kolmogorov-Smirnov)",
     } <= _alerts(output)
-    assert "input drift: format (Jensen-Shannon)" not in _alerts(output)
+    assert "input drift: format" not in _alerts(output)
 
     code, output = _monitor(nights["png"], reference)
     assert code == 3
-    assert _alerts(output) == {"input drift: format (Jensen-Shannon)"}
+    assert _alerts(output) == {"input drift: format"}
 
     code, output = _monitor(nights["broken"], reference)
     assert code == 3
-    assert "error rate rise" in _alerts(output)  # (a third of the images are missing from the
-    # predictions, so their class distribution moves too)
+    assert "error rate rise" in _alerts(output)
 
 
 @pytest.mark.slow
@@ -193,7 +208,10 @@ def test_the_window_and_the_reference_can_be_chosen_and_models_must_match(
     shutil.copy(part, canary / "predictions.parquet")  # what `canary --report` keeps
     assert _monitor(nights["same"], canary)[0] == 0
     date = part.parent.name.split("=", 1)[1]
-    assert _monitor(dataset, nights["reference"], "--date", date)[0] == 3  # both nights
+    by_date = tmp_path / "by_date"
+    _monitor(dataset, nights["reference"], "--date", date, "--report", str(by_date))
+    saved = json.loads((by_date / "monitor.json").read_text())
+    assert saved["window"] == f"date {date}" and saved["sides"]["window"]["rows"] == 120 + 48
     code, output = _monitor(nights["same"], nights["reference"], "--run", "x", "--since", "3d")
     assert code == 2 and "choose one of" in output
 
@@ -256,9 +274,14 @@ def test_the_accuracy_estimated_without_labels_tracks_the_true_accuracy(tmp_path
         low, high = details["interval"]
         assert abs(details["estimated_accuracy"] - truth) < 0.06, (name, details, truth)
         assert low - 0.03 <= truth <= high + 0.03, (name, details, truth)
-        estimates[name] = (details["estimated_accuracy"], truth, accuracy["alert"])
+        estimates[name] = (details["estimated_accuracy"], truth, accuracy)
     assert estimates["harder"][1] < estimates["same"][1] - 0.05  # the harder night is harder
-    assert estimates["same"][2] is False and estimates["harder"][2] is True
+    same, harder = estimates["same"][2], estimates["harder"][2]
+    assert same["verdict"] == "ok" and same["p_value"] > 0.05
+    # The harder night's rows sit in probability bins where the reference has few labelled
+    # rows, so the calibration there is unsure: the drop is clear before the correction across
+    # signals, and the night alerts on the signals that see it without labels.
+    assert harder["value"] > 0.05 and harder["p_value"] < 0.01
 
 
 def test_a_class_whose_confidence_drops_is_seen_even_when_the_overall_share_is_not(

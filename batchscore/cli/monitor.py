@@ -15,27 +15,37 @@ _DEFAULTS = MonitorSettings()
 SHARE = click.FloatRange(0, 1)
 # (MonitorSettings field, value range, help): each becomes --field-name with its default.
 THRESHOLDS = (
-    ("max_js", SHARE, "Alert above this Jensen-Shannon distance of predicted classes."),
-    ("max_psi", click.FloatRange(0), "Alert above this PSI of predicted classes."),
+    (
+        "alpha",
+        SHARE,
+        "The false-alarm rate: the share of nights drawn from the reference's own distribution"
+        " that may alert (Holm's correction across all signals).",
+    ),
+    (
+        "max_js",
+        SHARE,
+        "Floor: an alert on predicted classes or file formats needs a Jensen-Shannon distance"
+        " above this.",
+    ),
     (
         "max_ks",
         SHARE,
-        "Alert above this Kolmogorov-Smirnov statistic of top-1 probabilities (when"
-        " significant at --alpha).",
+        "Floor: an alert on top-1 probabilities or an input statistic needs a"
+        " Kolmogorov-Smirnov statistic above this.",
     ),
-    ("alpha", SHARE, "Significance level of the KS test."),
     ("low_confidence", SHARE, "A top-1 probability below this is low-confidence."),
     (
         "max_low_confidence_rise",
         SHARE,
-        "Alert when the low-confidence share rose by more than this.",
+        "Floor: an alert on the low-confidence share (overall or of one class) needs a rise"
+        " above this.",
     ),
-    ("max_error_rate_rise", SHARE, "Alert when the error rate rose by more than this."),
+    ("max_error_rate_rise", SHARE, "Floor: an alert on errors needs a rise above this."),
     (
         "max_accuracy_drop",
         SHARE,
-        "With a labelled reference: alert when the accuracy estimated without labels is this"
-        " much below the reference's.",
+        "Floor, with a labelled reference: an alert needs the accuracy estimated without"
+        " labels to be this much below the reference's.",
     ),
 )
 
@@ -86,14 +96,16 @@ def monitor_command(
     report_dir: str | None,
     allow_model_change: bool,
     storage_option: tuple[str, ...],
-    **thresholds: Any,  # the eight thresholds of `threshold_options`, as floats
+    **thresholds: Any,  # the options of `threshold_options`, as floats
 ) -> None:
     """Does tonight's scoring still look like the reference? Exit 3 on an alert.
 
     Compares the newest run of DATASET (or --run, --date, --since) with --reference, without
-    labels: the predicted-class distribution (Jensen-Shannon distance, PSI, chi-square), the
-    top-1 probabilities (Kolmogorov-Smirnov, the low-confidence share) and the error rate.
-    Prints one line per signal, alerts first.
+    labels: the predicted classes, the top-1 probabilities, the low-confidence share (overall
+    and per class), the error rate, the estimated accuracy and how the images look. A signal
+    alerts only when its change is clear against the noise of a window this size (its p-value,
+    Holm-corrected across signals, below --alpha) and larger than its floor. Prints the
+    verdict, then one line per signal, alerts first.
 
     Example:
 
@@ -122,7 +134,7 @@ def monitor_command(
     result = monitor(dataset, reference, settings)
     if report_dir is not None:
         write_report(result, Path(report_dir))
-    click.echo(f"{result.window} against {result.reference}:")
+    click.echo(f"{result.window} against {result.reference}: {result.verdict}")
     for line in result.lines():
         click.echo(f"  {line}")
     if result.alert:

@@ -10,6 +10,7 @@ from xml.etree import ElementTree
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
@@ -19,7 +20,20 @@ from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
 from batchscore.cli import cli
-from batchscore.drift import chi2_sf, chi_square, js_distance, ks_from_histograms, psi
+from batchscore.drift import (
+    MIN_EXPECTED,
+    chi2_sf,
+    chi_square,
+    holm,
+    js_distance,
+    ks_from_histograms,
+    pooled,
+    psi,
+    rise_p_value,
+)
+from batchscore.monitor import Side, _signals
+from batchscore.settings import MonitorSettings
+from tests.benchmarks.monitor_noise import SHIFTS, night, unchanged_process
 from tests.conftest import COLORS, SAMPLES
 from tests.models import color_model
 
@@ -335,3 +349,142 @@ def test_input_statistics_are_written_and_mean_what_they_say(tmp_path: Path) -> 
     assert rows.loc["PNG", "saturation"] == pytest.approx(0.0, abs=1e-6)
     assert rows.loc["JPEG", "saturation"] == pytest.approx(160 / 255, abs=0.03)
     assert rows.loc["JPEG", "contrast"] == pytest.approx(0.0, abs=0.01)
+
+
+# ------------------------------------------------------------------ the noise model
+
+tables = st.lists(st.tuples(st.integers(0, 60), st.integers(0, 60)), min_size=2, max_size=30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tables)
+def test_pooled_chi_square_is_scipys_on_the_pooled_table(counts: list[tuple[int, int]]) -> None:
+    ref, cur = (np.array(side) for side in zip(*counts, strict=True))
+    if ref.sum() == 0 or cur.sum() == 0:
+        return
+    a, b = pooled(ref, cur)
+    assert a.sum() == ref.sum() and b.sum() == cur.sum()  # nothing lost, only merged
+    expected = (a + b) * min(ref.sum(), cur.sum()) / (ref.sum() + cur.sum())
+    assert (expected[:-1] >= MIN_EXPECTED).all()  # all but the "other" column are common
+    _, p_value, _ = chi_square(a, b)
+    kept = np.vstack([a, b])[:, (a + b) > 0]
+    if kept.shape[1] >= 2:
+        oracle = stats.chi2_contingency(kept, correction=False)
+        assert p_value == pytest.approx(oracle[1], rel=1e-6, abs=1e-12)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 400), st.integers(1, 400), st.data())
+def test_the_rise_test_is_fishers_or_the_two_proportion_z(
+    n_ref: int, n_cur: int, data: st.DataObject
+) -> None:
+    hits_ref = data.draw(st.integers(0, n_ref))
+    hits_cur = data.draw(st.integers(0, n_cur))
+    p_value = rise_p_value(hits_ref, n_ref, hits_cur, n_cur)
+    hits, n = hits_ref + hits_cur, n_ref + n_cur
+    if min(hits, n - hits) * min(n_ref, n_cur) / n < MIN_EXPECTED:
+        table = [[hits_cur, n_cur - hits_cur], [hits_ref, n_ref - hits_ref]]
+        oracle = stats.fisher_exact(table, alternative="greater").pvalue
+    else:
+        share = hits / n
+        z = (hits_cur / n_cur - hits_ref / n_ref) / np.sqrt(
+            share * (1 - share) * (1 / n_ref + 1 / n_cur)
+        )
+        oracle = stats.norm.sf(z)
+    assert p_value == pytest.approx(oracle, rel=1e-6, abs=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=12))
+def test_holm_by_its_definition(p_values: list[float]) -> None:
+    """Adjusted p_(i) = max over j <= i of min(1, (m - j + 1) p_(j)), in sorted order."""
+    m = len(p_values)
+    ordered = sorted(range(m), key=lambda i: p_values[i])
+    want = {}
+    for rank, i in enumerate(ordered):
+        want[i] = max(min(1.0, (m - j) * p_values[ordered[j]]) for j in range(rank + 1))
+    assert holm(p_values) == pytest.approx([want[i] for i in range(m)])
+
+
+def test_unchanged_simulated_nights_rarely_alert_and_planted_shifts_are_caught() -> None:
+    """A seeded share of tests/benchmarks/monitor_noise.py (its docs give the full figures):
+    nights drawn from the reference's process, not its rows again."""
+    process = unchanged_process()
+    defaults = MonitorSettings()
+    for n in (200, 2_000):
+        alerted = [
+            bool(night(process, process, n, seed=i, settings=defaults)[0]) for i in range(30)
+        ]
+        assert sum(alerted) <= 1, (n, alerted)  # at 1% a night, 2 of 30 happens 3.6% of times
+        for name, shift in SHIFTS.items():
+            caught = [bool(night(process, shift(process), n, seed=i, settings=defaults)[0])
+                      for i in range(5)]  # fmt: skip
+            assert all(caught) or (n == 200 and sum(caught) >= 4), (name, n, caught)
+
+
+def _side(rows: list[dict[str, object]]) -> Side:
+    side = Side()
+    columns = {key: [row.get(key) for row in rows] for key in ("status", "pred_label")}
+    batch = pa.RecordBatch.from_pydict(
+        {
+            **columns,
+            "pred_prob": pa.array([row.get("pred_prob") for row in rows], pa.float32()),
+            "model_sha256": ["m"] * len(rows),
+            "correct": pa.array([row.get("correct") for row in rows], pa.bool_()),
+            "label": pa.array([row.get("label") for row in rows], pa.string()),
+        }
+    )
+    side.add(batch)
+    return side
+
+
+def test_a_nan_or_infinite_probability_is_an_error_not_a_prediction() -> None:
+    side = _side(
+        [
+            {"status": "ok", "pred_label": "cat", "pred_prob": float("nan")},
+            {"status": "ok", "pred_label": "cat", "pred_prob": float("inf")},
+            {"status": "ok", "pred_label": "dog", "pred_prob": 0.2},
+        ]
+    )
+    assert side.n_errors == 2 and side.n_ok == 1
+    assert side.classes == {"dog": 1} and side.confidence.sum() == 1  # no NaN binned as 0
+
+
+def test_unlabelled_canary_rows_are_left_out_of_the_reference_accuracy() -> None:
+    """A canary's predictions.parquet writes `correct` false for an image with no label: the
+    reference accuracy counted them as wrong (0.802 where the canary printed 0.8843)."""
+    rows = [{"status": "ok", "pred_label": "cat", "pred_prob": 0.9, "label": "cat",
+             "correct": i < 80} for i in range(100)]  # fmt: skip
+    rows += [{"status": "ok", "pred_label": "cat", "pred_prob": 0.9, "label": None,
+              "correct": False}] * 37  # fmt: skip
+    side = _side(rows)
+    assert side.labelled.sum() == 100 and side.right.sum() / side.labelled.sum() == 0.8
+
+
+def test_an_all_error_night_is_reported_as_errors_not_drift() -> None:
+    base = _side(
+        [{"status": "ok", "pred_label": f"c{i % 5}", "pred_prob": 0.8} for i in range(200)]
+    )
+    night_rows = [{"status": "error"} for _ in range(60)]
+    signals = {s.name: s for s in _signals(base, _side(night_rows), MonitorSettings())}
+    assert {name for name, s in signals.items() if s.alert} == {"error rate rise"}
+    assert signals["prediction drift (class mix)"].verdict == "insufficient data"
+    assert signals["confidence drift (Kolmogorov-Smirnov)"].verdict == "insufficient data"
+
+
+def test_a_window_too_small_to_judge_says_so_and_never_alerts(
+    nights: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for sample in sorted(SAMPLES.glob("*.jpg")):
+        shutil.copy(sample, folder)
+    dataset = tmp_path / "preds_few"
+    args = ["score", str(folder), "-o", f"{dataset}/", "--workers", "0", "-q"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    code, output = _monitor(dataset, nights["reference"], "--report", str(tmp_path / "r"))
+    assert code == 0, output
+    assert output.splitlines()[0].endswith(": insufficient data")
+    assert "4 in the window; 30 needed" in output and "ALERT" not in output
+    saved = json.loads((tmp_path / "r" / "monitor.json").read_text())
+    assert saved["verdict"] == "insufficient data" and saved["alert"] is False

@@ -3,7 +3,8 @@ docs/object-storage.md, measured in one run against a moto S3 server on loopback
 
 Not a test; it needs `pip install obstore` (not a dependency of batchscore). It prints:
 - the CPU time this process spends per GET of the same JPEG objects, through batchscore's own
-  read path (`storage.read_object`, s3fs) and through obstore, medians over the repeats;
+  read path (`storage.read_object`: s3fs, a ranged read with retries), through a plain s3fs
+  `cat_file` and through obstore, medians over the repeats;
 - that difference as a share of what batchscore spends per image anyway (decode, preprocess,
   inference, Parquet: `batchscore score` on the same files from local disk, all processes);
 - which conditional writes each client offers against this server (the lock needs a create
@@ -119,22 +120,27 @@ def main(argv: Sequence[str] | None = None) -> None:
             conditional_put="etag",
         )
         ours: list[float] = []
+        plain: list[float] = []
         theirs: list[float] = []
         per_image: list[float] = []
         for _ in range(args.repeats):
             ours.append(
                 cpu_ms_per_call(lambda key: storage.read_object(f"s3://{BUCKET}/{key}", {}), keys)
             )
+            plain.append(cpu_ms_per_call(lambda key: fs.cat_file(f"{BUCKET}/{key}"), keys))
             theirs.append(cpu_ms_per_call(lambda key: obstore.get(store, key).bytes(), keys))
             per_image.append(batchscore_cpu_ms_per_image(files, work / "out.parquet"))
         writes = conditional_writes(fs, store)
     size_kb = statistics.median(path.stat().st_size for path in files) / 1024
-    s3fs_ms, obstore_ms, image_ms = (statistics.median(x) for x in (ours, theirs, per_image))
+    s3fs_ms, plain_ms, obstore_ms, image_ms = (
+        statistics.median(x) for x in (ours, plain, theirs, per_image)
+    )
     print(f"{args.count} objects ({args.corpus}, median {size_kb:.0f} KB), moto on loopback,")
     print(f"{os.cpu_count()} cores, median of {args.repeats} repeats\n")
     print("| | CPU | share of batchscore's CPU per image |")
     print("|---|---|---|")
     print(f"| s3fs (batchscore's read path) | {s3fs_ms:.2f} ms | {s3fs_ms / image_ms:.1%} |")
+    print(f"| s3fs, a plain `cat_file` | {plain_ms:.2f} ms | {plain_ms / image_ms:.1%} |")
     print(f"| obstore | {obstore_ms:.2f} ms | {obstore_ms / image_ms:.1%} |")
     print(f"| batchscore score per image (local files, start-up excluded) | {image_ms:.1f} ms |")
     print(

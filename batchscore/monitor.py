@@ -210,10 +210,17 @@ class Signal:
         if self.p_value is None:
             return f"n/a   {self.name}: insufficient data ({self.details['why']})"
         verdict = "ALERT" if self.alert else "ok"
-        return (
+        line = (
             f"{verdict:<5} {self.name}: {self.value:.4f} (floor {self.threshold:g},"
             f" p {self.adjusted_p:.2g})"
         )
+        if self.alert and self.details.get("moved"):  # what an on-call engineer looks at first
+            moved = ", ".join(
+                f"{m['name']} {m['reference']:.0%} -> {m['window']:.0%}"
+                for m in self.details["moved"][:3]
+            )
+            line += f"; moved most: {moved}"
+        return line
 
 
 def insufficient(name: str, threshold: float, why: str) -> Signal:

@@ -4,6 +4,7 @@ bundled model on real photos (an unchanged night raises nothing)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from xml.etree import ElementTree
@@ -15,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
@@ -36,6 +37,7 @@ from batchscore.settings import MonitorSettings
 from tests.benchmarks.monitor_noise import SHIFTS, night, unchanged_process
 from tests.conftest import COLORS, SAMPLES
 from tests.models import color_model
+from tests.nights import draw
 
 pairs = st.lists(st.tuples(st.integers(0, 500), st.integers(0, 500)), min_size=2, max_size=12)
 
@@ -82,57 +84,22 @@ def test_psi_by_its_definition() -> None:
     assert psi(ref, ref) == 0
 
 
-def _augmented(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """One draw of a fixed augmentation recipe: a random crop of 60-100% of each side, a
-    mirror half the time, a tilt of up to 10 degrees, brightness and contrast within 15%.
-    Two nights drawn with different seeds come from one distribution: neither is the other's
-    photos again."""
-    w, h = image.size
-    cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
-    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    picture = image.crop((left, top, left + cw, top + ch))
-    if rng.random() < 0.5:
-        picture = ImageOps.mirror(picture)
-    picture = picture.rotate(float(rng.uniform(-10, 10)))
-    picture = ImageEnhance.Brightness(picture).enhance(float(rng.uniform(0.85, 1.15)))
-    return ImageEnhance.Contrast(picture).enhance(float(rng.uniform(0.85, 1.15)))
-
-
-def _draw(folder: Path, per_photo: int, seed: int, brightness: float = 1.0) -> list[Path]:
-    """`per_photo` augmented draws of each sample photo, as JPEGs."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir()
-    written = []
-    for sample in sorted(SAMPLES.glob("*.jpg")):
-        photo = Image.open(sample).convert("RGB")
-        for i in range(per_photo):
-            picture = ImageEnhance.Brightness(_augmented(photo, rng)).enhance(brightness)
-            path = folder / f"{sample.stem}_{i:02d}.jpg"
-            picture.save(path, quality=92)
-            written.append(path)
-    return written
-
-
 @pytest.fixture(scope="module")
 def nights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A reference (4 photos x 30 draws of one augmentation recipe) and nights of 48 images,
     scored by the bundled model into one dataset each: an unchanged night (the same recipe,
     fresh draws) and four planted shifts."""
     root = tmp_path_factory.mktemp("monitor")
-    _draw(root / "reference", 30, seed=1)
-    same = _draw(root / "same", 12, seed=2)
-    _draw(root / "dark", 12, seed=3, brightness=0.12)
-    broken = _draw(root / "broken", 12, seed=4)
+    draw(root / "reference", 30, seed=1)
+    same = draw(root / "same", 12, seed=2)
+    draw(root / "dark", 12, seed=3, brightness=0.12)
+    broken = draw(root / "broken", 12, seed=4)
     for path in broken[::4]:
         path.write_bytes(path.read_bytes()[:300])  # truncated uploads: a quarter of the night
     (root / "png").mkdir()
     for path in same:  # the same pixels as the unchanged night, as PNG
         Image.open(path).save(root / "png" / f"{path.stem}.png")
-    (root / "one_kind").mkdir()
-    cat = Image.open(SAMPLES / "cat.jpg").convert("RGB")
-    rng = np.random.default_rng(5)
-    for i in range(48):
-        _augmented(cat, rng).save(root / "one_kind" / f"cat_{i:02d}.jpg", quality=92)
+    draw(root / "one_kind", 48, seed=5, only="cat")
     outputs = {}
     for name in ("reference", "same", "dark", "one_kind", "broken", "png"):
         dataset = root / f"preds_{name}"
@@ -150,12 +117,8 @@ def _monitor(dataset: Path, reference: Path, *extra: str) -> tuple[int, str]:
 
 
 def _alerts(output: str) -> set[str]:
-    """The names of the signals on ALERT lines ("ALERT name: value (threshold t)")."""
-    return {
-        line.split("ALERT", 1)[1].rsplit(": ", 1)[0].strip()
-        for line in output.splitlines()
-        if "ALERT " in line
-    }
+    """The names of the signals on ALERT lines ("ALERT name: value (floor f, p p)...")."""
+    return set(re.findall(r"ALERT\s+(.*?): -?\d", output))
 
 
 @pytest.mark.slow

@@ -314,3 +314,35 @@ def test_the_object_storage_walkthrough_runs_as_written(tmp_path: Path) -> None:
     summaries = done.stderr.splitlines()
     assert summaries[0].startswith(expected[0].split(" images/s")[0].rsplit(",", 1)[0])
     assert summaries[1] == expected[1]
+
+
+_MONITOR_LINE = re.compile(r"^  (ALERT|ok|n/a)\s+(.+?): (-?\d+\.\d+|insufficient data)")
+
+
+def _monitor_lines(text: str) -> list[tuple[str, str, str]]:
+    """(verdict, signal, effect) of each signal line a `batchscore monitor` printed."""
+    return [m.groups() for m in map(_MONITOR_LINE.match, text.splitlines()) if m]
+
+
+@pytest.mark.slow
+def test_the_monitor_example_prints_what_monitor_md_shows(tmp_path: Path) -> None:
+    """docs/monitor.md's worked example, run as written (in a temporary workspace): each
+    monitor command's verdict, and each signal's verdict and effect, are those the page
+    shows (effects to 0.01: another onnxruntime may round a probability differently)."""
+    page = (REPO / "docs" / "monitor.md").read_text()
+    example = page.split("## A worked example", 1)[1]
+    setup, shown = re.findall(r"```(?:bash)?\n(.*?)```", example, re.S)[:2]
+    workspace = str(tmp_path / "mon")
+    done = _bash(setup.replace("/tmp/mon", workspace), REPO)
+    assert done.returncode == 0, done.stderr
+    for block in shown.split("$ ")[1:]:
+        command, _, printed = block.partition("\n")
+        ran = _bash(command.replace("/tmp/mon", workspace), REPO)
+        now = (ran.stdout + ran.stderr).replace(workspace, "/tmp/mon")
+        assert now.splitlines()[0] == printed.splitlines()[0], (command, now)
+        got, want = _monitor_lines(now), _monitor_lines(printed)
+        assert [g[:2] for g in got] == [w[:2] for w in want], (command, now)
+        for (_, name, value), (_, _, wanted) in zip(got, want, strict=True):
+            if wanted != "insufficient data":
+                assert float(value) == pytest.approx(float(wanted), abs=0.01), (name, now)
+        assert ran.returncode == (3 if "ALERT" in printed else 0), now

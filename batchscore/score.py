@@ -170,7 +170,10 @@ def score(
     store = open_store(output, options)
     with store.lock(wait=settings.wait_lock, lease_s=settings.lock_lease_s) as held:
         opened = open_sources(
-            sources, labelled_folders=settings.labelled_folders, storage_options=options
+            sources,
+            labelled_folders=settings.labelled_folders,
+            storage_options=options,
+            allow_empty=settings.incremental,  # an empty uploads folder: a night with none
         )
         specs = load_models(settings)
         remove_stale_temporaries(store)

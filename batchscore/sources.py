@@ -474,19 +474,23 @@ def open_source(
     *,
     labelled_folders: bool = False,
     storage_options: StorageOptions | None = None,
+    allow_empty: bool = False,
 ) -> Source:
     """Pick the source type for a path or URL: a folder (or prefix), a manifest, an image.
 
-    With `labelled_folders`, a folder is read in ImageFolder layout (label = sub-folder).
+    With `labelled_folders`, a folder is read in ImageFolder layout (label = sub-folder). An
+    empty folder or prefix is an error (a wrong path, most likely), unless `allow_empty`: for
+    an incremental run it is a night with no uploads.
     """
     if not str(location).strip():
         raise SourceError("empty source path: pass an image folder, an image or a manifest")
     if isinstance(location, str) and is_url(location):
-        return _open_url(location, labelled_folders, storage_options or {})
+        return _open_url(location, labelled_folders, storage_options or {}, allow_empty)
     path = Path(location)
     if path.is_dir():
         directory = ImageFolderSource(path) if labelled_folders else DirectorySource(path)
-        directory.check_not_empty()
+        if not allow_empty:
+            directory.check_not_empty()
         return directory
     if not path.exists():
         raise SourceError(f"source not found: {path}")
@@ -502,7 +506,7 @@ def open_source(
     )
 
 
-def _open_url(url: str, labelled: bool, options: StorageOptions) -> Source:
+def _open_url(url: str, labelled: bool, options: StorageOptions, allow_empty: bool) -> Source:
     storage.check_url(url)
     web = storage.scheme(url) in ("http", "https")  # elsewhere a '?' is part of the key
     suffix = posixpath.splitext(url.split("?", 1)[0] if web else url)[1].lower()
@@ -525,7 +529,8 @@ def _open_url(url: str, labelled: bool, options: StorageOptions) -> Source:
         )
     storage.check_reachable(url, options)
     prefix = ObjectPrefixSource(url, options, labelled=labelled)
-    prefix.check_not_empty()  # an empty or unreadable prefix fails before any work
+    if not allow_empty:
+        prefix.check_not_empty()  # an empty or unreadable prefix fails before any work
     return prefix
 
 
@@ -563,11 +568,17 @@ def open_sources(
     *,
     labelled_folders: bool = False,
     storage_options: StorageOptions | None = None,
+    allow_empty: bool = False,
 ) -> list[Source]:
     if not locations:
         raise SourceError("no source given: pass an image folder or a manifest")
     return [
-        open_source(loc, labelled_folders=labelled_folders, storage_options=storage_options)
+        open_source(
+            loc,
+            labelled_folders=labelled_folders,
+            storage_options=storage_options,
+            allow_empty=allow_empty,
+        )
         for loc in locations
     ]
 

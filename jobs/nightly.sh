@@ -10,8 +10,11 @@
 #   4 more than MAX_ERROR_RATE of the new images failed (their rows are written)
 #   75 another run holds the dataset's lock: nothing done, the next run catches up
 #   130/143 stopped by SIGINT/SIGTERM (passed on to batchscore): the next run resumes
-#   3 (with MONITOR_REFERENCE) scored, then `batchscore monitor` found drift: an ALERT line in
-#     the log, the report in DATASET/_monitor/<run date>/ (a bucket DATASET: beside LOG)
+#   3 (with MONITOR_REFERENCE) scored, then `batchscore monitor` found drift in tonight's run:
+#     its ALERT lines (what moved most) and the report's path in the log, the report in
+#     DATASET/_monitor/<run id>/ (a bucket DATASET: beside LOG). A night that exits 4 is
+#     monitored too, and keeps its 4; a night with no new uploads is not monitored (the log
+#     says so), so an old alert is never sent again.
 #
 # Settings: environment variables, or the flags beside them (a flag wins).
 #   UPLOADS         --uploads DIR        folder of images to score (required)
@@ -28,9 +31,14 @@
 #   WORKERS         --workers N          worker processes (default: one per CPU)
 #   BATCHSCORE      --batchscore CMD     how to run batchscore, split on spaces (default:
 #                                        batchscore; e.g. "/opt/venv/bin/python -m batchscore")
-#   MONITOR_REFERENCE  --monitor-reference PATH  after a successful run, compare it with this
-#                                        reference (a canary --report folder, a dataset, a date
-#                                        partition or a file) with `batchscore monitor`
+#   MONITOR_REFERENCE  --monitor-reference PATH  after a run that scored new uploads, compare
+#                                        it with this reference (a canary --report folder, a
+#                                        dataset, a date partition or a file) with
+#                                        `batchscore monitor --run <tonight's run id>`
+#   MONITOR_ARGS    --monitor-args ARGS  more options for `batchscore monitor`, split on spaces
+#                                        (e.g. "--alpha 0.001 --max-js 0.2")
+#   RUN_ID          --run-id ID          tonight's run id (default: the UTC time and a random
+#                                        suffix, as batchscore makes them)
 # Arguments after `--` go to `batchscore score` as they are.
 #
 # Example:
@@ -49,6 +57,8 @@ WAIT_LOCK=${WAIT_LOCK:-0}
 WORKERS=${WORKERS:-}
 BATCHSCORE=${BATCHSCORE:-batchscore}
 MONITOR_REFERENCE=${MONITOR_REFERENCE:-}
+MONITOR_ARGS=${MONITOR_ARGS:-}
+RUN_ID=${RUN_ID:-}
 
 die() {
     echo "nightly.sh: $*" >&2
@@ -62,7 +72,7 @@ usage() {
 while (($#)); do
     case $1 in
         --uploads | --dataset | --model | --log | --max-error-rate | --workers | --batchscore | \
-            --monitor-reference)
+            --monitor-reference | --monitor-args | --run-id)
             (($# >= 2)) || die "$1 needs a value"
             case $1 in
                 --uploads) UPLOADS=$2 ;;
@@ -73,6 +83,8 @@ while (($#)); do
                 --workers) WORKERS=$2 ;;
                 --batchscore) BATCHSCORE=$2 ;;
                 --monitor-reference) MONITOR_REFERENCE=$2 ;;
+                --monitor-args) MONITOR_ARGS=$2 ;;
+                --run-id) RUN_ID=$2 ;;
             esac
             shift 2
             ;;
@@ -94,8 +106,21 @@ if [[ $DATASET == *://* ]]; then  # a bucket (docs/object-storage.md): log and r
 fi
 LOG=${LOG:-$DATASET/_logs/nightly.log}
 
+# Tonight's run id, so that the monitor looks at exactly this run (and the report is named
+# after it); one given after `--` to batchscore wins.
+for ((i = 1; i < $#; i++)); do
+    if [[ ${!i} == --run-id ]]; then
+        next=$((i + 1))
+        RUN_ID=${!next}
+    fi
+done
+if [[ -z $RUN_ID ]]; then
+    RUN_ID="$(date -u +%Y%m%dT%H%M%SZ)-$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
+fi
+
 read -r -a batchscore <<<"$BATCHSCORE"
-command=("${batchscore[@]}" score "$UPLOADS" -o "$DATASET/" --incremental)
+read -r -a monitor_args <<<"$MONITOR_ARGS"
+command=("${batchscore[@]}" score "$UPLOADS" -o "$DATASET/" --incremental --run-id "$RUN_ID")
 if [[ -n $MODEL ]]; then command+=(--model "$MODEL"); fi
 if [[ -n $MAX_ERROR_RATE ]]; then command+=(--max-error-rate "$MAX_ERROR_RATE"); fi
 if [[ -n $WORKERS ]]; then command+=(--workers "$WORKERS"); fi
@@ -141,10 +166,26 @@ while :; do
 done
 trap - TERM INT
 
-if ((status == 0)) && [[ -n $MONITOR_REFERENCE ]]; then
-    report="$reports/_monitor/$(date -u +%Y-%m-%d)"
-    "${batchscore[@]}" monitor "$DATASET" --reference "$MONITOR_REFERENCE" --report "$report" \
-        >&3 2>&3 || status=$?
+# How many images tonight's run scored (its summary; none when it never got that far).
+scored_tonight() {
+    "${batchscore[@]}" runs "$DATASET/" --field run_id,status,n_images 2>/dev/null |
+        awk -F '\t' -v run="\"$RUN_ID\"" -v bare="$RUN_ID" \
+            '($1 == run || $1 == bare) && $2 ~ /complete/ { n += $3 } END { print n + 0 }'
+}
+
+if ((status == 0 || status == 4)) && [[ -n $MONITOR_REFERENCE ]]; then
+    if (($(scored_tonight) == 0)); then
+        echo "$(stamp) nightly.sh[$$] no new uploads tonight: nothing to monitor" >&3
+    else
+        report="$reports/_monitor/$RUN_ID"
+        monitored=0
+        "${batchscore[@]}" monitor "$DATASET" --reference "$MONITOR_REFERENCE" --run "$RUN_ID" \
+            --report "$report" "${monitor_args[@]}" >&3 2>&3 || monitored=$?
+        if [[ -f $report/report.md ]]; then
+            echo "$(stamp) nightly.sh[$$] monitor report: $report/report.md" >&3
+        fi
+        if ((status == 0)); then status=$monitored; fi
+    fi
 fi
 
 echo "$(stamp) nightly.sh[$$] exit $status: $(meaning "$status") ($((SECONDS - started)) s)" >&3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -303,28 +304,70 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     assert done.returncode == 0 and not done.stderr, done.stderr
 
 
-def test_nightly_runs_monitor_after_scoring_and_a_drifted_night_is_an_alert(
+def test_nightly_monitors_tonights_run_and_says_what_moved_and_where_the_report_is(
     tmp_path: Path,
 ) -> None:
     model = color_model(tmp_path / "model")
     reference_images, reference = tmp_path / "reference_images", tmp_path / "reference"
-    write_images(reference_images, TRUTH * 3)
+    write_images(reference_images, TRUTH * 6)
     args = ["-m", "batchscore", "score", str(reference_images), "-o", f"{reference}/"]
     args += ["--model", str(model), "--workers", "0"]
     assert subprocess.run([sys.executable, *args], check=False).returncode == 0
     uploads, dataset = tmp_path / "uploads", tmp_path / "preds"
+    uploads.mkdir()
     settings = {"UPLOADS": uploads, "DATASET": dataset, "MODEL": model,
                 "MONITOR_REFERENCE": reference}  # fmt: skip
+    log = dataset / "_logs" / "nightly.log"
 
-    write_images(uploads, TRUTH * 3)  # a night like the reference
-    quiet = job("nightly.sh", **settings)
+    first = job("nightly.sh", **settings)  # the first night: no uploads yet
+    assert first.returncode == 0, first.stderr
+    assert "no new uploads tonight: nothing to monitor" in log.read_text()
+
+    write_images(uploads, TRUTH * 4, start=200)  # fresh draws of the reference's process
+    quiet = job("nightly.sh", "--run-id", "night-2", **settings)
     assert quiet.returncode == 0, quiet.stderr
-    assert list((dataset / "_monitor").glob("*/monitor.json"))
+    saved = json.loads((dataset / "_monitor" / "night-2" / "monitor.json").read_text())
+    assert saved["window"] == "run night-2" and saved["verdict"] == "ok"
 
-    write_images(uploads, ["red"] * 27, start=100)  # a night of one colour only
-    alert = job("nightly.sh", **settings)
+    write_images(uploads, ["red"] * 36, start=300)  # a night of one colour only
+    alert = job("nightly.sh", **settings, RUN_ID="night-3")
     assert alert.returncode == 3, alert.stderr
-    log = (dataset / "_logs" / "nightly.log").read_text()
-    assert f"exit 3: ALERT: monitor found drift against {reference}" in log
-    assert "ALERT prediction drift (Jensen-Shannon)" in log
-    assert "ALERT" in alert.stderr  # a failed night's lines go to cron mail
+    text = log.read_text()
+    assert f"exit 3: ALERT: monitor found drift against {reference}" in text
+    assert re.search(r"ALERT prediction drift \(class mix\).*moved most: red \d+% -> 100%", text)
+    assert f"monitor report: {dataset}/_monitor/night-3/report.md" in text
+    assert "ALERT" in alert.stderr and "night-3/report.md" in alert.stderr  # in cron's mail
+
+    again = job("nightly.sh", **settings, RUN_ID="night-4")  # nothing new since
+    assert again.returncode == 0, again.stderr  # the old alert is not sent again
+    assert text.count("ALERT prediction drift") == log.read_text().count("ALERT prediction drift")
+    assert not (dataset / "_monitor" / "night-4").exists()
+    assert sorted(p.name for p in (dataset / "_monitor").iterdir()) == ["night-2", "night-3"]
+
+
+def test_nightly_passes_monitor_options_and_monitors_a_night_that_exits_4(
+    tmp_path: Path,
+) -> None:
+    model = color_model(tmp_path / "model")
+    reference_images, reference = tmp_path / "reference_images", tmp_path / "reference"
+    write_images(reference_images, TRUTH * 6)
+    args = ["-m", "batchscore", "score", str(reference_images), "-o", f"{reference}/"]
+    args += ["--model", str(model), "--workers", "0"]
+    assert subprocess.run([sys.executable, *args], check=False).returncode == 0
+    uploads, dataset = tmp_path / "uploads", tmp_path / "preds"
+    broken = write_images(uploads, TRUTH * 4, start=200)
+    for path in broken[:6]:
+        path.write_bytes(b"not a png")  # 6 of 36 fail: more than MAX_ERROR_RATE
+    night = job("nightly.sh", "--monitor-args", "--alpha 0.05 --max-error-rate-rise 0.5",
+                UPLOADS=uploads, DATASET=dataset, MODEL=model, MONITOR_REFERENCE=reference,
+                RUN_ID="night-1")  # fmt: skip
+    assert night.returncode == 4, night.stderr  # the scoring's verdict, kept
+    saved = json.loads((dataset / "_monitor" / "night-1" / "monitor.json").read_text())
+    assert saved["false_alarm_rate"] == 0.05  # the options reached the monitor
+    errors = next(s for s in saved["signals"] if s["name"] == "error rate rise")
+    assert errors["threshold"] == 0.5 and errors["alert"] is False
+
+    write_images(uploads, TRUTH * 4, start=400)
+    wrong = job("nightly.sh", "--monitor-args", "--no-such-option", UPLOADS=uploads,
+                DATASET=dataset, MODEL=model, MONITOR_REFERENCE=reference)  # fmt: skip
+    assert wrong.returncode == 2 and "No such option '--no-such-option'" in wrong.stderr

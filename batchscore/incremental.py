@@ -117,19 +117,22 @@ class DoneSet:
 
 def load_done(
     root: str | Path,
-    model_sha256: str,
+    model_sha256: str | None,
     *,
     use_fingerprint: bool,
     include_errors: bool,
     setup_sha256: str | None = None,
     storage_options: StorageOptions | None = None,
 ) -> DoneSet:
-    """Rows of this model already in the dataset (ok rows; with `include_errors`, the rows of
+    """Rows of this model (of any model when `model_sha256` is None) already in the dataset
+    (ok rows; with `include_errors`, the rows of
     images that failed in themselves too, never those the store failed: `done_condition`). With
     `setup_sha256`, only rows scored with the same class names and preprocessing count (rows
     written before batchscore recorded it count as the same). `root` may be a bucket URL.
     A dataset that cannot be read is one line, exit 2, before any image is scored."""
-    condition = (pc.field("model_sha256") == model_sha256) & done_condition(include_errors)
+    condition = done_condition(include_errors)
+    if model_sha256 is not None:
+        condition = (pc.field("model_sha256") == model_sha256) & condition
     # In a bucket the parts are read through pyarrow and the store's fsspec client, outside
     # `storage.retried`, and s3fs reports a throttled HEAD (503) as a missing object: a part
     # listed a moment ago, which no other run may delete while this one holds the lock, is

@@ -60,7 +60,7 @@ from batchscore.drift import (
 from batchscore.errors import ConfigError
 from batchscore.files import atomic_write_text, output_errors
 from batchscore.names import is_url, redact_url, written_name
-from batchscore.output import STATUS_OK
+from batchscore.output import STATUS_OK, read_metadata
 from batchscore.settings import MonitorSettings
 from batchscore.storage import StorageOptions
 from batchscore.store import Parts, object_parts
@@ -295,7 +295,8 @@ def monitor(
     current = _read(files, window_filter, settings.low_confidence)
     if current.n_rows == 0:
         raise ConfigError(f"nothing scored in {shown} for {window}")
-    base = _read(_reference_parts(reference, options), None, settings.low_confidence)
+    chosen = _reference_for(reference, current.models)
+    base = _read(_reference_parts(chosen, options), None, settings.low_confidence)
     if base.n_rows == 0:
         raise ConfigError(f"no rows in the reference {written_name(str(reference))}")
     if base.models != current.models and not settings.allow_model_change:
@@ -305,13 +306,14 @@ def monitor(
         )
     signals = _signals(base, current, settings)
     sides = {"reference": base.summary(), "window": current.summary()}
-    runs = _trend_runs(scored, settings)
+    # The trend keeps models apart: a night of another model is not this model's history.
+    runs = _trend_runs([r for r in scored if r.get("model_sha256") in current.models], settings)
     everything = dataset_parts(dataset, options)
     nights = _read_runs(everything, [str(r["run_id"]) for r in runs], settings)
     trend = [_night(run, nights[str(run["run_id"])], base) for run in runs]
     return MonitorResult(
         window,
-        written_name(str(reference)),
+        written_name(str(chosen)),
         signals,
         sides,
         trend,
@@ -595,6 +597,30 @@ def _window(
             raise ConfigError(f"no complete run that scored images in {shown}")
         run = str(scored[-1]["run_id"])
     return dataset_parts(dataset, options), pc.field("run_id") == run, f"run {run}"
+
+
+def _reference_for(reference: str | Path, models: set[str]) -> str | Path:
+    """The reference itself, or, when it is a local folder of canary reports (one sub-folder
+    each, as `jobs/canary.sh` keeps them), the report of the window's model: a new model is
+    compared with its own canary, never with its predecessor's."""
+    if isinstance(reference, str) and is_url(reference):
+        return reference
+    folder = Path(reference)
+    if not folder.is_dir() or (folder / CANARY_PREDICTIONS).is_file():
+        return reference
+    reports = sorted(folder.glob(f"*/{CANARY_PREDICTIONS}"))
+    if not reports:
+        return reference  # a dataset directory
+    by_model = {str(read_metadata(path).get("model_sha256")): path.parent for path in reports}
+    found = [by_model[model] for model in sorted(models) if model in by_model]
+    if len(found) == 1:
+        return found[0]
+    wanted = ", ".join(model[:12] for model in sorted(models))
+    raise ConfigError(
+        f"no canary report of model {wanted} in {reference} (it holds reports of"
+        f" {', '.join(sorted(m[:12] for m in by_model))}): give the new model its reference"
+        f" with `batchscore canary LABELLED --model MODEL --report {reference}/NAME`"
+    )
 
 
 def _reference_parts(reference: str | Path, options: StorageOptions) -> Parts:

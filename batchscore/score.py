@@ -180,10 +180,10 @@ def score(
         settle_dead_attempts(store)
         done = load_done(
             output,
-            specs[0].sha256,
+            None if settings.any_model else specs[0].sha256,
             use_fingerprint=settings.incremental,
             include_errors=not settings.retry_errors,
-            setup_sha256=specs[0].setup_sha256,
+            setup_sha256=None if settings.any_model else specs[0].setup_sha256,
             storage_options=options,
         )
         return _run(opened, output, specs, settings, done=done, held=held)
@@ -264,7 +264,11 @@ def _run(
 
     def summarize(status: str) -> tuple[RunSummary, dict[str, Any]]:
         elapsed = time.perf_counter() - started
-        details = {**stats.as_dict(), "n_skipped": skips.skipped}
+        details = {
+            **stats.as_dict(),
+            "n_skipped": skips.skipped,
+            "skipped_by": "any model" if settings.any_model else "this model",
+        }
         shown = written_name(str(output))
         summary = RunSummary(run_id, shown, spec.sha256, details, elapsed, assumed)
         record = {

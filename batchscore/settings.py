@@ -62,12 +62,13 @@ class ScoreSettings:
     incremental: bool = False  # dataset output: also rescore images whose content changed
     fingerprint: str = "size-mtime"
     retry_errors: bool = True  # dataset output: images that failed before are tried again
+    any_model: bool = False  # dataset output: rows of any model count as done, not only this one's
     wait_lock: bool = False
     engine: str = "local"  # "local" process pool, or "dask" (optional extra)
     dask_address: str | None = None  # None: start a LocalCluster sized to this machine
     part_rows: int = DEFAULT_PART_ROWS
     part_seconds: float = DEFAULT_PART_SECONDS
-    lock_lease_s: float = DEFAULT_LEASE_S  # a dataset in a bucket: see batchscore.bucket
+    lock_lease_s: float = DEFAULT_LEASE_S  # a dataset in a bucket: see batchscore.lease
     # passed to the object store's fsspec backend (endpoint_url=..., anon=true...): URLs only
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 

@@ -94,7 +94,8 @@ class RunSummary:
         if s["n_images"] == 0:
             noun = "image" if skipped == 1 else "images"
             return f"nothing new to score ({skipped} {noun} already scored) -> {self.output}"
-        already = f" ({skipped} already scored by this model, skipped)" if skipped else ""
+        by = s.get("skipped_by", "this model")
+        already = f" ({skipped} already scored by {by}, skipped)" if skipped else ""
         noun = "image" if s["n_images"] == 1 else "images"
         unavailable = s.get("n_unavailable", 0)
         store = f" ({unavailable} the store's, tried again next run)" if unavailable else ""

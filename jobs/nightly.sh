@@ -28,6 +28,10 @@
 #                                        (default: only a changed file is tried again, so one
 #                                        broken upload does not fail every night after)
 #   WAIT_LOCK=1     --wait-lock          wait for a run holding the lock instead of exiting 75
+#   RESCORE_ALL=1   --rescore-all        after a model change, score every upload again with the
+#                                        new model (default: an image any model scored is done,
+#                                        so a new model scores only new uploads; jobs/rescore.sh
+#                                        rescores and diffs the two models)
 #   WORKERS         --workers N          worker processes (default: one per CPU)
 #   BATCHSCORE      --batchscore CMD     how to run batchscore, split on spaces (default:
 #                                        batchscore; e.g. "/opt/venv/bin/python -m batchscore")
@@ -54,6 +58,7 @@ LOG=${LOG:-}
 MAX_ERROR_RATE=${MAX_ERROR_RATE-0.05}
 RETRY_ERRORS=${RETRY_ERRORS:-0}
 WAIT_LOCK=${WAIT_LOCK:-0}
+RESCORE_ALL=${RESCORE_ALL:-0}
 WORKERS=${WORKERS:-}
 BATCHSCORE=${BATCHSCORE:-batchscore}
 MONITOR_REFERENCE=${MONITOR_REFERENCE:-}
@@ -90,6 +95,7 @@ while (($#)); do
             ;;
         --retry-errors) RETRY_ERRORS=1 && shift ;;
         --wait-lock) WAIT_LOCK=1 && shift ;;
+        --rescore-all) RESCORE_ALL=1 && shift ;;
         -h | --help) usage && exit 0 ;;
         --) shift && break ;;
         *) die "unknown option $1 (see --help)" ;;
@@ -126,6 +132,7 @@ if [[ -n $MAX_ERROR_RATE ]]; then command+=(--max-error-rate "$MAX_ERROR_RATE");
 if [[ -n $WORKERS ]]; then command+=(--workers "$WORKERS"); fi
 if [[ $RETRY_ERRORS == 1 ]]; then command+=(--retry-errors); else command+=(--no-retry-errors); fi
 if [[ $WAIT_LOCK == 1 ]]; then command+=(--wait-lock); fi
+if [[ $RESCORE_ALL != 1 ]]; then command+=(--any-model); fi
 command+=("$@")
 
 mkdir -p "$(dirname "$LOG")" 2>/dev/null || die "cannot create the folder of LOG=$LOG"

@@ -371,3 +371,42 @@ def test_nightly_passes_monitor_options_and_monitors_a_night_that_exits_4(
     wrong = job("nightly.sh", "--monitor-args", "--no-such-option", UPLOADS=uploads,
                 DATASET=dataset, MODEL=model, MONITOR_REFERENCE=reference)  # fmt: skip
     assert wrong.returncode == 2 and "No such option '--no-such-option'" in wrong.stderr
+
+
+def test_a_model_change_scores_only_new_uploads_and_is_monitored_against_its_own_canary(
+    tmp_path: Path,
+) -> None:
+    """References kept one folder per model (`batchscore canary --report REFS/NAME`): the
+    monitor picks the window's model's, and a model without one is told how to make it."""
+    old, new = color_model(tmp_path / "old"), color_model(tmp_path / "new", scale=4.0)
+    refs = tmp_path / "refs"
+    canary_set = tmp_path / "canary_set"
+    for i, colour in enumerate(TRUTH * 6):
+        write_images(canary_set / colour, [colour], start=1000 + i)
+
+    def canary(model: Path, name: str) -> None:
+        args = ["-m", "batchscore", "canary", str(canary_set), "--model", str(model)]
+        args += ["--report", str(refs / name), "--workers", "0"]
+        assert subprocess.run([sys.executable, *args], check=False).returncode == 0
+
+    canary(old, "old")
+    uploads, dataset = tmp_path / "uploads", tmp_path / "preds"
+    settings = {"UPLOADS": uploads, "DATASET": dataset, "MONITOR_REFERENCE": refs}
+    write_images(uploads, TRUTH * 4, start=0)
+    assert job("nightly.sh", **settings, MODEL=old, RUN_ID="n1").returncode == 0
+
+    write_images(uploads, TRUTH * 4, start=100)  # the model changes with tonight's uploads
+    changed = job("nightly.sh", **settings, MODEL=new, RUN_ID="n2")
+    assert changed.returncode == 2, changed.stderr
+    assert "no canary report of model" in changed.stderr
+    assert f"--report {refs}/NAME" in changed.stderr
+    tonight = pd.read_parquet(dataset, filters=[("run_id", "==", "n2")])
+    assert len(tonight) == 36  # only the new uploads: the 36 of night 1 are not rescored
+
+    canary(new, "new")
+    write_images(uploads, TRUTH * 4, start=200)
+    night = job("nightly.sh", **settings, MODEL=new, RUN_ID="n3")
+    assert night.returncode == 0, night.stderr
+    saved = json.loads((dataset / "_monitor" / "n3" / "monitor.json").read_text())
+    assert saved["reference"] == str(refs / "new")
+    assert [n["run_id"] for n in saved["trend"]] == ["n2", "n3"]  # night 1 was the old model's

@@ -49,6 +49,12 @@ from batchscore.settings import (
     show_default=True,
     help="Dataset output: score images that failed in an earlier run again.",
 )
+@click.option(
+    "--any-model",
+    is_flag=True,
+    help="Dataset output: an image that any model scored counts as done, so a new model scores"
+    " only new uploads (by default only this model's rows count: a new model scores all).",
+)
 @click.option("--wait-lock", is_flag=True, help="Wait for another run on the same dataset.")
 @click.option(
     "--lock-lease",
@@ -111,6 +117,7 @@ def score_command(
     incremental: bool,
     fingerprint: str,
     retry_errors: bool,
+    any_model: bool,
     wait_lock: bool,
     lock_lease: float,
     engine: str,
@@ -146,6 +153,7 @@ def score_command(
         incremental=incremental,
         fingerprint=fingerprint,
         retry_errors=retry_errors,
+        any_model=any_model,
         wait_lock=wait_lock,
         lock_lease_s=lock_lease,
         engine=engine,

@@ -74,6 +74,8 @@ MIN_SIGNAL_ROWS = 30  # fewer rows on a side: that signal says "insufficient dat
 MOVED_CLASSES = 5  # the classes named as having moved most
 BOOTSTRAP = 400
 INSUFFICIENT = "insufficient data"
+PREDICTION_DRIFT = "prediction drift (class mix)"
+EXAMPLES = 3  # files shown per class that moved
 TOP_CLASSES = 12
 # Input statistics, each binned on [0, 1]: the 0-1 ones as they are, sizes as log2(px) / 16.
 INPUT_STATS = ("brightness", "contrast", "saturation", "width", "height")
@@ -217,6 +219,7 @@ class Signal:
         if self.alert and self.details.get("moved"):  # what an on-call engineer looks at first
             moved = ", ".join(
                 f"{m['name']} {m['reference']:.0%} -> {m['window']:.0%}"
+                + (f" (e.g. {m['examples'][0]})" if m.get("examples") else "")
                 for m in self.details["moved"][:3]
             )
             line += f"; moved most: {moved}"
@@ -304,7 +307,9 @@ def monitor(
             f"the reference was scored by model {sorted(base.models)} and {window} by"
             f" {sorted(current.models)}: compare the same model, or pass --allow-model-change"
         )
-    signals = _signals(base, current, settings)
+    signals = [
+        _with_examples(signal, files, window_filter) for signal in _signals(base, current, settings)
+    ]
     sides = {"reference": base.summary(), "window": current.summary()}
     # The trend keeps models apart: a night of another model is not this model's history.
     runs = _trend_runs([r for r in scored if r.get("model_sha256") in current.models], settings)
@@ -320,6 +325,30 @@ def monitor(
         _top_classes(base, current),
         settings.alpha,
     )
+
+
+def _with_examples(signal: Signal, files: Parts, condition: ds.Expression | None) -> Signal:
+    """An alerting class mix with a few of tonight's files of each class that moved most, so
+    that the engineer on call can open them (one more scan, only on an alert)."""
+    moved = signal.details.get("moved")
+    if not signal.alert or not moved or signal.name != PREDICTION_DRIFT or not files.paths:
+        return signal
+    names = [m["name"] for m in moved]
+    wanted = pc.field("pred_label").isin(names) & (pc.field("status") == STATUS_OK)
+    found: dict[str, list[str]] = {name: [] for name in names}
+    scan = files.dataset().to_batches(
+        columns=["pred_label", "path"],
+        filter=wanted if condition is None else condition & wanted,
+        batch_size=4096,
+    )
+    for batch in scan:
+        for label, path in zip(*(batch.column(i).to_pylist() for i in (0, 1)), strict=True):
+            if len(found[label]) < EXAMPLES:
+                found[label].append(path)
+        if all(len(paths) == EXAMPLES for paths in found.values()):
+            break
+    details = {**signal.details, "moved": [{**m, "examples": found[m["name"]]} for m in moved]}
+    return replace(signal, details=details)
 
 
 def _scored_runs(dataset: str | Path, options: StorageOptions) -> list[dict[str, Any]]:
@@ -409,7 +438,7 @@ def _bins(probs: np.ndarray) -> np.ndarray:
 def _signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
     low = f"low-confidence share rise (top-1 < {settings.low_confidence:g})"
     signals = [
-        _mix_signal("prediction drift (class mix)", base.classes, current.classes, settings.max_js),
+        _mix_signal(PREDICTION_DRIFT, base.classes, current.classes, settings.max_js),
         _ks_signal("confidence drift (Kolmogorov-Smirnov)", base.confidence,
                    current.confidence, settings.max_ks),
         _rise_signal(low, (base.n_low, base.n_ok), (current.n_low, current.n_ok),

@@ -335,6 +335,9 @@ def test_nightly_monitors_tonights_run_and_says_what_moved_and_where_the_report_
     text = log.read_text()
     assert f"exit 3: ALERT: monitor found drift against {reference}" in text
     assert re.search(r"ALERT prediction drift \(class mix\).*moved most: red \d+% -> 100%", text)
+    assert re.search(
+        rf"moved most: red \d+% -> 100% \(e\.g\. {uploads}/img_03\d\d_red\.png\)", text
+    )
     assert f"monitor report: {dataset}/_monitor/night-3/report.md" in text
     assert "ALERT" in alert.stderr and "night-3/report.md" in alert.stderr  # in cron's mail
 

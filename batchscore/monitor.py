@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from batchscore import storage
-from batchscore.charts import bar_chart, line_chart
+from batchscore.charts import Panel, band_panels, bar_chart
 from batchscore.dataset import PARTITION, dataset_parts, dataset_summaries
 from batchscore.drift import (
     chi_square,
@@ -76,6 +76,9 @@ BOOTSTRAP = 400
 INSUFFICIENT = "insufficient data"
 PREDICTION_DRIFT = "prediction drift (class mix)"
 EXAMPLES = 3  # files shown per class that moved
+NULL_Z = 2.576  # the trend's bands: where 99% of unchanged nights fall
+NULL_DRAWS = 200
+KS_CRITICAL = 1.628  # the two-sample KS statistic's 1% critical value, times sqrt((n+m)/nm)
 TOP_CLASSES = 12
 # Input statistics, each binned on [0, 1]: the 0-1 ones as they are, sizes as log2(px) / 16.
 INPUT_STATS = ("brightness", "contrast", "saturation", "width", "height")
@@ -152,23 +155,6 @@ class Side:
             self.inputs[name] = self.inputs.get(name, np.zeros(INPUT_BINS, np.int64)) + counts
         if "format" in batch.schema.names:
             self.formats.update(_value_counts(pc.filter(batch.column("format"), ok)))
-
-    def calibration(self) -> np.ndarray | None:
-        """Accuracy per coarse probability bin, from the labelled rows; None without labels.
-        A bin with no labelled row takes its own mean probability (assumed calibrated)."""
-        if not self.labelled.sum():
-            return None
-        return _calibration(_coarse(self.labelled), _coarse(self.right))
-
-    def estimated_accuracy(self, calibration: np.ndarray) -> tuple[float, float]:
-        """(estimate, half-width of its 95% interval) of this side's top-1 accuracy."""
-        counts = self.confidence.reshape(CALIBRATION_BINS, -1).sum(axis=1)
-        n = counts.sum()
-        if not n:
-            return 0.0, 0.0
-        estimate = float(np.sum(counts * calibration) / n)
-        variance = float(np.sum(counts * calibration * (1 - calibration)) / n**2)
-        return estimate, 1.96 * variance**0.5
 
     def low_share(self) -> float:
         """Share of the predictions below the side's low-confidence threshold."""
@@ -315,7 +301,7 @@ def monitor(
     runs = _trend_runs([r for r in scored if r.get("model_sha256") in current.models], settings)
     everything = dataset_parts(dataset, options)
     nights = _read_runs(everything, [str(r["run_id"]) for r in runs], settings)
-    trend = [_night(run, nights[str(run["run_id"])], base) for run in runs]
+    trend = [_night(run, nights[str(run["run_id"])], base, settings) for run in runs]
     return MonitorResult(
         window,
         written_name(str(chosen)),
@@ -385,20 +371,84 @@ def _trend_runs(runs: list[dict[str, Any]], settings: MonitorSettings) -> list[d
     return runs[-TREND_RUNS:]
 
 
-def _night(run: dict[str, Any], night: Side, base: Side) -> dict[str, Any]:
-    """One night's numbers for the trend: class drift, low confidence, errors, accuracy."""
-    js = js_distance(*_aligned(base.classes, night.classes))
-    calibration = base.calibration()
-    estimate = None if calibration is None else night.estimated_accuracy(calibration)[0]
+def _night(
+    run: dict[str, Any], night: Side, base: Side, settings: MonitorSettings
+) -> dict[str, Any]:
+    """One night of the trend: its verdict, and for each signal drawn, its value and the band
+    where 99% of unchanged nights of its size fall (before the correction across signals:
+    a point outside its band need not alert, the alerts are the night's own verdicts)."""
+    judged_night = {s.name: s for s in _signals(base, night, settings)}
+    alerts = sorted(name for name, signal in judged_night.items() if signal.alert)
+    low_name = next(
+        name for name in judged_night if name.startswith("low-confidence share rise (top-1")
+    )
+    accuracy = judged_night.get("estimated accuracy drop")
+    brightness = judged_night.get("input drift: brightness (Kolmogorov-Smirnov)")
+    n_ok = night.n_ok
+    signals = {
+        "class mix (Jensen-Shannon)": (
+            js_distance(*_aligned(base.classes, night.classes)) if n_ok else None,
+            _js_band(base, n_ok),
+            PREDICTION_DRIFT in alerts,
+        ),
+        "low-confidence share": (
+            night.low_share() if n_ok else None,
+            _share_band(base.n_low, base.n_ok, n_ok),
+            low_name in alerts,
+        ),
+        "error rate": (
+            night.n_errors / night.n_rows if night.n_rows else None,
+            _share_band(base.n_errors, base.n_rows, night.n_rows),
+            "error rate rise" in alerts,
+        ),
+    }
+    if accuracy is not None and accuracy.p_value is not None:
+        measured = accuracy.details["reference_accuracy"]
+        half = NULL_Z * accuracy.details["spread"]
+        signals["estimated accuracy"] = (
+            accuracy.details["estimated_accuracy"],
+            (measured - half, measured + half),
+            accuracy.alert,
+        )
+    if brightness is not None and brightness.p_value is not None:
+        n, m = int(base.inputs["brightness"].sum()), int(night.inputs["brightness"].sum())
+        signals["input drift: brightness (KS)"] = (
+            brightness.value,
+            (0.0, KS_CRITICAL * ((n + m) / (n * m)) ** 0.5),
+            brightness.alert,
+        )
     return {
         "run_id": run["run_id"],
         "started_at": run.get("started_at"),
         "rows": night.n_rows,
-        "js_distance": js,
-        "low_confidence_share": night.low_share(),
-        "error_rate": night.n_errors / night.n_rows if night.n_rows else None,
-        "estimated_accuracy": estimate,
+        "verdict": "alert" if alerts else "ok",
+        "alerts": alerts,
+        "js_distance": signals["class mix (Jensen-Shannon)"][0],
+        "signals": {
+            name: {"value": value, "band": band, "alert": alert}
+            for name, (value, band, alert) in signals.items()
+        },
     }
+
+
+def _js_band(base: Side, n: int) -> tuple[float, float] | None:
+    """Where 99% of the Jensen-Shannon distances of unchanged nights of `n` rows fall: nights
+    drawn from the reference's class shares (`NULL_DRAWS` of them, seeded)."""
+    if n < MIN_SIGNAL_ROWS or not base.classes:
+        return None
+    counts = np.array(list(base.classes.values()), dtype=np.int64)
+    drawn = np.random.default_rng(0).multinomial(n, counts / counts.sum(), size=NULL_DRAWS)
+    distances = [js_distance(counts, row) for row in drawn]
+    return 0.0, float(np.quantile(distances, 0.99))
+
+
+def _share_band(hits: int, n_ref: int, n: int) -> tuple[float, float] | None:
+    """Where 99% of unchanged nights of `n` rows put a share the reference has as hits/n_ref."""
+    if n < MIN_SIGNAL_ROWS or not n_ref:
+        return None
+    share = hits / n_ref
+    half = NULL_Z * (share * (1 - share) * (1 / n_ref + 1 / n)) ** 0.5
+    return max(0.0, share - half), min(1.0, share + half)
 
 
 def _top_classes(base: Side, current: Side) -> dict[str, list[Any]]:
@@ -570,6 +620,7 @@ def _accuracy_signal(base: Side, current: Side, settings: MonitorSettings) -> li
         "reference_accuracy": measured,
         "estimated_accuracy": estimate,
         "interval": [estimate - half_width, estimate + half_width],
+        "spread": spread,  # of the drop, on unchanged nights of this size
         "reference_labelled": int(labelled.sum()),
     }
     return [Signal(name, drop, floor, p_value, details)]
@@ -715,6 +766,25 @@ def _batches(
     )
 
 
+def _night_label(night: Mapping[str, Any]) -> str:
+    """A night by when it ran (UTC, to the minute), its run id when that is unknown."""
+    started = str(night.get("started_at") or "")
+    return started[:16].replace("T", " ") if started else str(night["run_id"])
+
+
+def _panel(name: str, trend: list[dict[str, Any]]) -> Panel:
+    seen = [night["signals"].get(name) for night in trend]
+    bands = [None if s is None else s["band"] for s in seen]
+    return Panel(
+        name,
+        values=[None if s is None else s["value"] for s in seen],
+        low=[None if b is None else b[0] for b in bands],
+        high=[None if b is None else b[1] for b in bands],
+        alerts=[bool(s and s["alert"]) for s in seen],
+        percent=name in ("low-confidence share", "error rate", "estimated accuracy"),
+    )
+
+
 def check_report_folder(folder: str | Path) -> None:
     """The report goes to a local folder: a URL would become a folder named like one."""
     if is_url(str(folder)):
@@ -745,21 +815,36 @@ def write_report(result: MonitorResult, folder: Path) -> None:
             f"| {signal.name} | {signal.value:.4f} | {signal.threshold:g} | {p} |"
             f" {signal.verdict} |"
         )
+    for signal in result.signals:
+        if signal.alert and signal.details.get("moved"):
+            lines += [
+                "",
+                f"## What moved most: {signal.name}",
+                "",
+                "| | reference | window | files of the window |",
+                "| --- | --- | --- | --- |",
+            ]
+            for moved in signal.details["moved"]:
+                files = ", ".join(f"`{path}`" for path in moved.get("examples", []))
+                lines.append(
+                    f"| {moved['name']} | {moved['reference']:.1%} | {moved['window']:.1%} |"
+                    f" {files or '-'} |"
+                )
     lines += ["", "| | reference | window |", "| --- | --- | --- |"]
     for key in ("rows", "errors"):
         lines.append(
             f"| {key} | {result.sides['reference'][key]} | {result.sides['window'][key]} |"
         )
     trend = result.trend
-    labels = [str(night["run_id"]) for night in trend]
-    series = {
-        "Jensen-Shannon distance": [night["js_distance"] for night in trend],
-        "low-confidence share": [night["low_confidence_share"] for night in trend],
-        "error rate": [night["error_rate"] for night in trend],
-        "estimated accuracy": [night["estimated_accuracy"] for night in trend],
-    }
+    labels = [_night_label(night) for night in trend]
+    names = list(dict.fromkeys(name for night in trend for name in night["signals"]))
+    panels = [_panel(name, trend) for name in names]
+    note = (
+        "grey: where 99% of nights without change fall, at each night's size;"
+        " red, ringed: the night alerted on it"
+    )
     atomic_write_text(
-        folder / TREND_FILE, line_chart("The monitored nights", labels, series, top=1.0)
+        folder / TREND_FILE, band_panels("The monitored nights", labels, panels, note)
     )
     atomic_write_text(
         folder / CLASSES_FILE,
@@ -767,6 +852,7 @@ def write_report(result: MonitorResult, folder: Path) -> None:
             f"Top classes: {result.window} against the reference",
             result.classes["names"],
             {"reference": result.classes["reference"], "window": result.classes["window"]},
+            percent=True,
         ),
     )
     lines += ["", f"![trend]({TREND_FILE})", "", f"![classes]({CLASSES_FILE})"]

@@ -109,6 +109,16 @@ def nights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return outputs
 
 
+# The signals the trend draws a panel for (by their names in the night's alerts).
+_DRAWN = (
+    "prediction drift (class mix)",
+    "low-confidence share rise (top-1 < 0.5)",
+    "error rate rise",
+    "estimated accuracy drop",
+    "input drift: brightness (Kolmogorov-Smirnov)",
+)
+
+
 def _monitor(dataset: Path, reference: Path, *extra: str) -> tuple[int, str]:
     result = CliRunner().invoke(
         cli, ["monitor", str(dataset), "--reference", str(reference), *extra]
@@ -133,8 +143,11 @@ def test_an_unchanged_night_raises_nothing_and_planted_drifts_raise_their_signal
     assert saved["verdict"] == "ok" and len(saved["signals"]) == 11  # no labels: no accuracy
     assert (tmp_path / "report" / "report.md").read_text().startswith("# Monitor: run night-same")
 
-    code, output = _monitor(nights["one_kind"], reference)
+    code, output = _monitor(nights["one_kind"], reference, "--report", str(tmp_path / "cats"))
     assert code == 3
+    report = (tmp_path / "cats" / "report.md").read_text()
+    assert "## What moved most: prediction drift (class mix)" in report
+    assert re.search(r"\| Egyptian cat \| \d+\.\d% \| 100\.0% \| `[^`]*cat_\d\d\.jpg`", report)
     assert "prediction drift (class mix)" in _alerts(output)
     assert output.splitlines()[1].strip().startswith("ALERT")  # alerts first
 
@@ -178,6 +191,25 @@ def test_the_window_and_the_reference_can_be_chosen_and_models_must_match(
     for picture in ("trend.svg", "classes.svg"):
         svg = ElementTree.parse(report / picture).getroot()
         assert svg.tag.endswith("svg") and len(list(svg.iter())) > 10
+    assert [night["verdict"] for night in saved["trend"]] == ["ok", "alert"]
+    cats = saved["trend"][1]["signals"]["class mix (Jensen-Shannon)"]
+    assert cats["alert"] and cats["value"] > cats["band"][1]  # outside its null band
+    quiet = saved["trend"][0]["signals"]["class mix (Jensen-Shannon)"]
+    assert quiet["band"][0] <= quiet["value"] <= quiet["band"][1]
+    trend = ElementTree.parse(report / "trend.svg").getroot()
+    texts = [t.text or "" for t in trend.iter() if t.tag.endswith("text")]
+    dates = [t for t in texts if re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", t)]
+    assert len(dates) == 2 and not any("night-" in t for t in texts)  # nights by date
+    assert "input drift: brightness (KS)" in texts  # input drift is drawn
+    bands = [e for e in trend.iter() if e.tag.endswith("rect") and e.get("fill") == "#ddd"]
+    rings = [e for e in trend.iter() if e.tag.endswith("circle") and e.get("fill") == "none"]
+    drawn_alerts = [name for name in saved["trend"][1]["alerts"] if name in _DRAWN]
+    assert bands and len(rings) == len(drawn_alerts) > 0  # each alert drawn is ringed
+    classes = ElementTree.parse(report / "classes.svg").getroot()
+    ticks = [t.text or "" for t in classes.iter() if t.get("text-anchor") == "end"]
+    assert ticks and all(re.fullmatch(r"\d+%", t) for t in ticks), ticks
+    labels = [t.text or "" for t in classes.iter() if t.get("transform")]
+    assert labels and max(map(len, labels)) <= 18
     assert "![trend](trend.svg)" in (report / "report.md").read_text()
     canary = tmp_path / "canary"
     canary.mkdir()

@@ -108,12 +108,18 @@ def rows(process: Process, n: int, rng: np.random.Generator, labelled: int = 0) 
 
 
 def night(
-    process: Process, shifted: Process, n: int, seed: int, settings: MonitorSettings
+    process: Process,
+    shifted: Process,
+    n: int,
+    seed: int,
+    settings: MonitorSettings,
+    reference_rows: int = REFERENCE_ROWS,
 ) -> tuple[set[str], tuple[float, float, float] | None]:
     """The alerting signals of one night, and (low, high, truth) of the accuracy interval."""
     rng = np.random.default_rng(seed)
     base, current = Side(), Side()
-    base.add(rows(process, REFERENCE_ROWS, rng, labelled=REFERENCE_LABELLED))
+    labelled = min(REFERENCE_LABELLED, reference_rows)
+    base.add(rows(process, reference_rows, rng, labelled=labelled))
     window = rows(shifted, n, rng, labelled=n)  # labels the monitor ignores: the truth
     current.add(window.drop_columns(["correct", "label"]))
     signals = _signals(base, current, settings)
@@ -132,11 +138,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--nights", type=int, default=100, help="unchanged nights per size")
     parser.add_argument("--shift-nights", type=int, default=50, help="nights per shift and size")
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 2_000, 20_000])
+    parser.add_argument(
+        "--reference-rows",
+        type=int,
+        default=REFERENCE_ROWS,
+        help=f"rows of each reference, at most {REFERENCE_LABELLED:,} of them labelled",
+    )
     args = parser.parse_args(argv)
     settings = MonitorSettings()
     process = unchanged_process()
     started = time.perf_counter()
-    print(f"1,000 classes (Zipf 1.1); reference {REFERENCE_ROWS:,} rows, {REFERENCE_LABELLED:,}")
+    labelled = min(REFERENCE_LABELLED, args.reference_rows)
+    print(f"1,000 classes (Zipf 1.1); reference {args.reference_rows:,} rows, {labelled:,}")
     print(f"labelled, drawn afresh each night; false-alarm rate alpha = {settings.alpha:g}\n")
     print(
         "| night size | unchanged nights that alerted | what alerted"
@@ -148,7 +161,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         signals: Counter[str] = Counter()
         covered = tried = 0
         for i in range(args.nights):
-            alerts, interval = night(process, process, n, seed=1_000_000 * n + i, settings=settings)
+            alerts, interval = night(
+                process, process, n, 1_000_000 * n + i, settings, args.reference_rows
+            )
             alerted += bool(alerts)
             signals.update(alerts)
             if interval is not None:
@@ -167,7 +182,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         for n in args.sizes:
             hits = sum(
                 bool(
-                    night(process, shift(process), n, seed=2_000_000 * n + i, settings=settings)[0]
+                    night(
+                        process, shift(process), n, 2_000_000 * n + i, settings, args.reference_rows
+                    )[0]
                 )
                 for i in range(args.shift_nights)
             )

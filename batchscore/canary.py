@@ -38,6 +38,7 @@ from batchscore.metrics import (
 from batchscore.names import is_url, redact_url
 from batchscore.output import STATUS_OK, read_metadata
 from batchscore.score import score
+from batchscore.scorer import NOT_FINITE
 from batchscore.settings import BASELINE_PREFIX, ScoreSettings
 from batchscore.sources import open_sources
 
@@ -403,7 +404,9 @@ def evaluate_predictions(predictions: Path, settings: CanarySettings) -> CanaryR
     paths = table.column("path").to_pylist()
     reasons = table.column("error").to_pylist()
     errors = [FailedImage(paths[i], labels[i], reasons[i]) for i in np.flatnonzero(~ok).tolist()]
-    counted = known & (ok | settings.errors_count_as_wrong)
+    # A model that answered NaN or Inf failed that image: wrong, whatever errors usually count.
+    model_failed = np.array([reason == NOT_FINITE for reason in reasons], dtype=bool)
+    counted = known & (ok | model_failed | settings.errors_count_as_wrong)
     if not counted.any():
         raise ConfigError(
             f"nothing to measure: of {len(labels)} images, {int((~known).sum())} have no label"

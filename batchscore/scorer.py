@@ -31,6 +31,9 @@ from batchscore.sources import ImageRef
 WORKER_DIED = "worker process died while decoding or scoring this image (crash or out-of-memory)"
 
 
+NOT_FINITE = "model output is not finite (NaN or Inf)"
+
+
 @dataclass
 class ModelScores:
     """One model's scores for a chunk: rows of error images are all zero."""
@@ -162,6 +165,10 @@ class Scorer:
                 except Exception as exc:
                     errors[i] = f"inference failed: {first_line(exc)}"
         probs[ok] = probabilities(spec, outputs)
+        finite = np.isfinite(outputs).all(axis=1) & np.isfinite(probs[ok]).all(axis=1)
+        for i, good in zip(ok, finite.tolist(), strict=True):
+            if not good and errors[i] is None:  # an fp16 overflow, a NaN weight: no prediction
+                errors[i] = NOT_FINITE
         return probs
 
 

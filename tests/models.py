@@ -62,6 +62,24 @@ def color_model(
     return _save(graph, folder, list(class_names), config, filename)
 
 
+def unstable_model(folder: Path, *, size: int = 8) -> Path:
+    """Logits = log of the per-channel mean of the input normalised to [-1, 1]: NaN for an image
+    with a channel below mid-grey (log of a negative), finite for a light one. An fp16 export
+    that overflows fails the same way on some inputs."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+            helper.make_node("Log", ["flat"], ["logits"]),
+        ],
+        "unstable",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+    )
+    config = {"resize_size": [size, size], "mean": [0.5] * 3, "std": [0.5] * 3}
+    return _save(graph, folder, ["red", "green", "blue"], config, "model.onnx")
+
+
 def probe_model(folder: Path, *, size: int = 8, preprocess: dict[str, Any] | None = None) -> Path:
     """Outputs its own input, flattened: the 'probs' column is exactly the tensor it was fed."""
     n_values = 3 * size * size

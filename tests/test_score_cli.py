@@ -18,8 +18,9 @@ from PIL import Image
 
 from batchscore.cli import cli
 from batchscore.output import read_metadata
+from batchscore.scorer import NOT_FINITE
 from tests.conftest import COLORS, noisy
-from tests.models import color_model, probe_model
+from tests.models import color_model, probe_model, unstable_model
 
 MakeImages = Callable[..., dict[str, str]]
 
@@ -439,3 +440,33 @@ def test_model_metadata_props_supply_config(tmp_path: Path, make_images: MakeIma
     assert list(df["pred_label"]) == list(truth.values())
     assert "probs" not in df.columns
     assert json.loads(pq.ParquetFile(out).metadata.metadata[b"batchscore.preprocess"])
+
+
+def test_a_model_output_that_is_not_finite_is_an_error_row_and_wrong_in_the_canary(
+    tmp_path: Path,
+) -> None:
+    """A NaN output was an ok row with pred_prob NaN, counted as a prediction everywhere."""
+    model = unstable_model(tmp_path / "model")
+    folder = tmp_path / "canary"
+    for label, color in (("red", (255, 0, 0)), ("green", (255, 255, 255))):
+        (folder / label).mkdir(parents=True)
+        Image.new("RGB", (8, 8), color).save(folder / label / "img.png")
+    out = tmp_path / "out.parquet"
+    code, output = run(
+        "score", str(folder), "-o", str(out), "--model", str(model), "--workers", "0"
+    )
+    assert code == 0, output
+    assert "2 images: 1 ok, 1 errors" in output
+    rows = pd.read_parquet(out).set_index("path")
+    red = rows.loc[str(folder / "red" / "img.png")]
+    assert red["status"] == "error" and red["error"] == NOT_FINITE
+    assert pd.isna(red["pred_label"]) and pd.isna(red["pred_prob"])
+    assert rows.loc[str(folder / "green" / "img.png"), "status"] == "ok"
+    report = tmp_path / "report"
+    args = ["canary", str(folder), "--model", str(model), "--report", str(report), "--workers", "0"]
+    run(*args)
+    saved = json.loads((report / "canary.json").read_text())
+    # Counted, and wrong: the white image's uniform scores pick "red", not its "green", and
+    # the red image's NaN is no answer (before, NaN picked "red": right, by accident).
+    assert saved["n_scored"] == 2 and saved["accuracy"] == 0.0
+    assert [e["error"] for e in saved["errors"]] == [NOT_FINITE]

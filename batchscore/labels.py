@@ -2,7 +2,8 @@
 
 `--labels FILE` wins. Otherwise, beside the model: `class_map.json` (batchscore's own),
 `labels.txt` (one name per line), a synset file (`n01440764 tench, Tinca tinca`), Keras'
-`imagenet_class_index.json`, a Hugging Face or timm `config.json` (`id2label`, `label_names`),
+`imagenet_class_index.json` and `class_indices.json` (`{name: index}`, what
+`flow_from_directory` gives), a Hugging Face or timm `config.json` (`id2label`, `label_names`),
 and last the ONNX file's metadata: `class_map` (JSON, batchscore's) or `character` (one name
 per line, PaddleOCR/PaddleClas exports). The first found is used, and where the names
 came from is recorded with the run.
@@ -25,6 +26,7 @@ LABEL_FILES = (
     "synsets.txt",
     "synset_words.txt",
     "imagenet_class_index.json",
+    "class_indices.json",
     "config.json",
 )
 _SYNSET = re.compile(r"^n\d{8}\s+(.+)$")

@@ -179,6 +179,8 @@ LABEL_FILES = {
     "imagenet_class_index.json": json.dumps(
         {"0": ["n00000001", "red"], "1": ["n00000002", "green"], "2": ["n00000003", "blue"]}
     ),
+    # Keras' ImageDataGenerator.flow_from_directory: {name: index}, in sorted name order
+    "class_indices.json": json.dumps({"blue": 2, "green": 1, "red": 0}),
     "config.json": json.dumps(  # as transformers writes it
         {"architectures": ["X"], "id2label": {"0": "red", "1": "green", "2": "blue"}}
     ),

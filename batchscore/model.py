@@ -291,16 +291,18 @@ def _check_signature(
                 f"model input {name} is {dim} but preprocessing produces {want_h}x{want_w}"
                 f" (input shape {shape}); fix preprocess.json or the crop/resize flags"
             )
-    output = _pick_output(session, model_path, output_name)
+    output = _pick_output(session, model_path, output_name, len(class_names), notes)
     out_shape = list(output.shape)
-    if not (len(out_shape) == 2 or (len(out_shape) == 4 and out_shape[2:] == [1, 1])):
+    if not _is_scores(out_shape):
         raise ModelError(
             f"model output {output.name!r} must be [batch, classes] or [batch, classes, 1, 1],"
-            f" got shape {out_shape}{_other_outputs(session, output.name)}"
+            f" got shape {out_shape}; the model's outputs: {_widths(session)} (pick one with"
+            " --output-name)"
         )
     if isinstance(out_shape[1], int) and out_shape[1] != len(class_names):
         raise ModelError(
-            f"model outputs {out_shape[1]} classes but the class map has {len(class_names)}"
+            f"model output {output.name!r} has {out_shape[1]} classes but the class map has"
+            f" {len(class_names)}; the model's outputs: {_widths(session)}"
         )
     fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
     return ModelSpec(
@@ -329,22 +331,48 @@ def _layout(shape: list[Any], model_path: Path) -> str:
     )
 
 
-def _pick_output(session: ort.InferenceSession, model_path: Path, name: str | None) -> ort.NodeArg:
+def _pick_output(
+    session: ort.InferenceSession,
+    model_path: Path,
+    name: str | None,
+    n_classes: int,
+    notes: list[str],
+) -> ort.NodeArg:
+    """The output named, or else the one the class map fits: with several outputs (features
+    and logits, say) the first whose width is the number of class names, noted."""
     outputs = session.get_outputs()
-    if name is None:
+    if name is not None:
+        for output in outputs:
+            if output.name == name:
+                return output
+        raise ModelError(
+            f"model {model_path} has no output {name!r}; its outputs: {_widths(session)}"
+        )
+    if len(outputs) == 1:
         return outputs[0]
-    for output in outputs:
-        if output.name == name:
-            return output
-    names = ", ".join(repr(o.name) for o in outputs)
-    raise ModelError(f"model {model_path} has no output {name!r}; its outputs: {names}")
-
-
-def _other_outputs(session: ort.InferenceSession, chosen: str) -> str:
-    others = [repr(o.name) for o in session.get_outputs() if o.name != chosen]
-    return (
-        f"; its other outputs: {', '.join(others)} (pick one with --output-name)" if others else ""
+    fitting = [o for o in outputs if _is_scores(list(o.shape)) and o.shape[1] == n_classes]
+    if not fitting:
+        raise ModelError(
+            f"none of the model's outputs has {n_classes} classes, as the class map does:"
+            f" {_widths(session)}; fix the class names, or pass --output-name"
+        )
+    chosen = fitting[0]
+    why = "the only one" if len(fitting) == 1 else f"the first of {len(fitting)}"
+    notes.append(
+        f"output: {chosen.name!r}, {why} of the model's outputs with {n_classes} classes"
+        f" ({_widths(session)}); --output-name picks another"
     )
+    return chosen
+
+
+def _is_scores(shape: list[Any]) -> bool:
+    """[batch, classes], or [batch, classes, 1, 1] as a 1x1 convolution head leaves it."""
+    return len(shape) == 2 or (len(shape) == 4 and shape[2:] == [1, 1])
+
+
+def _widths(session: ort.InferenceSession) -> str:
+    """Every output of the model with its shape, for a message."""
+    return ", ".join(f"{o.name!r} {list(o.shape)}" for o in session.get_outputs())
 
 
 def run_model(spec: ModelSpec, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:

@@ -214,7 +214,7 @@ def test_labels_flag_wins_and_a_missing_label_file_says_where_it_looked(tmp_path
     with pytest.raises(ModelError, match=r"looked for class_map\.json, labels\.txt"):
         load_model(folder)
     (folder / "labels.txt").write_text("red\ngreen\n")  # one name short
-    with pytest.raises(ModelError, match="outputs 3 classes but the class map has 2"):
+    with pytest.raises(ModelError, match="has 3 classes but the class map has 2"):
         load_model(folder)
 
 
@@ -250,13 +250,26 @@ def _two_output_model(folder: Path, *, squeeze_shape: bool) -> Path:
 
 
 @pytest.mark.parametrize("squeeze_shape", [False, True])
-def test_output_name_picks_the_scores_and_a_wrong_first_output_names_the_others(
+def test_the_output_the_class_map_fits_is_used_and_noted_and_a_mismatch_names_every_output(
     tmp_path: Path, squeeze_shape: bool
 ) -> None:
+    """Two outputs and no --output-name: the first one (a feature map) was taken and refused
+    with "model outputs 16 classes but the class map has 5", naming neither output."""
     folder = _two_output_model(tmp_path / "m", squeeze_shape=squeeze_shape)
-    with pytest.raises(ModelError, match=r"its other outputs: 'scores4?' \(pick one with"):
-        load_model(folder)
     name = "scores4" if squeeze_shape else "scores"
+    spec = load_model(folder)
+    assert spec.output_name == name
+    assert any(
+        note.startswith(f"output: {name!r}, the only one of the model's outputs with 3 classes")
+        for note in spec.notes
+    )
+    (folder / "labels.txt").write_text("a\nb\nc\nd\ne\n")
+    widths = r"'features' \['N', 3, 16, 16\], 'scores4?' \['N', 3(, 1, 1)?\]"
+    with pytest.raises(ModelError, match=rf"none of the model's outputs has 5 classes.*{widths}"):
+        load_model(folder)
+    with pytest.raises(ModelError, match=rf"'features' must be \[batch, classes\].*{widths}"):
+        load_model(folder, output_name="features")
+    (folder / "labels.txt").write_text("\n".join(CLASSES) + "\n")
     image = tmp_path / "green.png"
     noisy(COLORS["green"], (20, 20)).save(image)
     out = tmp_path / "out.parquet"

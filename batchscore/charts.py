@@ -133,7 +133,8 @@ def bar_chart(
 
 
 PANEL_H = 120
-PANEL_GAP = 34
+PANEL_GAP = 44
+PANEL_LEFT = 100  # room for the first night's slanted date
 
 
 @dataclass(frozen=True)
@@ -153,9 +154,9 @@ def band_panels(title: str, labels: Sequence[str], panels: Sequence[Panel], note
     """One small panel per signal over the same x labels (nights): each night's value as a
     point, its band shaded grey behind it, and the nights that alerted as red points with a
     ring; `note` says what the band is."""
-    plot_w = WIDTH - LEFT - 30
+    plot_w = WIDTH - PANEL_LEFT - 30
     step = plot_w / max(1, len(labels))
-    height = TOP + len(panels) * (PANEL_H + PANEL_GAP) + 80
+    height = TOP + 34 + len(panels) * (PANEL_H + PANEL_GAP) + 60
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}"'
         f' viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="11">',
@@ -164,12 +165,12 @@ def band_panels(title: str, labels: Sequence[str], panels: Sequence[Panel], note
         f'<text x="{LEFT}" y="34" fill="#555">{escape(note)}</text>',
     ]
     for n, panel in enumerate(panels):
-        parts += _panel(panel, TOP + 14 + n * (PANEL_H + PANEL_GAP), step, plot_w, labels)
-    bottom = TOP + 14 + len(panels) * (PANEL_H + PANEL_GAP) - PANEL_GAP + 14
+        parts += _panel(panel, TOP + 34 + n * (PANEL_H + PANEL_GAP), step, plot_w, labels)
+    bottom = TOP + 34 + len(panels) * (PANEL_H + PANEL_GAP) - PANEL_GAP + 14
     every = max(1, len(labels) // 10)
     for i, label in enumerate(labels):
         if i % every == 0:
-            x = LEFT + step * (i + 0.5)
+            x = PANEL_LEFT + step * (i + 0.5)
             parts.append(
                 f'<text x="{x:.1f}" y="{bottom}" text-anchor="end"'
                 f' transform="rotate(-30 {x:.1f} {bottom})">{escape(label)}</text>'
@@ -182,23 +183,29 @@ def _panel(
     panel: Panel, top_y: float, step: float, plot_w: float, labels: Sequence[str]
 ) -> list[str]:
     seen = [v for v in (*panel.values, *panel.low, *panel.high) if v is not None]
-    top = min(1.0, nice_top(max([0.1, *seen])))  # every signal drawn lies in [0, 1]
+    # Every signal drawn lies in [0, 1]; some room above the highest point or band edge, and a
+    # top whose half is a round number.
+    top = min(1.0, nice_top(max([0.1, *seen]) * 1.15, (1, 2, 5, 10)))
 
     def y_of(value: float) -> float:
         return top_y + PANEL_H - PANEL_H * min(max(value, 0.0), top) / top
 
-    parts = [f'<text x="{LEFT}" y="{top_y - 6}" font-size="12">{escape(panel.name)}</text>']
+    parts = [
+        f'<text x="{PANEL_LEFT}" y="{top_y - 14}" font-size="12" font-weight="bold">'
+        f"{escape(panel.name)}</text>"
+    ]
     for i in range(3):
         tick = top * i / 2
         y = y_of(tick)
         shown = f"{tick:.0%}" if panel.percent else f"{tick:.2g}"
         parts.append(
-            f'<line x1="{LEFT}" y1="{y:.1f}" x2="{LEFT + plot_w}" y2="{y:.1f}" stroke="#e5e5e5"/>'
-            f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{shown}</text>'
+            f'<line x1="{PANEL_LEFT}" y1="{y:.1f}" x2="{PANEL_LEFT + plot_w}" y2="{y:.1f}"'
+            f' stroke="#e5e5e5"/><text x="{PANEL_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">'
+            f"{shown}</text>"
         )
     for i, (low, high) in enumerate(zip(panel.low, panel.high, strict=True)):
         if low is not None and high is not None:
-            x, y_top, y_bottom = LEFT + step * (i + 0.15), y_of(high), y_of(low)
+            x, y_top, y_bottom = PANEL_LEFT + step * (i + 0.15), y_of(high), y_of(low)
             parts.append(
                 f'<rect x="{x:.1f}" y="{y_top:.1f}" width="{step * 0.7:.1f}"'
                 f' height="{max(y_bottom - y_top, 1):.1f}" fill="#ddd"/>'
@@ -206,7 +213,7 @@ def _panel(
     for i, (value, alert) in enumerate(zip(panel.values, panel.alerts, strict=True)):
         if value is None:
             continue
-        x, y = LEFT + step * (i + 0.5), y_of(value)
+        x, y = PANEL_LEFT + step * (i + 0.5), y_of(value)
         color = "#d62728" if alert else "#1f77b4"
         if alert:
             parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="7" fill="none" stroke="{color}"/>')
@@ -218,7 +225,7 @@ def _panel(
     return parts
 
 
-def nice_top(value: float) -> float:
-    """The smallest of 1, 2, 2.5 or 5 times a power of ten at or above `value`."""
+def nice_top(value: float, mantissas: Sequence[float] = (1, 2, 2.5, 5, 10)) -> float:
+    """The smallest of `mantissas` times a power of ten at or above `value`."""
     power = 10.0 ** math.floor(math.log10(value))
-    return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= value * (1 - 1e-9))
+    return next(m * power for m in mantissas if m * power >= value * (1 - 1e-9))

@@ -209,6 +209,12 @@ class Signal:
                 for m in self.details["moved"][:3]
             )
             line += f"; moved most: {moved}"
+        if "estimated_accuracy" in self.details:  # the estimate itself, not only its drop
+            low, high = self.details["interval"]
+            line += (
+                f"; estimated {self.details['estimated_accuracy']:.3f} [{low:.3f}, {high:.3f}]"
+                f" against measured {self.details['reference_accuracy']:.3f}"
+            )
         return line
 
 
@@ -290,8 +296,10 @@ def monitor(
         raise ConfigError(f"no rows in the reference {written_name(str(reference))}")
     if base.models != current.models and not settings.allow_model_change:
         raise ConfigError(
-            f"the reference was scored by model {sorted(base.models)} and {window} by"
-            f" {sorted(current.models)}: compare the same model, or pass --allow-model-change"
+            f"the reference was scored by model {_short_models(base.models)} and {window} by"
+            f" {_short_models(current.models)}: give this model its own reference (its canary"
+            " report: batchscore canary LABELLED --model MODEL --report DIR), or pass"
+            " --allow-model-change"
         )
     signals = [
         _with_examples(signal, files, window_filter) for signal in _signals(base, current, settings)
@@ -311,6 +319,10 @@ def monitor(
         _top_classes(base, current),
         settings.alpha,
     )
+
+
+def _short_models(models: set[str]) -> str:
+    return ", ".join(model[:12] for model in sorted(models))
 
 
 def _with_examples(signal: Signal, files: Parts, condition: ds.Expression | None) -> Signal:
@@ -407,7 +419,7 @@ def _night(
         half = NULL_Z * accuracy.details["spread"]
         signals["estimated accuracy"] = (
             accuracy.details["estimated_accuracy"],
-            (measured - half, measured + half),
+            (max(0.0, measured - half), min(1.0, measured + half)),
             accuracy.alert,
         )
     if brightness is not None and brightness.p_value is not None:
@@ -695,10 +707,9 @@ def _reference_for(reference: str | Path, models: set[str]) -> str | Path:
     found = [by_model[model] for model in sorted(models) if model in by_model]
     if len(found) == 1:
         return found[0]
-    wanted = ", ".join(model[:12] for model in sorted(models))
     raise ConfigError(
-        f"no canary report of model {wanted} in {reference} (it holds reports of"
-        f" {', '.join(sorted(m[:12] for m in by_model))}): give the new model its reference"
+        f"no canary report of model {_short_models(models)} in {reference} (it holds reports"
+        f" of {_short_models(set(by_model))}): give the new model its reference"
         f" with `batchscore canary LABELLED --model MODEL --report {reference}/NAME`"
     )
 

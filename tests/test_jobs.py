@@ -403,6 +403,9 @@ def test_a_model_change_scores_only_new_uploads_and_is_monitored_against_its_own
     assert changed.returncode == 2, changed.stderr
     assert "no canary report of model" in changed.stderr
     assert f"--report {refs}/NAME" in changed.stderr
+    assert re.search(
+        r"tonight is not monitored; once fixed: .* monitor .* --run n2 ", changed.stderr
+    )
     tonight = pd.read_parquet(dataset, filters=[("run_id", "==", "n2")])
     assert len(tonight) == 36  # only the new uploads: the 36 of night 1 are not rescored
 

@@ -185,12 +185,10 @@ def load_model(
     )
     notes: list[str] = [f"labels: {len(class_names)} class names from {labels_from}"]
 
-    model_config, config_from = _model_config(folder, metadata)
-    if not isinstance(model_config, dict):
-        raise ModelError(f"preprocess config of {model_path} must be a JSON object")
+    model_config, config_sources = _model_config(folder, metadata)
     overrides = {k: v for k, v in (preprocess_overrides or {}).items() if v is not None}
     sources = dict.fromkeys(DEFAULT_PREPROCESS, "default")
-    sources |= dict.fromkeys(model_config, config_from)
+    sources |= config_sources
     if not any(key in layer for layer in (overrides, model_config) for key in SIZE_KEYS):
         given = {**model_config, **overrides}
         model_config = {**model_config, **_size_from_input(probe, model_path, given, notes)}
@@ -221,18 +219,31 @@ def load_model(
     )
 
 
-def _model_config(folder: Path, metadata: Mapping[str, str]) -> tuple[Any, str]:
-    """The model's own preprocessing config and where it came from, first found: batchscore's
-    preprocess.json, an exporter's files (Hugging Face, timm), the ONNX metadata."""
-    preprocess_file = folder / PREPROCESS_FILENAME
-    if preprocess_file.is_file():
-        return _read_json(preprocess_file, "preprocess config"), PREPROCESS_FILENAME
+def _model_config(
+    folder: Path, metadata: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The model's own preprocessing config, key by key, and where each key came from: the
+    ONNX metadata, under an exporter's files (Hugging Face, timm), under batchscore's
+    preprocess.json. A preprocess.json that changes only the mean keeps the exporter's size
+    and layout."""
+    layers: list[tuple[Any, str]] = []
+    if "preprocess" in metadata:
+        layers.append((_json_metadata(metadata, "preprocess"), "the model's metadata (preprocess)"))
     exported = exporter_config(folder)
     if exported is not None:
-        return exported
-    if "preprocess" in metadata:
-        return _json_metadata(metadata, "preprocess"), "the model's metadata (preprocess)"
-    return {}, ""
+        layers.append(exported)
+    preprocess_file = folder / PREPROCESS_FILENAME
+    if preprocess_file.is_file():
+        layers.append((_read_json(preprocess_file, "preprocess config"), PREPROCESS_FILENAME))
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for config, where in layers:
+        if not isinstance(config, dict):
+            raise ModelError(f"preprocess config in {where} of {folder} must be a JSON object")
+        given = {key: value for key, value in config.items() if value is not None}
+        merged |= given
+        sources |= dict.fromkeys(given, where)
+    return merged, sources
 
 
 def _json_metadata(metadata: Mapping[str, str], key: str) -> Any:

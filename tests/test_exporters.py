@@ -208,3 +208,29 @@ def test_the_weights_torch_writes_beside_the_graph_are_part_of_the_models_identi
     data[-4:] = b"\x00\x00\x80\x3f"  # the last float32 weight becomes 1.0
     (folder / "model.onnx.data").write_bytes(bytes(data))
     assert load_model(folder).sha256 != before
+
+
+def test_preprocess_json_overrides_an_exporters_config_key_by_key(tmp_path: Path) -> None:
+    """A preprocess.json written beside an optimum export to change only the mean made
+    batchscore forget everything preprocessor_config.json gave (the layout: "cannot tell the
+    layout"). Now each key comes from the highest layer that has it."""
+    mean, std = [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]
+    processor = ViTImageProcessorPil(size={"height": 40, "width": 36}, image_std=std)
+    image = tmp_path / "photo.png"
+    noisy((180, 90, 30), (71, 53), seed=5).save(image)
+    changed = ViTImageProcessorPil(size={"height": 40, "width": 36}, image_mean=mean, image_std=std)
+    expected = np.asarray(
+        changed(images=Image.open(image).convert("RGB"), return_tensors="np")["pixel_values"]
+    )
+    folder = _model(tmp_path / "optimum", 40, 36)
+    processor.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({"id2label": {"0": "a", "1": "b", "2": "c"}}))
+    (folder / "preprocess.json").write_text(json.dumps({"mean": mean}))
+    np.testing.assert_allclose(_fed(folder, image), expected, rtol=0, atol=1e-4)
+    sources = dict(load_model(folder).preprocess_sources)
+    assert sources["mean"] == "preprocess.json"
+    assert (
+        sources["std"] == sources["resize_size"] == sources["layout"] == "preprocessor_config.json"
+    )
+    flagged = load_model(folder, preprocess_overrides={"mean": [0.5, 0.5, 0.5]})
+    assert dict(flagged.preprocess_sources)["mean"] == "command line"

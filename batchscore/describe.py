@@ -42,12 +42,27 @@ def describe_model(location: str | Path | None = None, **load_options: Any) -> d
         preprocess["layout"] = spec.layout
         sources["layout"] = "the model's input shape"
     softmax = spec.preprocess.output == "logits"
+    head = (
+        f"binary: one output, the {'logit' if softmax else 'probability'} of"
+        f" {spec.class_names[1]!r} (class index 1); probs are [1 - p, p]"
+        if spec.head == "binary"
+        else f"softmax: one score per class, {spec.num_classes} classes"
+    )
     return {
         "model": spec.path,
         "model_sha256": spec.sha256,
         "inputs": [_tensor(t) for t in session.get_inputs()],
         "outputs": [_tensor(t) for t in session.get_outputs()],
         "scores_output": spec.output_name,
+        "head": {
+            "kind": spec.head,
+            "what": head,
+            "why": (
+                "one output number for two class names"
+                if spec.head == "binary"
+                else "one output number per class name"
+            ),
+        },
         "layout": spec.layout,
         "channels": spec.channels,
         "input_dtype": spec.input_dtype,
@@ -91,6 +106,7 @@ def format_description(described: dict[str, Any]) -> str:
             lines.append(f"{kind[:-1]:<10} {tensor['name']} {tensor['shape']} {tensor['type']}")
     lines += [
         f"scores     output {described['scores_output']!r}",
+        f"head       {described['head']['what']} ({described['head']['why']})",
         f"tensor     {described['layout']}, {described['channels']} channel(s),"
         f" {described['input_dtype']}, batch {described['fixed_batch'] or 'any'}",
         "preprocess",
@@ -102,7 +118,8 @@ def format_description(described: dict[str, Any]) -> str:
         f"classes    {classes['count']} from {classes['from']}: "
         + ", ".join(classes["first"])
         + (", ..." if classes["count"] > len(classes["first"]) else ""),
-        f"softmax    {'applied' if described['softmax']['applied'] else 'not applied'}"
+        f"{'sigmoid' if described['head']['kind'] == 'binary' else 'softmax':<10}"
+        f" {'applied' if described['softmax']['applied'] else 'not applied'}"
         f" ({described['softmax']['why']})",
         f"forward    {described['forward_ms_one_image']:.2f} ms for one image (median of"
         f" {TIMED_RUNS})",

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from batchscore.errors import ModelError
 from batchscore.exporters import exporter_config
 from batchscore.labels import find_labels
-from batchscore.onnx_files import model_sha256
+from batchscore.onnx_files import final_op, model_sha256
 from batchscore.preprocess import tensor_batch
 from batchscore.preprocess_config import DEFAULT_PREPROCESS, PreprocessConfig, resolve_preprocess
 
@@ -54,6 +54,8 @@ class ModelSpec:
     layout: str = "NCHW"
     channels: int = 3
     output_name: str = ""  # the output read as the class scores
+    # "softmax": one score per class; "binary": one output for two classes (index 1 positive)
+    head: str = "softmax"
     # What batchscore read or assumed about the model beyond its files (kept in the output's
     # metadata); lines starting with "assumed" are also shown as warnings.
     notes: tuple[str, ...] = ()
@@ -76,6 +78,11 @@ class ModelSpec:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def output_width(self) -> int:
+        """How many numbers the model gives per image: one for a binary head."""
+        return 1 if self.head == "binary" else self.num_classes
 
     @property
     def file_name(self) -> str:
@@ -207,7 +214,16 @@ def load_model(
         notes=notes,
     )
     outputs = _check_forward(probe, spec)
-    if "output" not in overrides and "output" not in model_config:
+    output_given = "output" in overrides or "output" in model_config
+    if spec.head == "softmax" and final_op(model_path, spec.output_name) == "Sigmoid":
+        raise ModelError(
+            f"model {model_path.name} ends in a Sigmoid over its {spec.num_classes} outputs: a"
+            " multi-label head (each class its own probability), which batchscore does not"
+            " score yet; a softmax over them would be wrong"
+        )
+    if spec.head == "binary":
+        spec, sources["output"] = _binary_output(spec, outputs, model_path, output_given, notes)
+    elif not output_given:
         spec = _detect_output_kind(spec, outputs, notes)
         if spec.preprocess.output == "probabilities":
             sources["output"] = "detected: the model's outputs are probability vectors"
@@ -310,10 +326,22 @@ def _check_signature(
             f" got shape {out_shape}; the model's outputs: {_widths(session)} (pick one with"
             " --output-name)"
         )
-    if isinstance(out_shape[1], int) and out_shape[1] != len(class_names):
+    head = "binary" if out_shape[1] == 1 else "softmax"
+    if out_shape[1] == 1 and len(class_names) == 1:
+        raise ModelError(
+            f"model output {output.name!r} is one number (a binary head: the probability or"
+            f" logit of class index 1) but the class map has one name, {class_names[0]!r}:"
+            " give two, the negative class first (as Keras' class_indices.json orders them)"
+        )
+    if isinstance(out_shape[1], int) and head == "softmax" and out_shape[1] != len(class_names):
         raise ModelError(
             f"model output {output.name!r} has {out_shape[1]} classes but the class map has"
             f" {len(class_names)}; the model's outputs: {_widths(session)}"
+        )
+    if head == "binary" and len(class_names) != 2:
+        raise ModelError(
+            f"model output {output.name!r} is one number (a binary head) but the class map has"
+            f" {len(class_names)} names: give two, the negative class first"
         )
     fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
     return ModelSpec(
@@ -328,6 +356,7 @@ def _check_signature(
         layout=layout,
         channels=int(channels),
         output_name=output.name,
+        head=head,
     )
 
 
@@ -361,7 +390,8 @@ def _pick_output(
         )
     if len(outputs) == 1:
         return outputs[0]
-    fitting = [o for o in outputs if _is_scores(list(o.shape)) and o.shape[1] == n_classes]
+    widths = (n_classes, 1) if n_classes == 2 else (n_classes,)  # 1: a binary head
+    fitting = [o for o in outputs if _is_scores(list(o.shape)) and o.shape[1] in widths]
     if not fitting:
         raise ModelError(
             f"none of the model's outputs has {n_classes} classes, as the class map does:"
@@ -419,7 +449,7 @@ def _check_forward(session: ort.InferenceSession, spec: ModelSpec) -> np.ndarray
         outputs = run_model(spec, session, batch)
     except Exception as exc:  # ORT's runtime errors carry no useful type
         raise ModelError(f"model {spec.path} fails on a test input: {first_line(exc)}") from exc
-    if outputs.shape[1] != spec.num_classes:
+    if outputs.shape[1] != spec.output_width:
         raise ModelError(
             f"model outputs shape {list(outputs.shape)} but the class map has"
             f" {spec.num_classes} classes"
@@ -442,6 +472,32 @@ def _detect_output_kind(spec: ModelSpec, outputs: np.ndarray, notes: list[str]) 
         ' vector, so no softmax is applied; set "output" in preprocess.json to override)'
     )
     return replace(spec, preprocess=replace(spec.preprocess, output="probabilities"))
+
+
+def _binary_output(
+    spec: ModelSpec, outputs: np.ndarray, model_path: Path, given: bool, notes: list[str]
+) -> tuple[ModelSpec, str]:
+    """A binary head's one number is the probability of class index 1, or its logit: read
+    from the config when it says, else from the graph (a final Sigmoid), else from the test
+    outputs (a value outside [0, 1] is no probability); otherwise ask."""
+    positive = spec.class_names[1]
+    if given:
+        kind, said = spec.preprocess.output, "as the config says"
+    elif final_op(model_path, spec.output_name) == "Sigmoid":
+        kind, said = "probabilities", "the graph ends in Sigmoid"
+    elif not bool(((outputs >= 0) & (outputs <= 1)).all()):
+        kind, said = "logits", "the test outputs leave [0, 1]"
+    else:
+        raise ModelError(
+            f"model {model_path.name} has one output (a binary head) with values in [0, 1] and"
+            ' no final Sigmoid: set "output": "probabilities" or "logits" in preprocess.json'
+        )
+    read_as = "probability" if kind == "probabilities" else "logit"
+    notes.append(
+        f"head: binary, one output read as the {read_as} of {positive!r} (class index 1),"
+        f" {said}; probs are [1 - p, p]"
+    )
+    return replace(spec, preprocess=replace(spec.preprocess, output=kind)), f"binary head: {said}"
 
 
 def _size_from_input(

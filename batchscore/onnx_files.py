@@ -89,6 +89,41 @@ def _graph_locations(graph: memoryview) -> Iterator[str]:
                 yield from _graph_locations(subgraph)
 
 
+_NODE_INPUT, _NODE_OUTPUT, _NODE_OP_TYPE = 1, 2, 4
+# Operators that pass one input through unchanged in value: looked through to how a graph ends.
+_PASS_THROUGH = frozenset({"Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze"})
+
+
+def final_op(model_path: Path, output: str) -> str | None:
+    """The operator that makes the graph output `output` (Sigmoid, Softmax, Gemm...), looking
+    through reshapes and identities that exporters add (tf2onnx ends a Keras head in an
+    Identity); None when the graph does not say."""
+    try:
+        graph = next(_messages(memoryview(model_path.read_bytes()), _MODEL_GRAPH), None)
+        if graph is None:
+            return None
+        producers: dict[str, tuple[str, list[str]]] = {}
+        for node in _messages(graph, _GRAPH_NODE):
+            texts: dict[int, list[str]] = {_NODE_INPUT: [], _NODE_OUTPUT: [], _NODE_OP_TYPE: []}
+            for number, _, value in _fields(node):
+                if number in texts and isinstance(value, memoryview):
+                    texts[number].append(bytes(value).decode("utf-8", "replace"))
+            op = texts[_NODE_OP_TYPE][0] if texts[_NODE_OP_TYPE] else ""
+            for name in texts[_NODE_OUTPUT]:
+                producers[name] = (op, texts[_NODE_INPUT])
+    except (OSError, ValueError):
+        return None
+    name = output
+    for _ in range(len(producers) + 1):
+        if name not in producers:
+            return None
+        op, inputs = producers[name]
+        if op not in _PASS_THROUGH or not inputs:
+            return op
+        name = inputs[0]
+    return None
+
+
 def external_data_files(model_path: Path, graph_bytes: bytes) -> list[Path]:
     """The files beside the model that hold its external data, sorted, each listed once."""
     try:

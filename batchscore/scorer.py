@@ -158,7 +158,7 @@ class Scorer:
         try:
             outputs = run_model(spec, session, batch)
         except Exception:  # isolate the image ORT rejects instead of failing the chunk
-            outputs = np.zeros((len(ok), spec.num_classes), dtype=np.float32)
+            outputs = np.zeros((len(ok), spec.output_width), dtype=np.float32)
             for row, i in enumerate(ok):
                 try:
                     outputs[row] = run_model(spec, session, batch[row : row + 1])[0]
@@ -173,8 +173,15 @@ class Scorer:
 
 
 def probabilities(spec: ModelSpec, outputs: np.ndarray) -> np.ndarray:
-    """Outputs as probabilities: softmax for a model that returns logits."""
-    return softmax(outputs) if spec.preprocess.output == "logits" else outputs
+    """Outputs as probabilities: softmax for a model that returns logits; for a binary head,
+    [1 - p, p] with p its probability (a logit through the sigmoid)."""
+    logits = spec.preprocess.output == "logits"
+    if spec.head == "binary":
+        positive = outputs[:, 0].astype(np.float64)
+        if logits:
+            positive = 1 / (1 + np.exp(-positive))
+        return np.column_stack([1 - positive, positive]).astype(np.float32)
+    return softmax(outputs) if logits else outputs
 
 
 @contextmanager

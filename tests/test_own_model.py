@@ -618,3 +618,103 @@ def test_a_centred_letterbox_rounds_an_odd_margin_as_told(offset: str, top: int)
     pixels = resize_and_crop(Image.new("RGB", (10, 3), (0, 0, 0)), config)
     dark_rows = np.flatnonzero(pixels[:, :, 0].max(axis=1) == 0)
     assert list(dark_rows) == [top, top + 1, top + 2]
+
+
+def _binary_model(folder: Path, *, sigmoid: bool, weight: float) -> Path:
+    """Keras' Dense(1, activation="sigmoid") head on a global average pool (tf2onnx ends it
+    in an Identity), or, without the sigmoid, a single logit (BCEWithLogitsLoss training)."""
+    w = np.array([[weight], [-weight], [0.5 * weight]], dtype=np.float32)
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "w", "b"], ["dense"]),
+    ]
+    if sigmoid:
+        nodes.append(helper.make_node("Sigmoid", ["dense"], ["activated"]))
+    nodes.append(helper.make_node("Identity", ["activated" if sigmoid else "dense"], ["score"]))
+    graph = helper.make_graph(
+        nodes,
+        "binary",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N", 1])],
+        initializer=[
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.float32([0.1]).reshape(1), "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True)
+    onnx.save(model, folder / "model.onnx")
+    # Keras' flow_from_directory: classes in sorted order, index 1 the positive one
+    (folder / "class_indices.json").write_text(json.dumps({"cat": 0, "dog": 1}))
+    (folder / "preprocess.json").write_text(json.dumps({"resize_size": [16, 16]}))
+    return folder
+
+
+@pytest.mark.parametrize(("sigmoid", "weight"), [(True, 1.0), (False, 4.0)])
+def test_a_binary_head_scores_p_and_1_minus_p_named_by_its_two_classes(
+    tmp_path: Path, sigmoid: bool, weight: float
+) -> None:
+    """One output and two class names was refused ("model outputs 1 classes but the class
+    map has 2"); with one name, every image was that class at 1.0 (softmax of one value)."""
+    from batchscore.preprocess import load_image, tensor_batch
+
+    folder = _binary_model(tmp_path / "m", sigmoid=sigmoid, weight=weight)
+    spec = load_model(folder)
+    assert spec.head == "binary" and spec.class_names == ("cat", "dog")
+    said = "the graph ends in Sigmoid" if sigmoid else "the test outputs leave [0, 1]"
+    assert any(note.startswith("head: binary") and said in note for note in spec.notes)
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("red", "green", "blue"):
+        noisy(COLORS[name], (20, 20), seed=len(name)).save(images / f"{name}.png")
+    out = tmp_path / "out.parquet"
+    code, output = _score(str(images), "-o", str(out), "--model", str(folder), "--workers", "0")
+    assert code == 0, output
+    rows = pd.read_parquet(out)
+    w = np.array([weight, -weight, 0.5 * weight])
+    for _, row in rows.iterrows():
+        pixels = load_image(row["path"], spec.preprocess, fast_jpeg=False).pixels
+        fed = tensor_batch([pixels], spec.preprocess, spec.input_dtype)[0]
+        p = 1 / (1 + np.exp(-(fed.mean(axis=(1, 2)) @ w + 0.1)))  # the oracle: numpy
+        np.testing.assert_allclose(row["probs"], [1 - p, p], atol=1e-5)
+        assert row["pred_label"] == ("dog" if p >= 0.5 else "cat")
+    assert set(rows["pred_label"]) == {"cat", "dog"}  # both classes occur: a real test
+
+
+def test_a_binary_head_that_cannot_be_read_is_refused_with_what_to_give(tmp_path: Path) -> None:
+    folder = _binary_model(tmp_path / "m", sigmoid=False, weight=0.01)  # logits inside [0, 1]
+    with pytest.raises(ModelError, match=r'no final Sigmoid: set "output": "probabilities" or'):
+        load_model(folder)
+    (folder / "preprocess.json").write_text(
+        json.dumps({"resize_size": [16, 16], "output": "logits"})
+    )
+    assert load_model(folder).preprocess.output == "logits"
+    (folder / "class_indices.json").write_text(json.dumps({"dog": 0}))
+    with pytest.raises(ModelError, match="class map has one name, 'dog': give two, the negative"):
+        load_model(folder)
+
+
+def test_a_multi_label_head_is_refused_not_softmaxed(tmp_path: Path) -> None:
+    """A tagger ending in Sigmoid was softmaxed: 0.9 for "person" became 0.26, renormalised
+    across tags that are not exclusive. Until multi-label is scored, it is refused by name."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+            helper.make_node("Sigmoid", ["flat"], ["tags"]),
+        ],
+        "tagger",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("tags", TensorProto.FLOAT, ["N", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder = tmp_path / "tagger"
+    folder.mkdir()
+    onnx.save(model, folder / "model.onnx")
+    (folder / "labels.txt").write_text("person\ndog\ncar\n")
+    (folder / "preprocess.json").write_text(json.dumps({"resize_size": [16, 16]}))
+    with pytest.raises(ModelError, match="ends in a Sigmoid over its 3 outputs: a multi-label"):
+        load_model(folder)

@@ -113,7 +113,7 @@ def test_nightly_scores_exactly_the_new_uploads_and_logs_each_run(
     summaries = [line for line in log if "nightly.sh[" not in line]
     assert summaries[0].startswith("6 images: 6 ok, 0 errors")
     assert summaries[1].startswith("nothing new to score (6 images already scored)")
-    assert summaries[2].startswith("3 images: 3 ok, 0 errors (6 already scored by this model")
+    assert summaries[2].startswith("3 images: 3 ok, 0 errors (6 already scored by any model")
 
 
 def test_overlapping_runs_are_refused_with_75_or_wait(

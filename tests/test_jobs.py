@@ -304,15 +304,21 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     assert done.returncode == 0 and not done.stderr, done.stderr
 
 
-def test_nightly_monitors_tonights_run_and_says_what_moved_and_where_the_report_is(
-    tmp_path: Path,
-) -> None:
+def scored_reference(tmp_path: Path) -> tuple[Path, Path]:
+    """A colour model, and a dataset of 54 images it scored: the monitor's reference."""
     model = color_model(tmp_path / "model")
     reference_images, reference = tmp_path / "reference_images", tmp_path / "reference"
     write_images(reference_images, TRUTH * 6)
     args = ["-m", "batchscore", "score", str(reference_images), "-o", f"{reference}/"]
     args += ["--model", str(model), "--workers", "0"]
     assert subprocess.run([sys.executable, *args], check=False).returncode == 0
+    return model, reference
+
+
+def test_nightly_monitors_tonights_run_and_says_what_moved_and_where_the_report_is(
+    tmp_path: Path,
+) -> None:
+    model, reference = scored_reference(tmp_path)
     uploads, dataset = tmp_path / "uploads", tmp_path / "preds"
     uploads.mkdir()
     settings = {"UPLOADS": uploads, "DATASET": dataset, "MODEL": model,
@@ -351,12 +357,7 @@ def test_nightly_monitors_tonights_run_and_says_what_moved_and_where_the_report_
 def test_nightly_passes_monitor_options_and_monitors_a_night_that_exits_4(
     tmp_path: Path,
 ) -> None:
-    model = color_model(tmp_path / "model")
-    reference_images, reference = tmp_path / "reference_images", tmp_path / "reference"
-    write_images(reference_images, TRUTH * 6)
-    args = ["-m", "batchscore", "score", str(reference_images), "-o", f"{reference}/"]
-    args += ["--model", str(model), "--workers", "0"]
-    assert subprocess.run([sys.executable, *args], check=False).returncode == 0
+    model, reference = scored_reference(tmp_path)
     uploads, dataset = tmp_path / "uploads", tmp_path / "preds"
     broken = write_images(uploads, TRUTH * 4, start=200)
     for path in broken[:6]:

@@ -215,14 +215,22 @@ def load_model(
     )
     outputs = _check_forward(probe, spec)
     output_given = "output" in overrides or "output" in model_config
-    if spec.head == "softmax" and final_op(model_path, spec.output_name) == "Sigmoid":
+    ends_in_sigmoid = final_op(model_path, spec.output_name) == "Sigmoid"
+    if spec.head == "softmax" and ends_in_sigmoid:
         raise ModelError(
             f"model {model_path.name} ends in a Sigmoid over its {spec.num_classes} outputs: a"
             " multi-label head (each class its own probability), which batchscore does not"
             " score yet; a softmax over them would be wrong"
         )
     if spec.head == "binary":
-        spec, sources["output"] = _binary_output(spec, outputs, model_path, output_given, notes)
+        spec, sources["output"] = _binary_output(
+            spec,
+            outputs,
+            model_path,
+            given=output_given,
+            ends_in_sigmoid=ends_in_sigmoid,
+            notes=notes,
+        )
     elif not output_given:
         spec = _detect_output_kind(spec, outputs, notes)
         if spec.preprocess.output == "probabilities":
@@ -475,7 +483,13 @@ def _detect_output_kind(spec: ModelSpec, outputs: np.ndarray, notes: list[str]) 
 
 
 def _binary_output(
-    spec: ModelSpec, outputs: np.ndarray, model_path: Path, given: bool, notes: list[str]
+    spec: ModelSpec,
+    outputs: np.ndarray,
+    model_path: Path,
+    *,
+    given: bool,
+    ends_in_sigmoid: bool,
+    notes: list[str],
 ) -> tuple[ModelSpec, str]:
     """A binary head's one number is the probability of class index 1, or its logit: read
     from the config when it says, else from the graph (a final Sigmoid), else from the test
@@ -483,7 +497,7 @@ def _binary_output(
     positive = spec.class_names[1]
     if given:
         kind, said = spec.preprocess.output, "as the config says"
-    elif final_op(model_path, spec.output_name) == "Sigmoid":
+    elif ends_in_sigmoid:
         kind, said = "probabilities", "the graph ends in Sigmoid"
     elif not bool(((outputs >= 0) & (outputs <= 1)).all()):
         kind, said = "logits", "the test outputs leave [0, 1]"

@@ -75,6 +75,8 @@ MOVED_CLASSES = 5  # the classes named as having moved most
 BOOTSTRAP = 400
 INSUFFICIENT = "insufficient data"
 PREDICTION_DRIFT = "prediction drift (class mix)"
+ERROR_RATE = "error rate rise"
+ACCURACY_DROP = "estimated accuracy drop"
 EXAMPLES = 3  # files shown per class that moved
 NULL_Z = 2.576  # the trend's bands: where 99% of unchanged nights fall
 NULL_DRAWS = 200
@@ -391,11 +393,8 @@ def _night(
     a point outside its band need not alert, the alerts are the night's own verdicts)."""
     judged_night = {s.name: s for s in _signals(base, night, settings)}
     alerts = sorted(name for name, signal in judged_night.items() if signal.alert)
-    low_name = next(
-        name for name in judged_night if name.startswith("low-confidence share rise (top-1")
-    )
-    accuracy = judged_night.get("estimated accuracy drop")
-    brightness = judged_night.get("input drift: brightness (Kolmogorov-Smirnov)")
+    accuracy = judged_night.get(ACCURACY_DROP)
+    brightness = judged_night.get(_input_name("brightness"))
     n_ok = night.n_ok
     signals = {
         "class mix (Jensen-Shannon)": (
@@ -406,12 +405,12 @@ def _night(
         "low-confidence share": (
             night.low_share() if n_ok else None,
             _share_band(base.n_low, base.n_ok, n_ok),
-            low_name in alerts,
+            _low_name(settings) in alerts,
         ),
         "error rate": (
             night.n_errors / night.n_rows if night.n_rows else None,
             _share_band(base.n_errors, base.n_rows, night.n_rows),
-            "error rate rise" in alerts,
+            ERROR_RATE in alerts,
         ),
     }
     if accuracy is not None and accuracy.p_value is not None:
@@ -497,15 +496,22 @@ def _bins(probs: np.ndarray) -> np.ndarray:
     return np.clip(scaled, 0, BINS - 1)
 
 
+def _low_name(settings: MonitorSettings) -> str:
+    return f"low-confidence share rise (top-1 < {settings.low_confidence:g})"
+
+
+def _input_name(stat: str) -> str:
+    return f"input drift: {stat} (Kolmogorov-Smirnov)"
+
+
 def _signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
-    low = f"low-confidence share rise (top-1 < {settings.low_confidence:g})"
     signals = [
         _mix_signal(PREDICTION_DRIFT, base.classes, current.classes, settings.max_js),
         _ks_signal("confidence drift (Kolmogorov-Smirnov)", base.confidence,
                    current.confidence, settings.max_ks),
-        _rise_signal(low, (base.n_low, base.n_ok), (current.n_low, current.n_ok),
-                     settings.max_low_confidence_rise),
-        _rise_signal("error rate rise", (base.n_errors, base.n_rows),
+        _rise_signal(_low_name(settings), (base.n_low, base.n_ok),
+                     (current.n_low, current.n_ok), settings.max_low_confidence_rise),
+        _rise_signal(ERROR_RATE, (base.n_errors, base.n_rows),
                      (current.n_errors, current.n_rows), settings.max_error_rate_rise),
         _class_low_confidence_signal(base, current, settings),
         *_accuracy_signal(base, current, settings),
@@ -602,7 +608,7 @@ def _accuracy_signal(base: Side, current: Side, settings: MonitorSettings) -> li
     fell in. The interval for tonight's accuracy adds the chance in tonight's own outcomes."""
     if not base.labelled.sum():
         return []  # no labels in the reference: nothing to calibrate on
-    name = "estimated accuracy drop"
+    name = ACCURACY_DROP
     floor = settings.max_accuracy_drop
     if current.n_ok < MIN_SIGNAL_ROWS:
         return [insufficient(name, floor, _too_few(int(base.labelled.sum()), current.n_ok))]
@@ -654,8 +660,7 @@ def _calibration(labelled: np.ndarray, right: np.ndarray) -> np.ndarray:
 def _input_signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
     """Only for what both sides recorded (datasets older than these columns have none)."""
     signals = [
-        _ks_signal(f"input drift: {name} (Kolmogorov-Smirnov)", base.inputs[name],
-                   current.inputs[name], settings.max_ks)
+        _ks_signal(_input_name(name), base.inputs[name], current.inputs[name], settings.max_ks)
         for name in INPUT_STATS
         if name in base.inputs and name in current.inputs
     ]  # fmt: skip

@@ -41,7 +41,7 @@ from batchscore.output import ParquetPart
 from batchscore.settings import DEFAULT_PART_ROWS, DEFAULT_PART_SECONDS
 from batchscore.storage import StorageOptions, failure
 from batchscore.store import Fence, Parts, Store, open_store
-from batchscore.summary import STATS_COLUMNS, RunStats
+from batchscore.summary import RunStats, stats_columns
 
 RUNS_DIR = "_runs"
 PARTITION = "run_date"
@@ -269,7 +269,8 @@ def settle_dead_attempts(store: Store) -> int:
         mine = [name for name in parts if posixpath.basename(name).startswith(prefix)]
         stats = RunStats()  # what the attempt's own summary would have counted
         if mine:
-            for batch in store.parts(mine).dataset().to_batches(columns=list(STATS_COLUMNS)):
+            parts = store.parts(mine).dataset()
+            for batch in parts.to_batches(columns=stats_columns(parts.schema.names)):
                 stats.add(batch)
         settled = {
             **summary,

@@ -13,11 +13,20 @@ from typing import Any
 
 import numpy as np
 
-from batchscore.model import create_session, load_model, run_model
+from batchscore.model import create_session, describe_head, load_model, run_model
 from batchscore.preprocess import tensor_batch
 
 SHOWN_LABELS = 5
+# What turns each head's raw outputs into what is written, when the model gives logits
+ACTIVATIONS = {
+    "softmax": "softmax",
+    "multi-label": "sigmoid",
+    "binary": "sigmoid",
+    "embedding": None,
+}
 TIMED_RUNS = 5
+# The config keys that only one head reads
+HEAD_KEYS = {"multi-label": {"threshold", "thresholds"}, "embedding": {"l2_normalize"}}
 
 
 def describe_model(location: str | Path | None = None, **load_options: Any) -> dict[str, Any]:
@@ -38,16 +47,15 @@ def describe_model(location: str | Path | None = None, **load_options: Any) -> d
         times.append(time.perf_counter() - started)
     sources = dict(spec.preprocess_sources)
     preprocess = spec.preprocess.to_dict()
+    preprocess["head"] = spec.head
+    for key in set().union(*HEAD_KEYS.values()) - HEAD_KEYS.get(spec.head, set()):
+        del preprocess[key]  # what does not apply to this head
+    if spec.head == "multi-label":
+        preprocess["thresholds"] = dict(zip(spec.class_names, spec.thresholds, strict=True))
     if spec.preprocess.layout is None:
         preprocess["layout"] = spec.layout
         sources["layout"] = "the model's input shape"
-    softmax = spec.preprocess.output == "logits"
-    head = (
-        f"binary: one output, the {'logit' if softmax else 'probability'} of"
-        f" {spec.class_names[1]!r} (class index 1); probs are [1 - p, p]"
-        if spec.head == "binary"
-        else f"softmax: one score per class, {spec.num_classes} classes"
-    )
+    activation = ACTIVATIONS[spec.head]
     return {
         "model": spec.path,
         "model_sha256": spec.sha256,
@@ -56,12 +64,8 @@ def describe_model(location: str | Path | None = None, **load_options: Any) -> d
         "scores_output": spec.output_name,
         "head": {
             "kind": spec.head,
-            "what": head,
-            "why": (
-                "one output number for two class names"
-                if spec.head == "binary"
-                else "one output number per class name"
-            ),
+            "what": describe_head(spec),
+            "why": sources.get("head", "default"),
         },
         "layout": spec.layout,
         "channels": spec.channels,
@@ -76,19 +80,20 @@ def describe_model(location: str | Path | None = None, **load_options: Any) -> d
             "first": list(spec.class_names[:SHOWN_LABELS]),
             "from": spec.labels_from,
         },
-        "softmax": {
-            "applied": softmax,
-            "why": _softmax_reason(sources.get("output", "default"), softmax),
+        "activation": {
+            "name": activation,
+            "applied": activation is not None and spec.preprocess.output == "logits",
+            "why": _activation_reason(sources.get("output", "default"), spec.preprocess.output),
         },
         "notes": list(spec.notes),
         "forward_ms_one_image": statistics.median(times) * 1e3,
     }
 
 
-def _softmax_reason(source: str, softmax: bool) -> str:
-    if source.startswith("detected"):
+def _activation_reason(source: str, output: str) -> str:
+    if source.startswith(("detected", "the ")):
         return source
-    return f"{source} says the outputs are {'logits' if softmax else 'probabilities'}"
+    return f"{source} says the outputs are {output}"
 
 
 def _tensor(arg: Any) -> dict[str, Any]:
@@ -118,9 +123,9 @@ def format_description(described: dict[str, Any]) -> str:
         f"classes    {classes['count']} from {classes['from']}: "
         + ", ".join(classes["first"])
         + (", ..." if classes["count"] > len(classes["first"]) else ""),
-        f"{'sigmoid' if described['head']['kind'] == 'binary' else 'softmax':<10}"
-        f" {'applied' if described['softmax']['applied'] else 'not applied'}"
-        f" ({described['softmax']['why']})",
+        f"{described['activation']['name'] or 'activation':<10}"
+        f" {'applied' if described['activation']['applied'] else 'not applied'}"
+        f" ({described['activation']['why']})",
         f"forward    {described['forward_ms_one_image']:.2f} ms for one image (median of"
         f" {TIMED_RUNS})",
     ]

@@ -23,6 +23,11 @@ from batchscore.errors import ModelError
 
 HF_FILE = "preprocessor_config.json"
 TIMM_FILE = "config.json"
+# transformers' config.json says how a classifier was trained; its ONNX export ends in logits
+HF_PROBLEM_TYPES = {
+    "single_label_classification": "softmax",
+    "multi_label_classification": "multi-label",
+}
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 CONVNEXT_FULL_SIZE = 384  # from this shortest edge on, ConvNext resizes without cropping
 # What timm's resolve_data_config falls back to for a key pretrained_cfg leaves out.
@@ -36,7 +41,13 @@ def exporter_config(folder: Path) -> tuple[dict[str, Any], str] | None:
     """(batchscore config, the file it came from) from an exporter's files, or None."""
     hf = folder / HF_FILE
     if hf.is_file():
-        return from_hugging_face(_read(hf), hf), HF_FILE
+        config = from_hugging_face(_read(hf), hf)
+        model_config = folder / TIMM_FILE  # transformers' model config.json, beside it
+        problem = _read(model_config).get("problem_type") if model_config.is_file() else None
+        if problem in HF_PROBLEM_TYPES:
+            config["head"] = HF_PROBLEM_TYPES[problem]
+            return config, f"{HF_FILE} and {TIMM_FILE} (problem_type {problem})"
+        return config, HF_FILE
     timm = folder / TIMM_FILE
     if timm.is_file():
         data = _read(timm)

@@ -117,5 +117,6 @@ def find_labels(
         return names, "the model's metadata (character)"
     raise ModelError(
         f"no class names for the model in {folder}: looked for {', '.join(LABEL_FILES)} and"
-        " 'class_map' or 'character' in its metadata; pass --labels FILE"
+        " 'class_map' or 'character' in its metadata; pass --labels FILE, or --head embedding if"
+        " its output is a vector, not class scores"
     )

@@ -54,8 +54,11 @@ class ModelSpec:
     layout: str = "NCHW"
     channels: int = 3
     output_name: str = ""  # the output read as the class scores
-    # "softmax": one score per class; "binary": one output for two classes (index 1 positive)
+    # One of settings.HEADS: "softmax" one score per class; "multi-label" one probability per
+    # class; "binary" one output for two classes (index 1 positive); "embedding" a vector.
     head: str = "softmax"
+    thresholds: tuple[float, ...] = ()  # a multi-label head's, one per class
+    embedding_size: int = 0
     # What batchscore read or assumed about the model beyond its files (kept in the output's
     # metadata); lines starting with "assumed" are also shown as warnings.
     notes: tuple[str, ...] = ()
@@ -73,6 +76,8 @@ class ModelSpec:
             "output_name": self.output_name,
             "preprocess": self.preprocess.identity(),
         }
+        if self.head in ("multi-label", "embedding"):  # softmax and binary ids predate heads
+            setup["head"] = self.head
         return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()
 
     @property
@@ -82,7 +87,14 @@ class ModelSpec:
     @property
     def output_width(self) -> int:
         """How many numbers the model gives per image: one for a binary head."""
+        if self.head == "embedding":
+            return self.embedding_size
         return 1 if self.head == "binary" else self.num_classes
+
+    @property
+    def score_width(self) -> int:
+        """How many numbers batchscore writes per image: the probabilities, or the vector."""
+        return self.embedding_size if self.head == "embedding" else self.num_classes
 
     @property
     def file_name(self) -> str:
@@ -187,11 +199,7 @@ def load_model(
     metadata = _session_metadata(probe)
     folder = model_path.parent
 
-    class_names, labels_from = find_labels(
-        folder, None if labels is None else Path(labels), metadata
-    )
-    notes: list[str] = [f"labels: {len(class_names)} class names from {labels_from}"]
-
+    notes: list[str] = []
     model_config, config_sources = _model_config(folder, metadata)
     overrides = {k: v for k, v in (preprocess_overrides or {}).items() if v is not None}
     sources = dict.fromkeys(DEFAULT_PREPROCESS, "default")
@@ -202,6 +210,14 @@ def load_model(
         sources["resize_size"] = "the model's fixed input size (assumed)"
     sources |= dict.fromkeys(overrides, "command line")
     preprocess = resolve_preprocess(overrides, model_config)
+    if preprocess.head == "embedding":  # a vector has no classes: no class map is looked for
+        class_names: tuple[str, ...] = ()
+        labels_from = "none: an embedding head has no classes"
+    else:
+        class_names, labels_from = find_labels(
+            folder, None if labels is None else Path(labels), metadata
+        )
+    notes.insert(0, f"labels: {len(class_names)} class names from {labels_from}")
 
     spec = _check_signature(
         probe,
@@ -214,27 +230,14 @@ def load_model(
         notes=notes,
     )
     outputs = _check_forward(probe, spec)
-    output_given = "output" in overrides or "output" in model_config
-    ends_in_sigmoid = final_op(model_path, spec.output_name) == "Sigmoid"
-    if spec.head == "softmax" and ends_in_sigmoid:
-        raise ModelError(
-            f"model {model_path.name} ends in a Sigmoid over its {spec.num_classes} outputs: a"
-            " multi-label head (each class its own probability), which batchscore does not"
-            " score yet; a softmax over them would be wrong"
-        )
-    if spec.head == "binary":
-        spec, sources["output"] = _binary_output(
-            spec,
-            outputs,
-            model_path,
-            given=output_given,
-            ends_in_sigmoid=ends_in_sigmoid,
-            notes=notes,
-        )
-    elif not output_given:
-        spec = _detect_output_kind(spec, outputs, notes)
-        if spec.preprocess.output == "probabilities":
-            sources["output"] = "detected: the model's outputs are probability vectors"
+    spec, head_sources = resolve_head(
+        spec,
+        outputs,
+        final=final_op(model_path, spec.output_name),
+        given={key: sources[key] for key in ("head", "output") if sources[key] != "default"},
+        notes=notes,
+    )
+    sources |= head_sources
     return replace(
         spec,
         notes=tuple(notes),
@@ -326,15 +329,19 @@ def _check_signature(
                 f"model input {name} is {dim} but preprocessing produces {want_h}x{want_w}"
                 f" (input shape {shape}); fix preprocess.json or the crop/resize flags"
             )
-    output = _pick_output(session, model_path, output_name, len(class_names), notes)
+    embedding = preprocess.head == "embedding"
+    if embedding:
+        output = _pick_vector(session, model_path, output_name, notes)
+    else:
+        output = _pick_output(session, model_path, output_name, len(class_names), notes)
     out_shape = list(output.shape)
     if not _is_scores(out_shape):
         raise ModelError(
-            f"model output {output.name!r} must be [batch, classes] or [batch, classes, 1, 1],"
-            f" got shape {out_shape}; the model's outputs: {_widths(session)} (pick one with"
-            " --output-name)"
+            f"model output {output.name!r} must be [batch, {'size' if embedding else 'classes'}]"
+            f" or [batch, {'size' if embedding else 'classes'}, 1, 1], got shape {out_shape};"
+            f" the model's outputs: {_widths(session)} (pick one with --output-name)"
         )
-    head = "binary" if out_shape[1] == 1 else "softmax"
+    head = "embedding" if embedding else "binary" if out_shape[1] == 1 else "softmax"
     if out_shape[1] == 1 and len(class_names) == 1:
         raise ModelError(
             f"model output {output.name!r} is one number (a binary head: the probability or"
@@ -344,7 +351,8 @@ def _check_signature(
     if isinstance(out_shape[1], int) and head == "softmax" and out_shape[1] != len(class_names):
         raise ModelError(
             f"model output {output.name!r} has {out_shape[1]} classes but the class map has"
-            f" {len(class_names)}; the model's outputs: {_widths(session)}"
+            f" {len(class_names)}; the model's outputs: {_widths(session)} (if it is a vector,"
+            " not class scores: --head embedding)"
         )
     if head == "binary" and len(class_names) != 2:
         raise ModelError(
@@ -414,6 +422,27 @@ def _pick_output(
     return chosen
 
 
+def _pick_vector(
+    session: ort.InferenceSession, model_path: Path, name: str | None, notes: list[str]
+) -> ort.NodeArg:
+    """An embedding head's output: the one named, or the only one that is a vector per image
+    (optimum's encoders also output `last_hidden_state`, a vector per token)."""
+    outputs = session.get_outputs()
+    if name is not None or len(outputs) == 1:
+        return _pick_output(session, model_path, name, 0, notes)
+    vectors = [o for o in outputs if _is_scores(list(o.shape))]
+    if len(vectors) != 1:
+        raise ModelError(
+            f"model {model_path.name} has {len(vectors)} outputs that hold one vector per image"
+            f" ({_widths(session)}): pass --output-name with the embedding's"
+        )
+    notes.append(
+        f"output: {vectors[0].name!r}, the only one of the model's outputs with one vector per"
+        f" image ({_widths(session)}); --output-name picks another"
+    )
+    return vectors[0]
+
+
 def _is_scores(shape: list[Any]) -> bool:
     """[batch, classes], or [batch, classes, 1, 1] as a 1x1 convolution head leaves it."""
     return len(shape) == 2 or (len(shape) == 4 and shape[2:] == [1, 1])
@@ -457,7 +486,7 @@ def _check_forward(session: ort.InferenceSession, spec: ModelSpec) -> np.ndarray
         outputs = run_model(spec, session, batch)
     except Exception as exc:  # ORT's runtime errors carry no useful type
         raise ModelError(f"model {spec.path} fails on a test input: {first_line(exc)}") from exc
-    if outputs.shape[1] != spec.output_width:
+    if spec.head != "embedding" and outputs.shape[1] != spec.output_width:
         raise ModelError(
             f"model outputs shape {list(outputs.shape)} but the class map has"
             f" {spec.num_classes} classes"
@@ -465,53 +494,126 @@ def _check_forward(session: ort.InferenceSession, spec: ModelSpec) -> np.ndarray
     return outputs
 
 
-def _detect_output_kind(spec: ModelSpec, outputs: np.ndarray, notes: list[str]) -> ModelSpec:
-    """A graph that already ends in softmax must not be softmaxed again: its outputs on the test
-    images are each a probability vector. Logits summing to 1 on noise and on a blank image by
-    chance is not a thing that happens; "output" in preprocess.json overrides this."""
-    if outputs.shape[1] < 2:
-        return spec
-    in_range = bool(((outputs >= -1e-6) & (outputs <= 1 + 1e-6)).all())
-    sums_to_one = bool(np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3))
-    if not (in_range and sums_to_one):
-        return spec
-    notes.append(
-        "output: probabilities (every test output of the model is already a probability"
-        ' vector, so no softmax is applied; set "output" in preprocess.json to override)'
-    )
-    return replace(spec, preprocess=replace(spec.preprocess, output="probabilities"))
-
-
-def _binary_output(
+def resolve_head(
     spec: ModelSpec,
     outputs: np.ndarray,
-    model_path: Path,
     *,
-    given: bool,
-    ends_in_sigmoid: bool,
+    final: str | None,
+    given: Mapping[str, str],
     notes: list[str],
-) -> tuple[ModelSpec, str]:
-    """A binary head's one number is the probability of class index 1, or its logit: read
-    from the config when it says, else from the graph (a final Sigmoid), else from the test
-    outputs (a value outside [0, 1] is no probability); otherwise ask."""
-    positive = spec.class_names[1]
-    if given:
-        kind, said = spec.preprocess.output, "as the config says"
-    elif ends_in_sigmoid:
-        kind, said = "probabilities", "the graph ends in Sigmoid"
-    elif not bool(((outputs >= 0) & (outputs <= 1)).all()):
-        kind, said = "logits", "the test outputs leave [0, 1]"
-    else:
-        raise ModelError(
-            f"model {model_path.name} has one output (a binary head) with values in [0, 1] and"
-            ' no final Sigmoid: set "output": "probabilities" or "logits" in preprocess.json'
+) -> tuple[ModelSpec, dict[str, str]]:
+    """What the model's output is and whether it still needs its activation, and where each
+    was read: the config's "head" and "output" (`given` says where they were set), else the
+    graph (a final Softmax or Sigmoid; one output number is a binary head), else the test
+    `outputs` (probability vectors; values outside [0, 1] are no probabilities). What none of
+    them tells is asked for in one line."""
+    config = spec.preprocess
+    width = outputs.shape[1]
+    ends_in = final if final in ("Softmax", "Sigmoid") else None
+    head = config.head or ("embedding" if spec.head == "embedding" else None)
+    head_from = given.get("head", "")
+    if head is None:
+        if spec.head == "binary":
+            head, head_from = "binary", "one output number for two class names"
+        elif ends_in == "Sigmoid":
+            head, head_from = "multi-label", "the graph ends in Sigmoid"
+        elif ends_in == "Softmax":
+            head, head_from = "softmax", "the graph ends in Softmax"
+        else:
+            head, head_from = "softmax", "one output number per class name"
+    _check_head(spec, head, width, ends_in, head_from)
+    if head == "embedding":
+        return _embedding_head(spec, width, notes), {"head": head_from or "--head"}
+    if "output" in given:
+        kind, kind_from = config.output, given["output"]
+    elif ends_in is not None:
+        kind, kind_from = "probabilities", f"the graph ends in {ends_in}"
+    elif not bool(((outputs >= -1e-6) & (outputs <= 1 + 1e-6)).all()):
+        kind, kind_from = "logits", "the test outputs leave [0, 1]"
+    elif head == "softmax":
+        sums_to_one = bool(np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3))
+        kind = "probabilities" if sums_to_one else "logits"
+        kind_from = (
+            "detected: the model's outputs are probability vectors"
+            if sums_to_one
+            else "the test outputs are not probability vectors"
         )
-    read_as = "probability" if kind == "probabilities" else "logit"
-    notes.append(
-        f"head: binary, one output read as the {read_as} of {positive!r} (class index 1),"
-        f" {said}; probs are [1 - p, p]"
+    else:  # values in [0, 1] and no activation the graph shows: could be either
+        raise ModelError(
+            f"model {Path(spec.path).name} has a {head} head whose outputs all lie in [0, 1]"
+            ' but whose graph ends in no Sigmoid: set "output": "probabilities" or "logits" in'
+            " preprocess.json"
+        )
+    spec = replace(spec, head=head, preprocess=replace(config, output=kind))
+    if head == "multi-label":
+        spec = replace(spec, thresholds=_thresholds(spec))
+    notes.append(f"head: {describe_head(spec)} ({head_from}; output {kind}: {kind_from})")
+    return spec, {"head": head_from, "output": kind_from}
+
+
+def _check_head(spec: ModelSpec, head: str, width: int, ends_in: str | None, why: str) -> None:
+    """A head the config names must fit the graph: one line naming both when it does not."""
+    name = Path(spec.path).name
+    if head == "binary" and width != 1:
+        raise ModelError(
+            f"model {name}: head binary ({why}) reads one output number, but output"
+            f" {spec.output_name!r} has {width}; two scores for two classes are --head softmax"
+        )
+    if head in ("softmax", "multi-label") and width == 1:
+        raise ModelError(
+            f"model {name}: head {head} ({why}) but output {spec.output_name!r} is one number:"
+            " a binary head (--head binary, with two class names)"
+        )
+    clash = {"softmax": "Sigmoid", "multi-label": "Softmax"}.get(head)
+    if clash is not None and ends_in == clash:
+        makes = "a probability per class (multi-label)" if clash == "Sigmoid" else "one vector"
+        raise ModelError(
+            f"model {name}: head {head} ({why}) but the graph ends in {clash}, which makes"
+            f" {makes}: fix the head, or drop it to read the graph's"
+        )
+
+
+def _embedding_head(spec: ModelSpec, width: int, notes: list[str]) -> ModelSpec:
+    spec = replace(spec, head="embedding", embedding_size=width)
+    notes.append(f"head: {describe_head(spec)}")
+    return spec
+
+
+def _thresholds(spec: ModelSpec) -> tuple[float, ...]:
+    """One threshold per class: "thresholds" by name over "threshold"; an unknown name is a
+    typo that would silently leave its class at the default, so it is refused."""
+    given = dict(spec.preprocess.thresholds)
+    unknown = sorted(set(given) - set(spec.class_names))
+    if unknown:
+        raise ModelError(
+            f"thresholds name classes the class map does not have: {unknown[:5]}"
+            f" (the class map: {list(spec.class_names[:5])}...)"
+        )
+    return tuple(given.get(name, spec.preprocess.threshold) for name in spec.class_names)
+
+
+def describe_head(spec: ModelSpec) -> str:
+    """One line on what the head gives and what batchscore writes from it."""
+    logit = spec.preprocess.output == "logits"
+    if spec.head == "binary":
+        return (
+            f"binary, one output read as the {'logit' if logit else 'probability'} of"
+            f" {spec.class_names[1]!r} (class index 1); probs are [1 - p, p]"
+        )
+    if spec.head == "multi-label":
+        cut = sorted(set(spec.thresholds))
+        shown = f"{cut[0]:g}" if len(cut) == 1 else f"{cut[0]:g} to {cut[-1]:g} by class"
+        return (
+            f"multi-label, {spec.num_classes} classes each its own probability"
+            f"{' (sigmoid of its logit)' if logit else ''}; pred_labels are those >= {shown}"
+        )
+    if spec.head == "embedding":
+        norm = ", L2-normalised" if spec.preprocess.l2_normalize else ""
+        return f"embedding, a vector of {spec.embedding_size} numbers per image{norm}"
+    return (
+        f"softmax, one class of {spec.num_classes}"
+        f"{' (softmax of the logits)' if logit else ' (already probabilities)'}"
     )
-    return replace(spec, preprocess=replace(spec.preprocess, output=kind)), f"binary head: {said}"
 
 
 def _size_from_input(

@@ -52,9 +52,17 @@ class OutputLayout:
     has_label: bool
     keep_probs: bool = True
     prefixes: Sequence[str] = ("",)  # one per model: "" = the model scored, then baselines
+    # per model, its head (settings.HEADS) and, for an embedding, the vector's size
+    heads: Sequence[tuple[str, int]] = (("softmax", 0),)
 
 
-def prediction_fields(prefix: str, keep_probs: bool) -> list[pa.Field]:
+def prediction_fields(
+    prefix: str, keep_probs: bool, head: str = "softmax", size: int = 0
+) -> list[pa.Field]:
+    """One model's columns: its top classes (and, for a multi-label head, every class at or
+    above its threshold), or for an embedding head the vector alone."""
+    if head == "embedding":
+        return [pa.field(f"{prefix}embedding", pa.list_(pa.float32(), size))]
     fields = [
         pa.field(f"{prefix}pred_index", pa.int32()),
         pa.field(f"{prefix}pred_label", pa.string()),
@@ -62,6 +70,8 @@ def prediction_fields(prefix: str, keep_probs: bool) -> list[pa.Field]:
         pa.field(f"{prefix}topk_labels", pa.list_(pa.string())),
         pa.field(f"{prefix}topk_probs", pa.list_(pa.float32())),
     ]
+    if head == "multi-label":
+        fields.append(pa.field(f"{prefix}pred_labels", pa.list_(pa.string())))
     if keep_probs:
         fields.append(pa.field(f"{prefix}probs", pa.list_(pa.float32())))
     return fields
@@ -76,8 +86,8 @@ def output_schema(layout: OutputLayout) -> pa.Schema:
         pa.field("error", pa.string()),
         pa.field("warning", pa.string()),
     ]
-    for prefix in layout.prefixes:
-        fields += prediction_fields(prefix, layout.keep_probs)
+    for prefix, (head, size) in zip(layout.prefixes, layout.heads, strict=True):
+        fields += prediction_fields(prefix, layout.keep_probs, head, size)
     fields += [
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
@@ -128,6 +138,11 @@ def prediction_columns(
     scores: ModelScores, spec: ModelSpec, valid: np.ndarray, keep_probs: bool
 ) -> list[pa.Array]:
     """Arrow columns of one model's predictions, in `prediction_fields` order."""
+    if spec.head == "embedding":
+        values = pa.array(scores.probs.reshape(-1), type=pa.float32())
+        return [
+            pa.FixedSizeListArray.from_arrays(values, spec.embedding_size, mask=pa.array(~valid))
+        ]
     names = np.asarray(spec.class_names, dtype=object)
     topk = scores.topk.astype(np.int64)
     top1 = topk[:, 0]
@@ -140,6 +155,13 @@ def prediction_columns(
         _list_array(names[topk[valid]], valid, pa.string()),
         _list_array(topk_probs[valid], valid, pa.float32()),
     ]
+    if spec.head == "multi-label":
+        present = scores.probs >= np.asarray(spec.thresholds, dtype=np.float32)
+        chosen = [
+            names[row].tolist() if ok else None
+            for row, ok in zip(present, valid.tolist(), strict=True)
+        ]
+        columns.append(pa.array(chosen, type=pa.list_(pa.string())))
     if keep_probs:
         columns.append(_list_array(scores.probs[valid], valid, pa.float32()))
     return columns
@@ -182,6 +204,9 @@ def chunk_to_batch(
         labels = np.array([readable_or_none(ref.label) for ref in refs], dtype=object)
         columns.append(pa.array(labels, type=pa.string()))
         for spec, scores in zip(specs, output.scores, strict=True):
+            if spec.head == "embedding":  # a vector is neither right nor wrong
+                columns.append(pa.nulls(n, type=pa.bool_()))
+                continue
             predicted = np.asarray(spec.class_names, dtype=object)[scores.topk[:, 0]]
             columns.append(pa.array(predicted == labels, type=pa.bool_(), mask=~valid))
     for name, dtype in layout.extra_columns.items():

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from batchscore.errors import ModelError
-from batchscore.settings import INTERPOLATIONS, OUTPUT_KINDS
+from batchscore.settings import DEFAULT_THRESHOLD, HEADS, INTERPOLATIONS, OUTPUT_KINDS
 
 # The seeds' training recipe: used when neither the model nor the command line says otherwise.
 DEFAULT_PREPROCESS: dict[str, Any] = {
@@ -32,6 +32,11 @@ DEFAULT_PREPROCESS: dict[str, Any] = {
     "crop_offset": "round",
     "longest_edge": None,
     "resize_rounding": "floor",
+    # How the output is read (not pixels, but resolved with the same precedence, key by key)
+    "head": None,  # None: read from the graph (see batchscore.model)
+    "threshold": DEFAULT_THRESHOLD,
+    "thresholds": None,  # {class name: threshold} over "threshold", for a multi-label head
+    "l2_normalize": False,  # an embedding head's vectors scaled to unit length
 }
 CHANNEL_ORDERS = ("RGB", "BGR")
 # crop: torchvision Resize (+ CenterCrop); pad: letterbox, fit inside (+ CenterCrop or pad);
@@ -44,7 +49,15 @@ PAD_POSITIONS = ("center", "top-left")
 CROP_OFFSETS = ("round", "floor")
 # Keys added after setup ids were first recorded: left out of the id at their default, so that
 # an upgrade does not make every row scored before it look stale.
-LATER_KEYS = {"crop_offset": "round", "longest_edge": None, "resize_rounding": "floor"}
+LATER_KEYS: dict[str, Any] = {
+    "crop_offset": "round",
+    "longest_edge": None,
+    "resize_rounding": "floor",
+    "head": None,
+    "threshold": DEFAULT_THRESHOLD,
+    "thresholds": {},
+    "l2_normalize": False,
+}
 # How the longer side of a shorter-side resize is rounded: torchvision truncates (floor),
 # PaddleClas's ResizeImage rounds.
 RESIZE_ROUNDINGS = ("floor", "round")
@@ -71,6 +84,10 @@ class PreprocessConfig:
     crop_offset: str = "round"
     longest_edge: int | None = None  # with an int resize_size: the cap on the longer side
     resize_rounding: str = "floor"
+    head: str | None = None  # as given; ModelSpec.head is what was resolved
+    threshold: float = DEFAULT_THRESHOLD
+    thresholds: tuple[tuple[str, float], ...] = ()
+    l2_normalize: bool = False
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -85,6 +102,7 @@ class PreprocessConfig:
         for key in ("resize_size", "crop_size", "mean", "std", "pad_value"):
             if isinstance(data[key], tuple):
                 data[key] = list(data[key])
+        data["thresholds"] = dict(self.thresholds)
         return data
 
     def identity(self) -> dict[str, Any]:
@@ -197,6 +215,29 @@ def resolve_preprocess(
         resize_rounding=_parse_choice(
             "resize_rounding", merged["resize_rounding"], RESIZE_ROUNDINGS
         ),
+        head=None if merged["head"] is None else _parse_choice("head", merged["head"], HEADS),
+        threshold=_parse_threshold("threshold", merged["threshold"]),
+        thresholds=_parse_thresholds(merged["thresholds"]),
+        l2_normalize=_parse_flag("l2_normalize", merged["l2_normalize"]),
+    )
+
+
+def _parse_threshold(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ModelError(f"preprocess '{name}' must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _parse_thresholds(value: Any) -> tuple[tuple[str, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ModelError(
+            f"preprocess 'thresholds' must map class names to probabilities, got {value!r}"
+        )
+    return tuple(
+        (str(name), _parse_threshold(f"thresholds.{name}", threshold))
+        for name, threshold in sorted(value.items())
     )
 
 

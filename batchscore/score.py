@@ -107,6 +107,7 @@ def run_metadata(
         "setup_sha256": spec.setup_sha256,
         "model_file": spec.file_name,
         "class_map": list(spec.class_names),
+        "head": spec.head,
         "preprocess": spec.preprocess.to_dict(),
         "top_k": settings.pipeline.top_k,
         "fast_jpeg": settings.pipeline.fast_jpeg,
@@ -115,6 +116,10 @@ def run_metadata(
         "onnxruntime_version": ort.__version__,
         "model_notes": list(spec.notes),
     }
+    if spec.head == "multi-label":
+        metadata["thresholds"] = dict(zip(spec.class_names, spec.thresholds, strict=True))
+    if spec.head == "embedding":
+        metadata["embedding_size"] = spec.embedding_size
     if len(specs) > 1:
         metadata["baseline_model_sha256"] = specs[1].sha256
         metadata["baseline_model_file"] = specs[1].file_name
@@ -241,6 +246,7 @@ def _run(
         has_label=any(source.has_labels for source in opened),
         keep_probs=settings.keep_probs,
         prefixes=("", BASELINE_PREFIX)[: len(specs)],
+        heads=[(spec.head, spec.embedding_size) for spec in specs],
     )
     metadata = run_metadata(specs, opened, run_id, settings)
     sink = _open_sink(

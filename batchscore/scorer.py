@@ -32,14 +32,15 @@ WORKER_DIED = "worker process died while decoding or scoring this image (crash o
 
 
 NOT_FINITE = "model output is not finite (NaN or Inf)"
+ZERO_VECTOR = "model output is all zeros: an embedding of no length cannot be L2-normalised"
 
 
 @dataclass
 class ModelScores:
     """One model's scores for a chunk: rows of error images are all zero."""
 
-    probs: np.ndarray  # [n, classes] float32
-    topk: np.ndarray  # [n, k] int32, best first
+    probs: np.ndarray  # [n, classes] float32; an embedding head's vectors [n, size]
+    topk: np.ndarray  # [n, k] int32, best first ([n, 0] for an embedding)
 
 
 @dataclass
@@ -128,8 +129,10 @@ class Scorer:
                 widths[i] = heights[i] = stats[i] = None
                 for probs in all_probs:
                     probs[i] = 0.0
-        k = self.options.top_k
-        scores = [ModelScores(probs=probs, topk=top_k_indices(probs, k)) for probs in all_probs]
+        scores = [
+            ModelScores(probs=probs, topk=top_k_indices(probs, top_k(spec, self.options.top_k)))
+            for spec, probs in zip(self.specs, all_probs, strict=True)
+        ]
         warnings = [
             "; ".join(dict.fromkeys(found)) if found and error is None else None
             for found, error in zip(notes, errors, strict=True)
@@ -143,7 +146,7 @@ class Scorer:
         images: list[np.ndarray | None],
         errors: list[str | None],
     ) -> np.ndarray:
-        probs = np.zeros((len(images), spec.num_classes), dtype=np.float32)
+        probs = np.zeros((len(images), spec.score_width), dtype=np.float32)
         ok = [i for i, image in enumerate(images) if image is not None and errors[i] is None]
         if not ok:
             return probs
@@ -164,23 +167,48 @@ class Scorer:
                     outputs[row] = run_model(spec, session, batch[row : row + 1])[0]
                 except Exception as exc:
                     errors[i] = f"inference failed: {first_line(exc)}"
-        probs[ok] = probabilities(spec, outputs)
-        finite = np.isfinite(outputs).all(axis=1) & np.isfinite(probs[ok]).all(axis=1)
-        for i, good in zip(ok, finite.tolist(), strict=True):
-            if not good and errors[i] is None:  # an fp16 overflow, a NaN weight: no prediction
+        finite = np.isfinite(outputs).all(axis=1)
+        zero = [not row.any() for row in outputs] if spec.preprocess.l2_normalize else []
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            probs[ok] = probabilities(spec, outputs)
+        for row, (i, good) in enumerate(zip(ok, finite.tolist(), strict=True)):
+            if errors[i] is None and not good:  # an fp16 overflow, a NaN weight: no prediction
                 errors[i] = NOT_FINITE
+            elif errors[i] is None and zero and zero[row]:
+                errors[i] = ZERO_VECTOR
         return probs
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """1 / (1 + e^-x), without overflow for large negative logits."""
+    probs: np.ndarray = np.exp(-np.logaddexp(0.0, -logits.astype(np.float64)))
+    return probs
+
+
+def top_k(spec: ModelSpec, k: int) -> int:
+    """How many top classes a model's rows keep: none for an embedding."""
+    return 0 if spec.head == "embedding" else min(k, spec.num_classes)
+
+
 def probabilities(spec: ModelSpec, outputs: np.ndarray) -> np.ndarray:
-    """Outputs as probabilities: softmax for a model that returns logits; for a binary head,
-    [1 - p, p] with p its probability (a logit through the sigmoid)."""
+    """What is written for the model's raw outputs, by its head: softmax of logits; for a
+    multi-label head, each logit through the sigmoid; for a binary head, [1 - p, p] with p its
+    probability (a logit through the sigmoid); for an embedding, the vector (L2-normalised
+    when the config says). Probabilities a model gives are kept as they are."""
     logits = spec.preprocess.output == "logits"
+    if spec.head == "embedding":
+        if not spec.preprocess.l2_normalize:
+            return outputs
+        norms = np.linalg.norm(outputs.astype(np.float64), axis=1, keepdims=True)
+        unit: np.ndarray = (outputs / norms).astype(np.float32)
+        return unit
     if spec.head == "binary":
         positive = outputs[:, 0].astype(np.float64)
         if logits:
-            positive = 1 / (1 + np.exp(-positive))
+            positive = sigmoid(positive)
         return np.column_stack([1 - positive, positive]).astype(np.float32)
+    if spec.head == "multi-label":
+        return sigmoid(outputs).astype(np.float32) if logits else outputs
     return softmax(outputs) if logits else outputs
 
 
@@ -212,8 +240,8 @@ def failed_output(n: int, reason: str, specs: Sequence[ModelSpec], k: int) -> Ch
         stats=[None] * n,
         scores=[
             ModelScores(
-                probs=np.zeros((n, spec.num_classes), dtype=np.float32),
-                topk=np.zeros((n, min(k, spec.num_classes)), dtype=np.int32),
+                probs=np.zeros((n, spec.score_width), dtype=np.float32),
+                topk=np.zeros((n, top_k(spec, k)), dtype=np.int32),
             )
             for spec in specs
         ],

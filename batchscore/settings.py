@@ -18,6 +18,10 @@ FINGERPRINTS = ("size-mtime", "sha256")  # see batchscore.incremental
 INTERPOLATIONS = ("bilinear", "bicubic", "box", "hamming", "lanczos", "nearest", "cv2-linear",
                   "cv2-cubic", "cv2-lanczos4")  # fmt: skip
 OUTPUT_KINDS = ("logits", "probabilities")
+# What a model's output is (docs/own-models.md, "Heads"): one class of many, any number of
+# classes at once, one number for two classes, or a vector with no classes.
+HEADS = ("softmax", "multi-label", "binary", "embedding")
+DEFAULT_THRESHOLD = 0.5  # a multi-label class is present at or above this probability
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # batchscore quantize
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default decompression-bomb error threshold
 DEFAULT_PART_ROWS = 10_000

@@ -1,7 +1,7 @@
 """What a run adds up to: counts gathered while rows stream past, and the one-line summary.
 
-`RunStats.add` reads only `STATS_COLUMNS` of each written batch, so an engine that scores
-elsewhere (Dask) sends back just those columns.
+`RunStats.add` reads only `STATS_COLUMNS` of each written batch (an embedding head's rows have
+no predictions), so an engine that scores elsewhere (Dask) sends back just those columns.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class RunStats:
 
     def add(self, batch: pa.RecordBatch) -> None:
         """Count a written batch; reads `STATS_COLUMNS` and nothing else."""
-        batch = batch.select(STATS_COLUMNS)
+        batch = batch.select(stats_columns(batch.schema.names))
         status = batch.column("status").to_numpy(zero_copy_only=False)
         ok = status == STATUS_OK
         self.n_ok += int(ok.sum())
@@ -48,7 +48,7 @@ class RunStats:
         self.n_unavailable += int((status == STATUS_UNAVAILABLE).sum())
         for reason in batch.column("error").drop_null().to_pylist():
             self.error_reasons[reason_kind(reason)] += 1
-        if ok.any():
+        if ok.any() and "pred_label" in batch.schema.names:  # an embedding has no classes
             labels = batch.column("pred_label").drop_null().to_pylist()
             self.classes.update(labels)
             probs = batch.column("pred_prob").drop_null().to_numpy()
@@ -67,6 +67,11 @@ class RunStats:
             "low_confidence_threshold": LOW_CONFIDENCE,
             "class_distribution": dict(self.classes.most_common()),
         }
+
+
+def stats_columns(names: list[str]) -> list[str]:
+    """The `STATS_COLUMNS` among `names`: an embedding head writes no predictions."""
+    return [name for name in STATS_COLUMNS if name in names]
 
 
 def reason_kind(reason: str) -> str:

@@ -132,3 +132,53 @@ def slow_color_model(folder: Path, *, size: int = 16, work: int = 2000) -> Path:
     )
     config = {"resize_size": [size, size], "mean": [0.5] * 3, "std": [0.5] * 3}
     return _save(graph, folder, ["red", "green", "blue"], config, "model.onnx")
+
+
+def head_model(
+    folder: Path,
+    *,
+    final: str | None = None,
+    scale: float = 2.0,
+    class_names: list[str] | None = None,
+    preprocess: dict[str, Any] | None = None,
+    tokens: bool = False,
+    size: int = 8,
+) -> Path:
+    """`color_model`'s scores (scale * the normalised per-channel means: red (255, 0, 0) gives
+    [scale, -scale, -scale]) through an optional `final` activation (Sigmoid, Softmax), for the
+    head kinds. `class_names` None writes no class map; `tokens` adds a first output of one
+    vector per token ([N, 4, 3]), as an image encoder's last_hidden_state."""
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+        helper.make_node("Mul", ["flat", "scale"], ["scores" if final is None else "raw"]),
+    ]
+    if final is not None:
+        nodes.append(helper.make_node(final, ["raw"], ["scores"]))
+    outputs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 3])]
+    initializer = [helper.make_tensor("scale", TensorProto.FLOAT, [], [scale])]
+    if tokens:
+        nodes.append(helper.make_node("Unsqueeze", ["flat", "axis"], ["one_token"]))
+        nodes.append(helper.make_node("Tile", ["one_token", "repeats"], ["hidden"]))
+        outputs.insert(0, helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["N", 4, 3]))
+        initializer += [
+            helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("repeats", TensorProto.INT64, [3], [1, 4, 1]),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "heads",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        outputs,
+        initializer=initializer,
+    )
+    config = {
+        "resize_size": [size, size],
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        **(preprocess or {}),
+    }
+    _save(graph, folder, class_names or [], config, "model.onnx")
+    if class_names is None:
+        (folder / "class_map.json").unlink()
+    return folder

@@ -47,7 +47,7 @@ from batchscore.settings import PipelineOptions, ScoreSettings  # noqa: E402
 from batchscore.sources import ImageRef, iter_refs, open_sources  # noqa: E402
 from batchscore.store import LocalStore  # noqa: E402
 from tests.conftest import COLORS, noisy  # noqa: E402
-from tests.models import color_model  # noqa: E402
+from tests.models import color_model, head_model  # noqa: E402
 
 N_IMAGES = 18
 PART_ROWS = 4  # both engines: parts of 4, 4, 4, 4, 2 rows, the same rows in the same parts
@@ -146,11 +146,13 @@ def assert_same_as_local(output: Path, local: Path) -> None:
     got, want = rows(output), rows(local)
     assert list(got.index) == list(want.index)
     assert len(got) == N_IMAGES
+    assert list(got.columns) == list(want.columns)
     for column in ("path", "status", "error", "pred_label", "width", "height", "fingerprint"):
-        pd.testing.assert_series_equal(got[column], want[column])
+        if column in want:  # an embedding has no pred_label
+            pd.testing.assert_series_equal(got[column], want[column])
     ok = want["status"] == "ok"
     assert (~ok).sum() == 2
-    for column in ("pred_prob", "probs", "topk_probs"):
+    for column in [c for c in ("pred_prob", "probs", "topk_probs", "embedding") if c in want]:
         np.testing.assert_allclose(
             np.vstack(got.loc[ok, column]), np.vstack(want.loc[ok, column]), atol=1e-5
         )
@@ -392,3 +394,18 @@ def test_the_local_engine_imports_no_dask(job: tuple[Path, Path], tmp_path: Path
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert len(rows(tmp_path / "out")) == N_IMAGES
+
+
+def test_an_embedding_model_scores_on_dask_as_it_does_locally(
+    job: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """An encoder's vectors go through the workers, the parts and the summaries like scores."""
+    images, _ = job
+    encoder = head_model(tmp_path / "encoder", class_names=None, preprocess={"head": "embedding"})
+    local, on_cluster = tmp_path / "local", tmp_path / "dask"
+    score([images], local, settings(encoder, workers=0))
+    summary = score([images], on_cluster, settings(encoder, engine="dask"))
+    assert summary.stats["n_ok"] == N_IMAGES - 2
+    assert_same_as_local(on_cluster, local)
+    vectors = rows(on_cluster)
+    assert vectors["embedding"].dropna().map(len).eq(3).all()

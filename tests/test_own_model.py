@@ -90,7 +90,9 @@ def test_a_model_that_ends_in_softmax_is_not_softmaxed_again(tmp_path: Path) -> 
     assert row["pred_label"] == "red" and row["pred_prob"] > 0.99
     assert sum(row["probs"]) == pytest.approx(1.0, abs=1e-5)
     notes = read_metadata(out)["model_notes"]
-    assert any(note.startswith("output: probabilities") for note in notes)
+    assert any(
+        note.startswith("head: softmax") and "already probabilities" in note for note in notes
+    )
 
 
 def test_a_logits_model_is_softmaxed_and_an_explicit_output_wins(tmp_path: Path) -> None:
@@ -389,8 +391,8 @@ def test_inspect_shows_what_will_be_fed_and_where_each_value_came_from(tmp_path:
     assert preprocess["mean"]["from"] == "default"
     assert preprocess["layout"]["from"] == "the model's input shape"
     assert described["classes"] == {"count": 3, "first": CLASSES, "from": "class_map.json"}
-    assert described["softmax"]["applied"] is False
-    assert described["softmax"]["why"].startswith("detected")
+    assert described["activation"]["applied"] is False
+    assert described["activation"]["why"] == "the graph ends in Softmax"
     assert described["model_sha256"] == load_model(model).sha256
     assert described["forward_ms_one_image"] > 0
     assert any(note.startswith("assumed:") for note in described["notes"])
@@ -398,7 +400,7 @@ def test_inspect_shows_what_will_be_fed_and_where_each_value_came_from(tmp_path:
     flags = ["inspect", "--model", str(model), "--resize-size", "24,24", "--mean", "0.5,0.5,0.5"]
     text = CliRunner().invoke(cli, flags).output
     assert "resize_size      [24, 24]" in text and "from command line" in text
-    assert "softmax    not applied (detected" in text
+    assert "softmax    not applied (the graph ends in Softmax)" in text
 
 
 def test_inspect_of_a_model_it_cannot_score_is_the_same_one_line(tmp_path: Path) -> None:
@@ -685,7 +687,7 @@ def test_a_binary_head_scores_p_and_1_minus_p_named_by_its_two_classes(
 
 def test_a_binary_head_that_cannot_be_read_is_refused_with_what_to_give(tmp_path: Path) -> None:
     folder = _binary_model(tmp_path / "m", sigmoid=False, weight=0.01)  # logits inside [0, 1]
-    with pytest.raises(ModelError, match=r'no final Sigmoid: set "output": "probabilities" or'):
+    with pytest.raises(ModelError, match=r'ends in no Sigmoid: set "output": "probabilities" or'):
         load_model(folder)
     (folder / "preprocess.json").write_text(
         json.dumps({"resize_size": [16, 16], "output": "logits"})
@@ -693,28 +695,4 @@ def test_a_binary_head_that_cannot_be_read_is_refused_with_what_to_give(tmp_path
     assert load_model(folder).preprocess.output == "logits"
     (folder / "class_indices.json").write_text(json.dumps({"dog": 0}))
     with pytest.raises(ModelError, match="class map has one name, 'dog': give two, the negative"):
-        load_model(folder)
-
-
-def test_a_multi_label_head_is_refused_not_softmaxed(tmp_path: Path) -> None:
-    """A tagger ending in Sigmoid was softmaxed: 0.9 for "person" became 0.26, renormalised
-    across tags that are not exclusive. Until multi-label is scored, it is refused by name."""
-    graph = helper.make_graph(
-        [
-            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-            helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
-            helper.make_node("Sigmoid", ["flat"], ["tags"]),
-        ],
-        "tagger",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
-        [helper.make_tensor_value_info("tags", TensorProto.FLOAT, ["N", 3])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    folder = tmp_path / "tagger"
-    folder.mkdir()
-    onnx.save(model, folder / "model.onnx")
-    (folder / "labels.txt").write_text("person\ndog\ncar\n")
-    (folder / "preprocess.json").write_text(json.dumps({"resize_size": [16, 16]}))
-    with pytest.raises(ModelError, match="ends in a Sigmoid over its 3 outputs: a multi-label"):
         load_model(folder)

@@ -20,19 +20,16 @@ def inspect_command(
     labels: str | None,
     output_name: str | None,
     providers: str | None,
-    resize_size: str | None,
-    crop_size: str | None,
-    interpolation: str | None,
-    mean: str | None,
-    std: str | None,
     as_json: bool,
+    **flags: Any,
 ) -> None:
     """Show what batchscore will feed a model and how it will read its output.
 
     The input and output tensors, the layout, the resolved preprocessing with where every
     value came from (a flag, which file, a default, or an assumption), where the class names
-    came from, whether softmax will be applied and why, the model's SHA-256, and the time of
-    one forward pass. It runs the same checks as `batchscore score`.
+    came from, the head (softmax, multi-label, binary or embedding) and why, whether its
+    softmax or sigmoid will be applied and why, the model's SHA-256, and the time of one
+    forward pass. It runs the same checks as `batchscore score`.
 
     Example:
 
@@ -43,9 +40,7 @@ def inspect_command(
     from batchscore.describe import describe_model, format_description  # noqa: PLC0415
 
     options: dict[str, Any] = {
-        "preprocess_overrides": preprocess_overrides(
-            resize_size, crop_size, interpolation, mean, std
-        ),
+        "preprocess_overrides": preprocess_overrides(flags),
         "expected_sha256": model_sha256,
         "providers": split_providers(providers),
         "labels": labels,

@@ -5,14 +5,16 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
 import click
 
 from batchscore.settings import (
     DEFAULT_MAX_PIXELS,
+    HEADS,
     INTERPOLATIONS,
+    OUTPUT_KINDS,
     PipelineOptions,
     default_workers,
 )
@@ -89,6 +91,36 @@ def model_options(func: F) -> F:
         ),
         click.option("--mean", default=None, help="Override: 'R,G,B' on the 0-1 scale."),
         click.option("--std", default=None, help="Override: 'R,G,B' on the 0-1 scale."),
+        click.option(
+            "--head",
+            type=click.Choice(HEADS),
+            default=None,
+            help="What the output is (default: read from the graph; docs/own-models.md).",
+        ),
+        click.option(
+            "--model-output",
+            type=click.Choice(OUTPUT_KINDS),
+            default=None,
+            help="Whether the output still needs its softmax or sigmoid (default: detected).",
+        ),
+        click.option(
+            "--threshold",
+            type=click.FloatRange(0, 1),
+            default=None,
+            help="Multi-label: a class is in pred_labels at or above this (default 0.5).",
+        ),
+        click.option(
+            "--thresholds",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help='Multi-label: a JSON file {"class name": threshold} over --threshold.',
+        ),
+        click.option(
+            "--l2-normalize",
+            is_flag=True,
+            default=None,
+            help="Embedding: scale each vector to unit length.",
+        ),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)
@@ -150,21 +182,46 @@ def pipeline_options(func: F) -> F:
     return func
 
 
-def preprocess_overrides(
-    resize_size: str | None,
-    crop_size: str | None,
-    interpolation: str | None,
-    mean: str | None,
-    std: str | None,
-) -> dict[str, Any]:
+# The `model_options` that override a key of the model's config (batchscore.preprocess_config)
+PREPROCESS_FLAGS = (
+    "resize_size",
+    "crop_size",
+    "interpolation",
+    "mean",
+    "std",
+    "head",
+    "model_output",
+    "threshold",
+    "thresholds",
+    "l2_normalize",
+)
+
+
+def preprocess_overrides(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The config keys the flags in `values` set (one per `PREPROCESS_FLAGS` name)."""
     overrides = {
-        "resize_size": parse_size(resize_size),
-        "crop_size": parse_size(crop_size),
-        "interpolation": interpolation,
-        "mean": parse_triple(mean),
-        "std": parse_triple(std),
+        "resize_size": parse_size(values["resize_size"]),
+        "crop_size": parse_size(values["crop_size"]),
+        "interpolation": values["interpolation"],
+        "mean": parse_triple(values["mean"]),
+        "std": parse_triple(values["std"]),
+        "head": values["head"],
+        "output": values["model_output"],
+        "threshold": values["threshold"],
+        "thresholds": _read_thresholds(values["thresholds"]),
+        "l2_normalize": values["l2_normalize"],
     }
     return {key: value for key, value in overrides.items() if value is not None}
+
+
+def _read_thresholds(path: str | None) -> Any:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--thresholds") from None
 
 
 def split_providers(text: str | None) -> tuple[str, ...]:
@@ -177,11 +234,7 @@ _SCORING_KEYS = (
     "labels",
     "output_name",
     "providers",
-    "resize_size",
-    "crop_size",
-    "interpolation",
-    "mean",
-    "std",
+    *PREPROCESS_FLAGS,
     "workers",
     "batch_size",
     "top_k",
@@ -224,13 +277,7 @@ def scoring_options(func: F) -> F:
         values = {key: kwargs.pop(key) for key in _SCORING_KEYS}
         scoring = {
             "model": values["model"],
-            "preprocess_overrides": preprocess_overrides(
-                values["resize_size"],
-                values["crop_size"],
-                values["interpolation"],
-                values["mean"],
-                values["std"],
-            ),
+            "preprocess_overrides": preprocess_overrides(values),
             "model_sha256": values["model_sha256"],
             "labels": values["labels"],
             "output_name": values["output_name"],

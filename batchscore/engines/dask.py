@@ -81,7 +81,7 @@ from batchscore.scorer import (
 from batchscore.settings import PipelineOptions
 from batchscore.sources import ImageRef
 from batchscore.store import Store
-from batchscore.summary import STATS_COLUMNS
+from batchscore.summary import stats_columns
 
 PARTITION_IMAGES = 256  # big enough to amortise a task (~ms), small enough to retry cheaply
 IN_FLIGHT_PER_THREAD = 2  # one running, one queued per worker thread: no idle gaps
@@ -171,7 +171,7 @@ class RunPlugin(WorkerPlugin):
             for result in results:
                 batch = chunk_to_batch(result, self.specs, self.schema, self.layout, self.run_id)
                 part.write(batch)
-                counted.append(batch.select(list(STATS_COLUMNS)))
+                counted.append(batch.select(stats_columns(batch.schema.names)))
         except BaseException:
             part.abort()
             raise

@@ -1,0 +1,315 @@
+"""Every head a model can end in (docs/own-models.md, "Heads"): what is detected, what is asked
+for, and what each kind writes.
+
+The tiny models are `tests.models.head_model`: scale * the normalised per-channel means, so a
+pure colour's scores are known exactly ((255, 0, 0) gives [2, -2, -2]). The real exports are in
+tests/exported (made by tests/exported/make_heads.py), with their frameworks' own outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from batchscore.cli import cli
+from batchscore.errors import ModelError
+from batchscore.model import load_model
+from batchscore.output import read_metadata
+from batchscore.scorer import ZERO_VECTOR
+from tests.models import head_model
+
+EXPORTED = Path(__file__).resolve().parent / "exported"
+REPO = Path(__file__).resolve().parent.parent
+PHOTOS = sorted((REPO / "artifacts" / "samples").glob("*.jpg")) + sorted(
+    (EXPORTED / "images").glob("*.jpg")
+)
+TAGS = ["red", "green", "blue"]
+COLOURS = {"red": (255, 0, 0), "yellow": (255, 255, 0), "white": (255, 255, 255)}
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.asarray(1 / (1 + np.exp(-x)))
+
+
+def _colours(folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (12, 12), rgb).save(folder / f"{name}.png")
+        paths.append(str(folder / f"{name}.png"))
+    return paths
+
+
+def _score(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["score", *args, "--workers", "0"])
+    return result.exit_code, result.output
+
+
+def _rows(out: Path) -> pd.DataFrame:
+    table = pd.read_parquet(out)
+    return table.set_index(table["path"].map(lambda p: Path(p).stem))
+
+
+# --- real exports, compared with their frameworks ---------------------------------------------
+
+HEAD_EXPORTS = {
+    # folder: (head, class names, what says so)
+    "timm-multilabel-logits": ("multi-label", ["ant", "bee", "cat", "dog", "eel"], "preprocess"),
+    "torchvision-multilabel-sigmoid": (
+        "multi-label",
+        ["ant", "bee", "cat", "dog", "eel"],
+        "the graph ends in Sigmoid",
+    ),
+    "keras-binary": ("binary", ["cat", "dog"], "one output number for two class names"),
+}
+
+
+def _score_photos(tmp_path: Path, folder: Path, *extra: str) -> Path:
+    tmp_path.mkdir(exist_ok=True)
+    listing = tmp_path / "photos.txt"
+    listing.write_text("".join(f"{photo}\n" for photo in PHOTOS))
+    out = tmp_path / f"{folder.name}.parquet"
+    code, output = _score(
+        str(listing), "-o", str(out), "--model", str(folder), "--exact-jpeg", *extra
+    )
+    assert code == 0, output
+    assert output.startswith(f"{len(PHOTOS)} images: {len(PHOTOS)} ok"), output
+    return out
+
+
+@pytest.mark.parametrize("name", HEAD_EXPORTS)
+def test_a_real_export_of_each_head_scores_as_its_framework_does(tmp_path: Path, name: str) -> None:
+    """timm (BCE logits, head from preprocess.json), torchvision (a final Sigmoid) and Keras
+    through tf2onnx (Dense(1, sigmoid), class_indices.json): probabilities to 1e-4 of what the
+    framework itself gave for the same photos."""
+    head, classes, why = HEAD_EXPORTS[name]
+    out = _score_photos(tmp_path, EXPORTED / name)
+    expected = json.loads((EXPORTED / name / "expected.json").read_text())["probabilities"]
+    table = pd.read_parquet(out)
+    for path, probs in zip(table["path"], table["probs"], strict=True):
+        np.testing.assert_allclose(probs, expected[Path(path).name], rtol=0, atol=1e-4)
+    metadata = read_metadata(out)
+    assert metadata["head"] == head and metadata["class_map"] == classes
+    assert any(note.startswith(f"head: {head}") and why in note for note in metadata["model_notes"])
+    if head == "multi-label":  # each class its own probability: the rows do not sum to one
+        sums = np.array([np.sum(p) for p in table["probs"]])
+        assert np.abs(sums - 1).max() > 0.5
+        for probs, present in zip(table["probs"], table["pred_labels"], strict=True):
+            assert list(present) == [c for c, p in zip(classes, probs, strict=True) if p >= 0.5]
+        assert len({tuple(p) for p in table["pred_labels"]}) >= 3  # the tags follow the pixels
+    else:
+        assert set(table["pred_label"]) == set(classes)  # both classes occur on these photos
+
+
+def test_a_real_image_encoder_writes_its_vectors(tmp_path: Path) -> None:
+    """optimum's CLIP vision export: `pooler_output` (the only vector per image beside
+    `last_hidden_state`) to 1e-4 of transformers' own, as a fixed-size float32 list."""
+    out = _score_photos(tmp_path, EXPORTED / "hf-encoder", "--head", "embedding")
+    expected = json.loads((EXPORTED / "hf-encoder" / "expected.json").read_text())["embeddings"]
+    schema = pq.read_schema(out)
+    assert schema.field("embedding").type == pa.list_(pa.float32(), 32)
+    assert "pred_label" not in schema.names and "probs" not in schema.names
+    table = pd.read_parquet(out)
+    for path, vector in zip(table["path"], table["embedding"], strict=True):
+        np.testing.assert_allclose(vector, expected[Path(path).name], rtol=0, atol=1e-4)
+    notes = read_metadata(out)["model_notes"]
+    assert any(note.startswith("output: 'pooler_output', the only one") for note in notes)
+
+    unit = _score_photos(tmp_path / "unit", EXPORTED / "hf-encoder", "--head", "embedding",
+                         "--l2-normalize")  # fmt: skip
+    for path, vector in zip(*pd.read_parquet(unit)[["path", "embedding"]].T.values, strict=True):
+        want = np.asarray(expected[Path(path).name])
+        np.testing.assert_allclose(vector, want / np.linalg.norm(want), rtol=0, atol=1e-5)
+
+
+# --- multi-label ------------------------------------------------------------------------------
+
+
+def test_a_sigmoid_head_keeps_each_class_probability_and_lists_the_present_ones(
+    tmp_path: Path,
+) -> None:
+    """A tagger was softmaxed: its 0.88 for red became 0.96 and its tags were renormalised.
+    Now each is kept as the model gives it, and pred_labels lists the tags at or above 0.5."""
+    model = head_model(tmp_path / "tagger", final="Sigmoid", class_names=TAGS)
+    out = tmp_path / "tags.parquet"
+    code, output = _score(*_colours(tmp_path / "img"), "-o", str(out), "--model", str(model))
+    assert code == 0, output
+    rows = _rows(out)
+    np.testing.assert_allclose(rows.loc["red", "probs"], sigmoid(np.array([2, -2, -2])), atol=1e-6)
+    assert list(rows.loc["red", "pred_labels"]) == ["red"]
+    assert list(rows.loc["yellow", "pred_labels"]) == ["red", "green"]
+    assert list(rows.loc["white", "pred_labels"]) == TAGS
+    assert rows.loc["yellow", "pred_label"] == "red"  # the top class; ties keep class-map order
+    assert rows.loc["red", "pred_prob"] == pytest.approx(sigmoid(np.array(2.0)), abs=1e-6)
+    assert read_metadata(out)["thresholds"] == dict.fromkeys(TAGS, 0.5)
+
+
+def test_thresholds_come_from_a_flag_or_a_file_per_class(tmp_path: Path) -> None:
+    model = head_model(tmp_path / "tagger", final="Sigmoid", class_names=TAGS)
+    images = _colours(tmp_path / "img")
+    per_class = tmp_path / "thresholds.json"
+    per_class.write_text(json.dumps({"green": 0.9}))
+    out = tmp_path / "tags.parquet"
+    code, output = _score(*images, "-o", str(out), "--model", str(model), "--thresholds",
+                          str(per_class))  # fmt: skip
+    assert code == 0, output
+    assert list(_rows(out).loc["yellow", "pred_labels"]) == ["red"]  # green 0.88 < its 0.9
+    code, output = _score(*images, "-o", str(out), "--model", str(model), "--threshold", "0.1")
+    assert code == 0, output
+    assert list(_rows(out).loc["red", "pred_labels"]) == TAGS  # 0.12 >= 0.1
+    (model / "preprocess.json").write_text(
+        json.dumps(
+            {
+                "resize_size": [8, 8],
+                "mean": [0.5] * 3,
+                "std": [0.5] * 3,
+                "thresholds": {"gren": 0.9},
+            }
+        )
+    )
+    code, output = _score(*images, "-o", str(out), "--model", str(model))
+    assert code == 2, output
+    assert "thresholds name classes the class map does not have: ['gren']" in output
+
+
+def test_a_multi_label_head_of_logits_is_read_from_the_config(tmp_path: Path) -> None:
+    """BCEWithLogitsLoss training leaves no activation in the graph: the config says which head,
+    and each logit goes through the sigmoid, not all through one softmax."""
+    model = head_model(tmp_path / "bce", class_names=TAGS)
+    images = _colours(tmp_path / "img")
+    out = tmp_path / "bce.parquet"
+    code, output = _score(*images, "-o", str(out), "--model", str(model), "--head", "multi-label")
+    assert code == 0, output
+    np.testing.assert_allclose(
+        _rows(out).loc["yellow", "probs"], sigmoid(np.array([2, 2, -2])), atol=1e-6
+    )
+    code, output = _score(*images, "-o", str(out), "--model", str(model))  # no head: softmax
+    assert code == 0, output
+    assert sum(_rows(out).loc["yellow", "probs"]) == pytest.approx(1.0)
+
+
+def test_a_hugging_face_problem_type_says_multi_label(tmp_path: Path) -> None:
+    folder = tmp_path / "vit"
+    shutil.copytree(EXPORTED / "hf-vit", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({**config, "problem_type": "multi_label_classification"})
+    )
+    spec = load_model(folder)
+    assert spec.head == "multi-label" and spec.preprocess.output == "logits"
+    assert dict(spec.preprocess_sources)["head"] == (
+        "preprocessor_config.json and config.json (problem_type multi_label_classification)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("final", "flags", "message"),
+    [
+        ("Sigmoid", ["--head", "softmax"], "head softmax (command line) but the graph ends in"
+         " Sigmoid, which makes a probability per class (multi-label)"),
+        ("Softmax", ["--head", "multi-label"], "head multi-label (command line) but the graph"
+         " ends in Softmax"),
+        (None, ["--head", "binary"], "head binary (command line) reads one output number, but"
+         " output 'scores' has 3; two scores for two classes are --head softmax"),
+        ("HardSigmoid", ["--head", "multi-label"], "has a multi-label head whose outputs all lie"
+         ' in [0, 1] but whose graph ends in no Sigmoid: set "output": "probabilities" or'),
+    ],
+)  # fmt: skip
+def test_a_head_that_cannot_be_read_or_contradicts_the_graph_is_refused_in_one_line(
+    tmp_path: Path, final: str | None, flags: list[str], message: str
+) -> None:
+    model = head_model(tmp_path / "m", final=final, class_names=TAGS)
+    image = _colours(tmp_path / "img")[0]
+    code, output = _score(image, "-o", str(tmp_path / "out.parquet"), "--model", str(model), *flags)
+    assert code == 2 and output.count("\n") == 1, output
+    assert message in output
+    code, output = _score(  # the output kind given, the same HardSigmoid head scores
+        image, "-o", str(tmp_path / "out.parquet"), "--model", str(model), *flags,
+        "--model-output", "probabilities",
+    )  # fmt: skip
+    assert (code == 0) == (final == "HardSigmoid"), output
+
+
+# --- embeddings -------------------------------------------------------------------------------
+
+
+def test_an_embedding_needs_no_class_names_and_is_refused_without_a_head(tmp_path: Path) -> None:
+    model = head_model(tmp_path / "encoder", class_names=None)
+    images = _colours(tmp_path / "img")
+    out = tmp_path / "vectors.parquet"
+    code, output = _score(*images, "-o", str(out), "--model", str(model))
+    assert code == 2, output
+    assert "or --head embedding if its output is a vector, not class scores" in output
+    code, output = _score(*images, "-o", str(out), "--model", str(model), "--head", "embedding")
+    assert code == 0, output
+    rows = _rows(out)
+    np.testing.assert_allclose(rows.loc["yellow", "embedding"], [2, 2, -2], atol=1e-6)
+    assert read_metadata(out)["embedding_size"] == 3
+    assert read_metadata(out)["class_map"] == []
+
+
+def test_an_encoder_with_several_vector_outputs_asks_which(tmp_path: Path) -> None:
+    model = head_model(tmp_path / "encoder", class_names=None, tokens=True, final="Tanh")
+    spec = load_model(model, preprocess_overrides={"head": "embedding"})
+    assert spec.output_name == "scores"  # the only per-image vector beside per-token ones
+    with pytest.raises(ModelError, match=r"'hidden' \['N', 4, 3\]"):
+        load_model(model, preprocess_overrides={"head": "embedding"}, output_name="hidden")
+
+
+def test_an_all_zero_vector_cannot_be_normalised_and_is_an_error_row(tmp_path: Path) -> None:
+    black = {"mean": [0, 0, 0], "std": [1, 1, 1], "head": "embedding", "l2_normalize": True}
+    model = head_model(tmp_path / "encoder", class_names=None, preprocess=black)
+    Image.new("RGB", (12, 12), (0, 0, 0)).save(tmp_path / "black.png")
+    Image.new("RGB", (12, 12), (0, 0, 255)).save(tmp_path / "blue.png")
+    out = tmp_path / "vectors.parquet"
+    code, output = _score(str(tmp_path / "black.png"), str(tmp_path / "blue.png"), "-o", str(out),
+                          "--model", str(model))  # fmt: skip
+    assert code == 0, output
+    rows = _rows(out)
+    assert rows.loc["black", "status"] == "error" and rows.loc["black", "error"] == ZERO_VECTOR
+    assert rows.loc["black", "embedding"] is None
+    np.testing.assert_allclose(rows.loc["blue", "embedding"], [0, 0, 1], atol=1e-6)
+
+
+def test_an_embedding_dataset_runs_incrementally(tmp_path: Path) -> None:
+    model = head_model(tmp_path / "encoder", class_names=None, preprocess={"head": "embedding"})
+    folder = tmp_path / "img"
+    _colours(folder)
+    out = tmp_path / "vectors"
+    code, output = _score(str(folder), "-o", str(out), "--model", str(model), "--incremental")
+    assert code == 0 and output.startswith("3 images: 3 ok"), output
+    Image.new("RGB", (12, 12), (0, 0, 255)).save(folder / "blue.png")
+    code, output = _score(str(folder), "-o", str(out), "--model", str(model), "--incremental")
+    assert code == 0 and output.startswith("1 image: 1 ok, 0 errors (3 already scored"), output
+    table = pd.read_parquet(out)
+    assert len(table) == 4 and table["image_id"].is_unique
+
+
+def test_inspect_names_each_head_and_why(tmp_path: Path) -> None:
+    cases = {
+        "tagger": (head_model(tmp_path / "t", final="Sigmoid", class_names=TAGS), []),
+        "encoder": (head_model(tmp_path / "e", class_names=None), ["--head", "embedding"]),
+        "binary": (EXPORTED / "keras-binary", []),
+    }
+    shown = {}
+    for name, (model, flags) in cases.items():
+        result = CliRunner().invoke(cli, ["inspect", "--model", str(model), *flags, "--json"])
+        assert result.exit_code == 0, result.output
+        shown[name] = json.loads(result.output)["head"]
+    assert shown["tagger"] == {
+        "kind": "multi-label",
+        "what": "multi-label, 3 classes each its own probability; pred_labels are those >= 0.5",
+        "why": "the graph ends in Sigmoid",
+    }
+    assert shown["encoder"]["what"] == "embedding, a vector of 3 numbers per image"
+    assert shown["encoder"]["why"] == "command line"
+    assert shown["binary"]["what"].startswith("binary, one output read as the probability of 'dog'")

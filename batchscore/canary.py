@@ -44,6 +44,12 @@ from batchscore.sources import open_sources
 
 PREDICTIONS_FILE = "predictions.parquet"
 LISTED_CLASSES = 10  # a failed class-recall check names at most this many classes
+UNMEASURED_HEADS = {
+    "embedding": "an embedding model has no classes to measure: the canary gates classifiers"
+    " (compare two encoders' vectors with batchscore diff)",
+    "multi-label": "the canary does not measure multi-label models yet (per-label precision,"
+    " recall, F1 and mAP): their predictions.parquet has pred_labels and probs to measure",
+}
 
 
 @dataclass(frozen=True)
@@ -381,6 +387,8 @@ def evaluate_predictions(predictions: Path, settings: CanarySettings) -> CanaryR
     `errors_count_as_wrong` (then it is wrong for both models).
     """
     meta = read_metadata(predictions)
+    if meta.get("head") in UNMEASURED_HEADS:
+        raise ConfigError(UNMEASURED_HEADS[meta["head"]])
     models = [("", tuple(meta["class_map"]))]
     if "baseline_class_map" in meta:
         models.append((BASELINE_PREFIX, tuple(meta["baseline_class_map"])))

@@ -9,7 +9,8 @@ sides are compared, and error rows are counted per side.
 
 Memory: each side is read with a column projection (five or six narrow columns, never the
 probability vectors) and, for a dataset holding several models, a filter on `model_sha256`
-pushed into the Parquet scan. The join holds one row per image per side: O(N).
+pushed into the Parquet scan. The join holds one row per image per side: O(N); for embeddings,
+with each side's vector: O(N x size).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -28,10 +30,14 @@ from batchscore.dataset import part_files
 from batchscore.errors import ConfigError, GateFailed
 from batchscore.names import is_url, redact_url
 from batchscore.output import STATUS_OK, FileSink
+from batchscore.settings import DEFAULT_MIN_COSINE
 from batchscore.store import LocalStore
 from batchscore.summary import reason_kind
 
-REQUIRED_COLUMNS = ("image_id", "status", "error", "pred_label", "pred_prob", "model_sha256")
+REQUIRED_COLUMNS = ("image_id", "status", "error", "model_sha256")
+PREDICTION_COLUMNS = ("pred_label", "pred_prob")  # a classifier's; an encoder's: "embedding"
+EMBEDDING_COLUMN = "embedding"
+CHANGED_EMBEDDING_COLUMNS = ("image_id", "path", "cosine", "a_model_sha256", "b_model_sha256")
 CHANGED_COLUMNS = (
     "image_id",
     "path",
@@ -87,7 +93,11 @@ class DiffReport:
     mean_prob_delta: float | None  # B's top-1 probability minus A's, over compared images
     mean_abs_prob_delta: float | None
     flips: tuple[Flip, ...]  # most frequent first
-    changed: pa.Table  # CHANGED_COLUMNS, sorted by image_id
+    changed: pa.Table  # CHANGED_COLUMNS (or CHANGED_EMBEDDING_COLUMNS), sorted by image_id
+    # Embeddings: the cosine similarity of each image's two vectors (mean, median, p01, min),
+    # and the similarity below which an image counts as changed
+    cosine: Mapping[str, float] | None = None
+    min_cosine: float | None = None
 
     @property
     def only_in_a(self) -> int:
@@ -117,6 +127,8 @@ class DiffReport:
             "mean_abs_prob_delta": self.mean_abs_prob_delta,
             "n_flip_pairs": len(self.flips),
             "flips": [{"old": f.old, "new": f.new, "count": f.count} for f in shown],
+            "cosine": None if self.cosine is None else dict(self.cosine),
+            "min_cosine": self.min_cosine,
         }
 
 
@@ -126,8 +138,11 @@ def diff_outputs(
     *,
     model_a: str | None = None,
     model_b: str | None = None,
+    min_cosine: float = DEFAULT_MIN_COSINE,
 ) -> DiffReport:
-    """Compare the top-1 predictions of two outputs, or of two models in one dataset (b=None).
+    """Compare the top-1 predictions of two outputs, or of two models in one dataset (b=None);
+    for an embedding model's outputs, each image's two vectors by cosine similarity (changed:
+    below `min_cosine`).
 
     `model_a` and `model_b` are SHA-256 prefixes; each may be left out when its output holds a
     single model. Raises ConfigError (exit 2) for a missing or unreadable output, and for a
@@ -146,9 +161,23 @@ def diff_outputs(
     sha_b = _pick_model(b, rows_b, model_b, "--model-b")
     if sha_a == sha_b and same_output:
         raise ConfigError(f"both sides are model {sha_a} of {a}: nothing to compare")
-    latest_a = _latest_rows(data_a, sha_a, with_path=False)
-    latest_b = _latest_rows(data_b, sha_b, with_path=True)
+    embeddings = [EMBEDDING_COLUMN in data.schema.names for data in (data_a, data_b)]
+    if embeddings[0] != embeddings[1]:
+        raise ConfigError(
+            f"{a if embeddings[0] else b} holds embeddings and {b if embeddings[0] else a} class"
+            " predictions: a diff compares two scorings of the same kind"
+        )
+    scores = [EMBEDDING_COLUMN] if embeddings[0] else list(PREDICTION_COLUMNS)
+    latest_a = _latest_rows(data_a, sha_a, scores, with_path=False)
+    latest_b = _latest_rows(data_b, sha_b, scores, with_path=True)
     side_a, side_b = _side(str(a), sha_a, latest_a), _side(str(b), sha_b, latest_b)
+    vectors = None
+    if embeddings[0]:  # Arrow joins no list columns: the vectors are taken by row after
+        vectors = (latest_a.column(EMBEDDING_COLUMN), latest_b.column(EMBEDDING_COLUMN))
+        latest_a, latest_b = (
+            t.drop_columns([EMBEDDING_COLUMN]).append_column("row", pa.array(range(len(t))))
+            for t in (latest_a, latest_b)
+        )
     joined = _prefixed(latest_a, "a_").join(
         _prefixed(latest_b, "b_"), keys="image_id", join_type="inner"
     )
@@ -157,6 +186,10 @@ def diff_outputs(
         pc.equal(joined.column("b_status"), STATUS_OK),
     )
     compared = joined.filter(ok)
+    if vectors is not None:
+        return _embedding_report(
+            side_a, side_b, joined.num_rows, compared, vectors, min_cosine=min_cosine
+        )
     delta = pc.subtract(
         compared.column("b_pred_prob").cast(pa.float64()),
         compared.column("a_pred_prob").cast(pa.float64()),
@@ -177,6 +210,67 @@ def diff_outputs(
     )
 
 
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row by row; two all-zero vectors are alike (1), one all-zero vector is not (0)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = np.einsum("ij,ij->i", a, b)
+    both_zero = ~a.any(axis=1) & ~b.any(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        similarity = np.where(norms > 0, dots / norms, np.where(both_zero, 1.0, 0.0))
+    return np.asarray(similarity)
+
+
+def _embedding_report(
+    side_a: Side,
+    side_b: Side,
+    n_in_both: int,
+    compared: pa.Table,
+    latest_vectors: tuple[pa.ChunkedArray, pa.ChunkedArray],
+    *,
+    min_cosine: float,
+) -> DiffReport:
+    n = compared.num_rows
+    vectors = [
+        np.asarray(pc.take(column, compared.column(f"{side}_row")).combine_chunks().flatten())
+        for column, side in zip(latest_vectors, ("a", "b"), strict=True)
+    ]
+    if vectors[0].size != vectors[1].size:
+        raise ConfigError(
+            f"the two sides' embeddings differ in size ({vectors[0].size // max(n, 1)} and"
+            f" {vectors[1].size // max(n, 1)}): vectors of two encoders cannot be compared"
+        )
+    similarity = cosine_similarity(vectors[0].reshape(n, -1), vectors[1].reshape(n, -1))
+    changed = similarity < min_cosine
+    table = compared.select(["image_id", "path"]).append_column(
+        "cosine", pa.array(similarity.astype(np.float32))
+    )
+    table = table.filter(pa.array(changed))
+    table = table.append_column("a_model_sha256", pa.array([side_a.model_sha256] * len(table)))
+    table = table.append_column("b_model_sha256", pa.array([side_b.model_sha256] * len(table)))
+    cosine = None
+    if n:
+        cosine = {
+            "mean": float(similarity.mean()),
+            "median": float(np.median(similarity)),
+            "p01": float(np.quantile(similarity, 0.01)),
+            "min": float(similarity.min()),
+        }
+    return DiffReport(
+        a=side_a,
+        b=side_b,
+        n_in_both=n_in_both,
+        n_compared=n,
+        n_changed=int(changed.sum()),
+        mean_prob_delta=None,
+        mean_abs_prob_delta=None,
+        flips=(),
+        changed=table.select(list(CHANGED_EMBEDDING_COLUMNS)).sort_by("image_id"),
+        cosine=cosine,
+        min_cosine=min_cosine,
+    )
+
+
 def check_changed_share(report: DiffReport, max_share: float) -> None:
     """The rescoring guard: GateFailed (exit 3) when more than `max_share` changed top-1.
 
@@ -188,8 +282,9 @@ def check_changed_share(report: DiffReport, max_share: float) -> None:
             "no image was scored ok on both sides, so --max-changed-share cannot be checked"
         )
     if share > max_share:
+        what = "top-1" if report.cosine is None else f"(cosine below {report.min_cosine:g})"
         raise GateFailed(
-            f"{report.n_changed} of {report.n_compared} compared images changed top-1"
+            f"{report.n_changed} of {report.n_compared} compared images changed {what}"
             f" ({share:.1%}), more than --max-changed-share {max_share:.1%}"
         )
 
@@ -232,7 +327,10 @@ def _open(output: str | Path) -> ds.Dataset:
         dataset = ds.dataset(files, format="parquet")
     except (pa.ArrowInvalid, OSError) as exc:
         raise ConfigError(f"cannot read {output}: {exc}") from exc
-    missing = [name for name in REQUIRED_COLUMNS if name not in dataset.schema.names]
+    names = dataset.schema.names
+    missing = [name for name in REQUIRED_COLUMNS if name not in names]
+    if EMBEDDING_COLUMN not in names:
+        missing += [name for name in PREDICTION_COLUMNS if name not in names]
     if missing:
         raise ConfigError(f"{output} is not a batchscore output: no column {missing[0]!r}")
     return dataset
@@ -260,9 +358,9 @@ def _pick_model(output: str | Path, rows: Counter[str], prefix: str | None, opti
     raise ConfigError(f"{problem}; models present: {present or 'none'}")
 
 
-def _latest_rows(dataset: ds.Dataset, sha: str, *, with_path: bool) -> pa.Table:
-    """One row per image_id: the latest scored, whatever its status."""
-    columns = ["image_id", "status", "error", "pred_label", "pred_prob", "scored_at"]
+def _latest_rows(dataset: ds.Dataset, sha: str, scores: list[str], *, with_path: bool) -> pa.Table:
+    """One row per image_id: the latest scored, whatever its status, with its `scores`."""
+    columns = ["image_id", "status", "error", *scores, "scored_at"]
     if with_path:
         columns.append("path")
     table = dataset.to_table(columns=columns, filter=pc.field("model_sha256") == sha)
@@ -289,7 +387,7 @@ def _side(source: str, sha: str, latest: pa.Table) -> Side:
 
 
 def _prefixed(latest: pa.Table, prefix: str) -> pa.Table:
-    keep = ["image_id", "path", "status", "pred_label", "pred_prob"]
+    keep = ["image_id", "path", "status", *PREDICTION_COLUMNS, "row"]
     table = latest.select([name for name in keep if name in latest.column_names])
     return table.rename_columns(
         [name if name in ("image_id", "path") else prefix + name for name in table.column_names]

@@ -772,6 +772,11 @@ def _batches(
     dataset = files.dataset()
     optional = ["correct", "label", "format", *INPUT_STATS]
     names = dataset.schema.names
+    if "embedding" in names and "pred_label" not in names:
+        raise ConfigError(
+            "monitor watches classifiers' predictions; an embedding model's rows have none, and"
+            " embedding drift is not measured yet (compare two runs' vectors: batchscore diff)"
+        )
     columns = [*COLUMNS, *(extra or []), *(name for name in optional if name in names)]
     yield from dataset.to_batches(
         columns=columns,

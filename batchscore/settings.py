@@ -21,6 +21,7 @@ OUTPUT_KINDS = ("logits", "probabilities")
 # What a model's output is (docs/own-models.md, "Heads"): one class of many, any number of
 # classes at once, one number for two classes, or a vector with no classes.
 HEADS = ("softmax", "multi-label", "binary", "embedding")
+DEFAULT_MIN_COSINE = 0.99  # batchscore diff: two vectors of an image less alike have changed
 DEFAULT_THRESHOLD = 0.5  # a multi-label class is present at or above this probability
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # batchscore quantize
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default decompression-bomb error threshold

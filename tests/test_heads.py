@@ -313,3 +313,60 @@ def test_inspect_names_each_head_and_why(tmp_path: Path) -> None:
     assert shown["encoder"]["what"] == "embedding, a vector of 3 numbers per image"
     assert shown["encoder"]["why"] == "command line"
     assert shown["binary"]["what"].startswith("binary, one output read as the probability of 'dog'")
+
+
+# --- what reads the rows ----------------------------------------------------------------------
+
+
+def test_diff_compares_two_encoders_runs_by_cosine(tmp_path: Path) -> None:
+    """The same images through an encoder twice, the second with another mean: each image's
+    cosine similarity is scikit-learn's, an image below --min-cosine counts as changed."""
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    model = head_model(tmp_path / "encoder", class_names=None, preprocess={"head": "embedding"})
+    images = _colours(tmp_path / "img")
+    Image.new("RGB", (12, 12), (128, 128, 128)).save(tmp_path / "img" / "grey.png")
+    images.append(str(tmp_path / "img" / "grey.png"))
+    old, new = tmp_path / "old.parquet", tmp_path / "new.parquet"
+    assert _score(*images, "-o", str(old), "--model", str(model))[0] == 0
+    assert _score(*images, "-o", str(new), "--model", str(model), "--mean", "0.4,0.5,0.5")[0] == 0
+    a, b = (np.vstack(_rows(p).sort_index()["embedding"]) for p in (old, new))
+    want = np.diag(cosine_similarity(b, a))
+    changed = tmp_path / "changed.parquet"
+    result = CliRunner().invoke(
+        cli, ["diff", str(old), str(new), "-o", str(changed), "--json", "--min-cosine", "0.99"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.split("\n1 changed")[0])
+    assert report["cosine"]["mean"] == pytest.approx(want.mean(), abs=1e-6)
+    assert report["cosine"]["min"] == pytest.approx(want.min(), abs=1e-6)
+    assert report["n_changed"] == int((want < 0.99).sum()) == 1  # grey: [0.008, ...] and [0.2, ...]
+    written = pd.read_parquet(changed)
+    assert [Path(p).stem for p in written["path"]] == ["grey"]
+    assert written["cosine"].iloc[0] == pytest.approx(want.min(), abs=1e-6)
+    result = CliRunner().invoke(cli, ["diff", str(old), str(new), "--max-changed-share", "0.1"])
+    assert result.exit_code == 3
+    assert "1 of 4 compared images changed (cosine below 0.99) (25.0%)" in result.output
+
+
+def test_what_cannot_read_an_encoders_rows_says_so_in_one_line(tmp_path: Path) -> None:
+    model = head_model(tmp_path / "encoder", class_names=None, preprocess={"head": "embedding"})
+    (tmp_path / "set" / "red").mkdir(parents=True)
+    Image.new("RGB", (12, 12), (255, 0, 0)).save(tmp_path / "set" / "red" / "a.png")
+    result = CliRunner().invoke(
+        cli, ["canary", str(tmp_path / "set"), "--model", str(model), "--workers", "0"]
+    )
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "an embedding model has no classes to measure" in result.output
+    out = tmp_path / "night"
+    assert _score(str(tmp_path / "set"), "-o", str(out), "--model", str(model))[0] == 0
+    result = CliRunner().invoke(cli, ["monitor", str(out), "--reference", str(out)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "embedding drift is not measured yet" in result.output
+    classes = tmp_path / "classes.parquet"
+    tagger = head_model(tmp_path / "tagger", final="Sigmoid", class_names=TAGS)
+    assert _score(str(tmp_path / "set"), "-o", str(classes), "--model", str(tagger))[0] == 0
+    result = CliRunner().invoke(cli, ["diff", str(tmp_path / "night"), str(classes)])
+    assert (
+        result.exit_code == 2 and "a diff compares two scorings of the same kind" in result.output
+    )

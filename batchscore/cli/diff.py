@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from batchscore.settings import DEFAULT_MIN_COSINE
+
 if TYPE_CHECKING:
     from batchscore.diff import DiffReport, Side
 
@@ -30,6 +32,17 @@ def format_report(report: DiffReport, top: int) -> str:
     if share is None:
         lines.append("nothing to compare")
         return "\n".join(lines)
+    if report.cosine is not None:
+        c = report.cosine
+        return "\n".join(
+            [
+                *lines,
+                f"embeddings, cosine similarity of B to A: mean {c['mean']:.4f}, median"
+                f" {c['median']:.4f}, 1st percentile {c['p01']:.4f}, min {c['min']:.4f}",
+                f"changed (cosine below {report.min_cosine:g}): {report.n_changed} of"
+                f" {report.n_compared} ({share:.1%})",
+            ]
+        )
     lines += [
         f"changed top-1: {report.n_changed} of {report.n_compared} ({share:.1%})",
         f"top-1 probability, B minus A: mean {report.mean_prob_delta:+.4f},"
@@ -80,6 +93,13 @@ def format_report(report: DiffReport, top: int) -> str:
     show_default=True,
     help="How many flips (A label -> B label) to list.",
 )
+@click.option(
+    "--min-cosine",
+    type=click.FloatRange(-1, 1),
+    default=DEFAULT_MIN_COSINE,
+    show_default=True,
+    help="Embeddings: an image whose two vectors are less alike than this counts as changed.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def diff_command(
     a: str,
@@ -89,6 +109,7 @@ def diff_command(
     output: str | None,
     max_changed_share: float | None,
     top: int,
+    min_cosine: float,
     as_json: bool,
 ) -> None:
     """Show what changed between two scorings of the same images.
@@ -100,7 +121,9 @@ def diff_command(
     Images are matched on image_id. When a side scored an image several times, its latest row
     counts. Images ok on both sides are compared; error rows are counted per side. The report:
     how many changed top-1, the most frequent label flips, the mean change of the top-1
-    probability, the images found on one side only.
+    probability, the images found on one side only. For an embedding model's outputs, each
+    image's two vectors are compared by cosine similarity instead, and an image less alike than
+    --min-cosine counts as changed.
 
     Exit codes: 0 done, 2 bad usage (no output there, a model prefix that matches no model or
     several), 3 more than --max-changed-share of the compared images changed (the report and
@@ -114,7 +137,7 @@ def diff_command(
     """
     from batchscore.diff import check_changed_share, diff_outputs, write_changed  # noqa: PLC0415
 
-    report = diff_outputs(a, b, model_a=model_a, model_b=model_b)
+    report = diff_outputs(a, b, model_a=model_a, model_b=model_b, min_cosine=min_cosine)
     if as_json:
         click.echo(json.dumps(report.as_dict(top=top), indent=2, sort_keys=True))
     else:

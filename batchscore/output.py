@@ -204,7 +204,7 @@ def chunk_to_batch(
         labels = np.array([readable_or_none(ref.label) for ref in refs], dtype=object)
         columns.append(pa.array(labels, type=pa.string()))
         for spec, scores in zip(specs, output.scores, strict=True):
-            if spec.head == "embedding":  # a vector is neither right nor wrong
+            if spec.head in ("embedding", "multi-label"):  # no one class to be right about
                 columns.append(pa.nulls(n, type=pa.bool_()))
                 continue
             predicted = np.asarray(spec.class_names, dtype=object)[scores.topk[:, 0]]

@@ -243,7 +243,13 @@ class _Measured:
 def _check_and_load(model: str | Path | None, options: QuantizeOptions) -> tuple[_Api, ModelSpec]:
     """Fail on bad options, a missing onnx or an unusable model before decoding any image."""
     check_options(options)
-    return _api(), load_model(model)
+    api, spec = _api(), load_model(model)
+    if spec.head == "embedding":
+        raise ConfigError(
+            "quantize measures int8 against fp32 by class agreement; an embedding model has no"
+            " classes, and vector agreement (cosine) is not measured yet"
+        )
+    return api, spec
 
 
 def _decode_calibration_and_holdout(

@@ -363,6 +363,9 @@ def test_what_cannot_read_an_encoders_rows_says_so_in_one_line(tmp_path: Path) -
     result = CliRunner().invoke(cli, ["monitor", str(out), "--reference", str(out)])
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert "embedding drift is not measured yet" in result.output
+    args = ["quantize", "--model", str(model), "--calibration", str(tmp_path / "set")]
+    result = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "int8")])
+    assert result.exit_code == 2 and "an embedding model has no classes" in result.output
     classes = tmp_path / "classes.parquet"
     tagger = head_model(tmp_path / "tagger", final="Sigmoid", class_names=TAGS)
     assert _score(str(tmp_path / "set"), "-o", str(classes), "--model", str(tagger))[0] == 0

@@ -8,6 +8,7 @@ report.md, heatmap) is `batchscore.report`'s job, called by whoever runs the can
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -27,10 +28,12 @@ from batchscore.files import output_errors
 from batchscore.metrics import (
     NO_PREDICTION,
     Metrics,
+    MultiLabelMetrics,
     PairedComparison,
     brier_score,
     classification_metrics,
     expected_calibration_error,
+    multilabel_metrics,
     paired_comparison,
     reliability,
     wilson_interval,
@@ -39,7 +42,7 @@ from batchscore.names import is_url, redact_url
 from batchscore.output import STATUS_OK, read_metadata
 from batchscore.score import score
 from batchscore.scorer import NOT_FINITE
-from batchscore.settings import BASELINE_PREFIX, ScoreSettings
+from batchscore.settings import BASELINE_PREFIX, DEFAULT_THRESHOLD, ScoreSettings
 from batchscore.sources import open_sources
 
 PREDICTIONS_FILE = "predictions.parquet"
@@ -47,9 +50,9 @@ LISTED_CLASSES = 10  # a failed class-recall check names at most this many class
 UNMEASURED_HEADS = {
     "embedding": "an embedding model has no classes to measure: the canary gates classifiers"
     " (compare two encoders' vectors with batchscore diff)",
-    "multi-label": "the canary does not measure multi-label models yet (per-label precision,"
-    " recall, F1 and mAP): their predictions.parquet has pred_labels and probs to measure",
 }
+LABEL_SEPARATOR = "|"  # a multi-label image's labels in a CSV or TXT cell: cat|dog
+MULTI_LABEL_GATES = ("min_micro_f1", "min_macro_f1", "min_map")
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,13 @@ class ModelEvaluation:
             for i, label in enumerate(self.labels)
         }
 
+    def recalls(self) -> list[tuple[str, float, int]]:
+        """(class, recall, support) for each class present, for --min-class-recall."""
+        m = self.metrics
+        return [
+            (label, float(m.recall[i]), int(m.support[i])) for i, label in enumerate(self.labels)
+        ]
+
     def most_confused(self, limit: int = 10) -> list[tuple[str, str, int, float]]:
         """(true, predicted, count, share of the true class's predictions) for the largest
         off-diagonal cells, largest first."""
@@ -135,6 +145,78 @@ class ModelEvaluation:
                 "reliability": list(self.reliability),
             },
         }
+
+
+@dataclass(frozen=True)
+class MultiLabelEvaluation:
+    """A multi-label model's metrics on the canary set: per label, micro and macro, and mAP.
+    Its `accuracy` is the exact-match share (every label right), scikit-learn's
+    `accuracy_score` on label sets."""
+
+    model_file: str
+    model_sha256: str
+    class_names: tuple[str, ...]
+    metrics: MultiLabelMetrics
+    thresholds: tuple[float, ...]
+
+    @property
+    def accuracy(self) -> float:
+        return self.metrics.exact_match
+
+    @property
+    def accuracy_ci(self) -> tuple[float, float]:
+        return wilson_interval(self.metrics.n_exact, self.metrics.n)
+
+    def summary(self) -> dict[str, float | None]:
+        """The averages a gate can hold the model to."""
+        return {
+            "micro_f1": self.metrics.micro["f1"],
+            "macro_f1": self.metrics.macro_f1,
+            "map": self.metrics.mean_average_precision,
+        }
+
+    def per_label(self) -> dict[str, dict[str, float | int | None]]:
+        m = self.metrics
+        ap = m.average_precision
+        return {
+            label: {
+                "precision": float(m.precision[i]),
+                "recall": float(m.recall[i]),
+                "f1": float(m.f1[i]),
+                "support": int(m.support[i]),
+                "predicted": int(m.predicted[i]),
+                "average_precision": None if ap is None or np.isnan(ap[i]) else float(ap[i]),
+                "threshold": self.thresholds[i] if self.thresholds else None,
+            }
+            for i, label in enumerate(self.class_names)
+        }
+
+    def recalls(self) -> list[tuple[str, float, int]]:
+        m = self.metrics
+        return [
+            (label, float(m.recall[i]), int(m.support[i]))
+            for i, label in enumerate(self.class_names)
+            if m.support[i]
+        ]
+
+    def as_dict(self) -> dict[str, Any]:
+        low, high = self.accuracy_ci
+        return {
+            "head": "multi-label",
+            "model_file": self.model_file,
+            "model_sha256": self.model_sha256,
+            "accuracy": self.accuracy,
+            "accuracy_is": "exact match: every label of the image right",
+            "accuracy_ci": [low, high],
+            "n_exact": self.metrics.n_exact,
+            "micro": self.metrics.micro,
+            "macro_f1": self.metrics.macro_f1,
+            "map": self.metrics.mean_average_precision,
+            "per_label": self.per_label(),
+        }
+
+
+Evaluation = ModelEvaluation | MultiLabelEvaluation
 
 
 @dataclass(frozen=True)
@@ -180,6 +262,10 @@ class CanarySettings:
     min_class_recall: float | None = None
     min_support: int = 5  # classes with fewer images are not held to min_class_recall
     errors_count_as_wrong: bool = False
+    # multi-label models only
+    min_micro_f1: float | None = None
+    min_macro_f1: float | None = None
+    min_map: float | None = None
 
 
 def check_canary_settings(settings: CanarySettings) -> None:
@@ -188,6 +274,9 @@ def check_canary_settings(settings: CanarySettings) -> None:
         ("--min-accuracy", settings.min_accuracy),
         ("--max-drop", settings.max_drop),
         ("--min-class-recall", settings.min_class_recall),
+        ("--min-micro-f1", settings.min_micro_f1),
+        ("--min-macro-f1", settings.min_macro_f1),
+        ("--min-map", settings.min_map),
     ):
         if value is not None and not 0 <= value <= 1:
             raise ConfigError(f"{name} must be between 0 and 1, got {value}")
@@ -203,7 +292,7 @@ def check_canary_settings(settings: CanarySettings) -> None:
 
 def gate_checks(
     settings: CanarySettings,
-    candidate: ModelEvaluation,
+    candidate: Evaluation,
     comparison: PairedComparison | None,
 ) -> list[Check]:
     """The checks the settings ask for, in flag order; an empty list means report only."""
@@ -231,26 +320,31 @@ def gate_checks(
         checks.append(Check("max-drop", "<=", settings.max_drop, drop, not too_big, detail))
     if settings.min_class_recall is not None:
         checks.append(_class_recall_check(candidate, settings.min_class_recall, settings))
+    if isinstance(candidate, MultiLabelEvaluation):
+        values = candidate.summary()
+        for name, key in (("min-micro-f1", "micro_f1"), ("min-macro-f1", "macro_f1"),
+                          ("min-map", "map")):  # fmt: skip
+            threshold = getattr(settings, name.replace("-", "_"))
+            if threshold is not None:
+                value = values[key]
+                passed = value is not None and value >= threshold
+                detail = "" if value is not None else "nothing to measure it on"
+                checks.append(Check(name, ">=", threshold, value, passed, detail))
     return checks
 
 
-def _class_recall_check(
-    candidate: ModelEvaluation, threshold: float, settings: CanarySettings
-) -> Check:
-    m = candidate.metrics
-    eligible = m.support >= settings.min_support
-    if not eligible.any():
+def _class_recall_check(candidate: Evaluation, threshold: float, settings: CanarySettings) -> Check:
+    eligible = [(c, r, n) for c, r, n in candidate.recalls() if n >= settings.min_support]
+    if not eligible:
         detail = f"no class has {settings.min_support} or more images"
         return Check("min-class-recall", ">=", threshold, None, True, detail)
     failing = [
-        f"{label} {m.recall[i]:.4f} (n={m.support[i]})"
-        for i, label in enumerate(candidate.labels)
-        if eligible[i] and m.recall[i] < threshold
+        f"{label} {recall:.4f} (n={n})" for label, recall, n in eligible if recall < threshold
     ]
     if len(failing) > LISTED_CLASSES:
         failing[LISTED_CLASSES:] = [f"and {len(failing) - LISTED_CLASSES} more"]
     detail = ", ".join(failing)
-    lowest = float(m.recall[eligible].min())
+    lowest = min(recall for _, recall, _ in eligible)
     return Check("min-class-recall", ">=", threshold, lowest, not failing, detail)
 
 
@@ -270,8 +364,8 @@ class FailedImage:
 class CanaryResult:
     """Everything the canary found: the verdict, both models' metrics, what was left out."""
 
-    candidate: ModelEvaluation
-    baseline: ModelEvaluation | None
+    candidate: Evaluation
+    baseline: Evaluation | None
     comparison: PairedComparison | None
     checks: list[Check]
     n_images: int
@@ -389,6 +483,14 @@ def evaluate_predictions(predictions: Path, settings: CanarySettings) -> CanaryR
     meta = read_metadata(predictions)
     if meta.get("head") in UNMEASURED_HEADS:
         raise ConfigError(UNMEASURED_HEADS[meta["head"]])
+    if meta.get("head") == "multi-label":
+        return _evaluate_multilabel(predictions, meta, settings)
+    misplaced = [f"--{g.replace('_', '-')}" for g in MULTI_LABEL_GATES if getattr(settings, g)]
+    if misplaced:
+        raise ConfigError(
+            f"{', '.join(misplaced)} gate multi-label models; this one predicts one class per"
+            " image: use --min-accuracy or --min-class-recall"
+        )
     models = [("", tuple(meta["class_map"]))]
     if "baseline_class_map" in meta:
         models.append((BASELINE_PREFIX, tuple(meta["baseline_class_map"])))
@@ -449,6 +551,110 @@ def evaluate_predictions(predictions: Path, settings: CanarySettings) -> CanaryR
         errors=errors,
         errors_count_as_wrong=settings.errors_count_as_wrong,
     )
+
+
+def label_set(text: str) -> tuple[str, ...] | None:
+    """A multi-label image's labels from its manifest cell: a JSON list (`[]`: none of the
+    labels), or names separated by `|` (CSV, TXT); None when a JSON list is malformed."""
+    if not text.lstrip().startswith("["):
+        return tuple(dict.fromkeys(p.strip() for p in text.split(LABEL_SEPARATOR) if p.strip()))
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        return None
+    return tuple(dict.fromkeys(value))
+
+
+def _evaluate_multilabel(
+    predictions: Path, meta: dict[str, Any], settings: CanarySettings
+) -> CanaryResult:
+    """`evaluate_predictions` for multi-label models: an image counts when all its labels are
+    in the class map (of both models, with a baseline), with the same rules for errors."""
+    models = [("", tuple(meta["class_map"]), meta.get("thresholds") or {})]
+    if "baseline_class_map" in meta:
+        if meta.get("baseline_head") != "multi-label":
+            raise ConfigError(
+                f"the candidate is a multi-label model and the baseline a"
+                f" {meta.get('baseline_head', 'softmax')} one: compare models of one kind"
+            )
+        baseline = (BASELINE_PREFIX, tuple(meta["baseline_class_map"]))
+        models.append((*baseline, meta.get("baseline_thresholds") or {}))
+    names_in_file = pq.read_schema(predictions).names
+    columns = ["path", "status", "error", "label"]
+    for prefix, _, _ in models:
+        columns += [c for c in (f"{prefix}pred_labels", f"{prefix}probs") if c in names_in_file]
+    table = pq.read_table(predictions, columns=columns)
+    labels: list[str | None] = table.column("label").to_pylist()
+    truths = [None if label is None else label_set(label) for label in labels]
+    indexes = [_index(names) for _, names, _ in models]
+    excluded: Counter[str] = Counter()
+    known = np.zeros(len(labels), dtype=bool)
+    for i, (label, truth) in enumerate(zip(labels, truths, strict=True)):
+        if label is None:
+            continue
+        unknown = (
+            [label] if truth is None else [t for t in truth if any(t not in x for x in indexes)]
+        )
+        excluded.update(unknown)
+        known[i] = not unknown
+    ok = pc.equal(table.column("status"), STATUS_OK).to_numpy(zero_copy_only=False)
+    paths, reasons = table.column("path").to_pylist(), table.column("error").to_pylist()
+    errors = [FailedImage(paths[i], labels[i], reasons[i]) for i in np.flatnonzero(~ok).tolist()]
+    model_failed = np.array([reason == NOT_FINITE for reason in reasons], dtype=bool)
+    counted = known & (ok | model_failed | settings.errors_count_as_wrong)
+    if not counted.any():
+        raise ConfigError(
+            f"nothing to measure: of {len(labels)} images, {int((~known).sum())} have labels"
+            f" missing from the model's class map (or none) and {len(errors)} failed"
+        )
+    rows = np.flatnonzero(counted)
+    evaluations, correct, predicted_sets = [], [], []
+    for (prefix, names, thresholds), index in zip(models, indexes, strict=True):
+        y_true = _indicator([truths[i] or () for i in rows], index)
+        predicted = table.column(f"{prefix}pred_labels").take(pa.array(rows)).to_pylist()
+        y_pred = _indicator([p or () for p in predicted], index)
+        scores = None
+        if f"{prefix}probs" in table.column_names:
+            probs = table.column(f"{prefix}probs").take(pa.array(rows)).to_pylist()
+            scores = np.array([p or [0.0] * len(names) for p in probs], dtype=np.float64)
+        evaluations.append(
+            MultiLabelEvaluation(
+                model_file=str(meta[f"{prefix}model_file"]),
+                model_sha256=str(meta[f"{prefix}model_sha256"]),
+                class_names=names,
+                metrics=multilabel_metrics(y_true, y_pred, scores),
+                thresholds=tuple(float(thresholds.get(n, DEFAULT_THRESHOLD)) for n in names),
+            )
+        )
+        correct.append((y_true == y_pred).all(axis=1))
+        predicted_sets.append(
+            [frozenset(p or ()) for p in table.column(f"{prefix}pred_labels").to_pylist()]
+        )
+    candidate, comparison = evaluations[0], None
+    if len(evaluations) > 1:
+        changed = sum(1 for i in np.flatnonzero(ok) if predicted_sets[0][i] != predicted_sets[1][i])
+        comparison = paired_comparison(correct[0], correct[1], changed, int(ok.sum()))
+    return CanaryResult(
+        candidate=candidate,
+        baseline=evaluations[1] if len(evaluations) > 1 else None,
+        comparison=comparison,
+        checks=gate_checks(settings, candidate, comparison),
+        n_images=len(labels),
+        excluded_labels=dict(excluded.most_common()),
+        n_unlabelled=sum(1 for label in labels if label is None),
+        errors=errors,
+        errors_count_as_wrong=settings.errors_count_as_wrong,
+    )
+
+
+def _indicator(sets: Sequence[Sequence[str]], index: dict[str, int]) -> np.ndarray:
+    """[images, classes] booleans: which of the class map's labels each image has."""
+    matrix = np.zeros((len(sets), len(index)), dtype=bool)
+    for row, names in enumerate(sets):
+        matrix[row, [index[name] for name in names if name in index]] = True
+    return matrix
 
 
 def _evaluate(

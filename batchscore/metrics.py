@@ -96,6 +96,92 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> Metrics:
     )
 
 
+@dataclass(frozen=True)
+class MultiLabelMetrics:
+    """Per-label and averaged metrics of a multi-label model, over the class map's labels.
+
+    They match scikit-learn: per label `precision_recall_fscore_support(average=None,
+    zero_division=0)`; micro the same with `average="micro"`; `macro_f1` is `f1_score(
+    average="macro", zero_division=np.nan)` (a label neither present nor predicted has no F1
+    and is left out, rather than counted as 0); `average_precision` per label is
+    `average_precision_score`, and `mean_average_precision` their mean over the labels with at
+    least one positive image (a label without one has no precision-recall curve);
+    `exact_match` is `accuracy_score` (subset accuracy: every label right).
+    """
+
+    support: np.ndarray
+    predicted: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+    average_precision: np.ndarray | None  # NaN where a label has no positive image
+    micro: dict[str, float]
+    macro_f1: float | None
+    n: int
+    n_exact: int
+
+    @property
+    def exact_match(self) -> float:
+        return self.n_exact / self.n
+
+    @property
+    def mean_average_precision(self) -> float | None:
+        if self.average_precision is None or np.isnan(self.average_precision).all():
+            return None
+        return float(np.nanmean(self.average_precision))
+
+
+def multilabel_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray | None
+) -> MultiLabelMetrics:
+    """`y_true`, `y_pred`: [images, labels] booleans; `scores`: the probabilities, or None."""
+    y_true, y_pred = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
+    if y_true.shape != y_pred.shape or y_true.ndim != 2 or len(y_true) == 0:
+        raise ValueError("y_true and y_pred must be non-empty [images, labels] arrays alike")
+    tp = (y_true & y_pred).sum(axis=0)
+    support, predicted = y_true.sum(axis=0), y_pred.sum(axis=0)
+    defined = (support + predicted) > 0
+    f1 = _divide(2 * tp, support + predicted)
+    micro_tp, micro_true, micro_pred = int(tp.sum()), int(support.sum()), int(predicted.sum())
+    ap = None
+    if scores is not None:
+        ap = np.array(
+            [
+                average_precision(y_true[:, j], scores[:, j]) if support[j] else np.nan
+                for j in range(y_true.shape[1])
+            ]
+        )
+    return MultiLabelMetrics(
+        support=support,
+        predicted=predicted,
+        precision=_divide(tp, predicted),
+        recall=_divide(tp, support),
+        f1=f1,
+        average_precision=ap,
+        micro={
+            "precision": micro_tp / micro_pred if micro_pred else 0.0,
+            "recall": micro_tp / micro_true if micro_true else 0.0,
+            "f1": 2 * micro_tp / (micro_true + micro_pred) if micro_true + micro_pred else 0.0,
+        },
+        macro_f1=float(f1[defined].mean()) if defined.any() else None,
+        n=len(y_true),
+        n_exact=int((y_true == y_pred).all(axis=1).sum()),
+    )
+
+
+def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """The area under the precision-recall curve as a step function (scikit-learn's
+    `average_precision_score`): precision at each distinct score, weighted by the recall it
+    adds. Tied scores are one threshold."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
+    ranked, hits = np.asarray(scores, dtype=np.float64)[order], np.asarray(y_true)[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
+    true_positives = np.cumsum(hits)[last_of_tie]
+    precision = true_positives / (last_of_tie + 1)
+    recall = true_positives / true_positives[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a proportion: sane at 0 and 1 and for small n, unlike
     the normal approximation."""

@@ -16,13 +16,14 @@ from xml.sax.saxutils import escape
 import numpy as np
 
 from batchscore import storage
+from batchscore.canary import MultiLabelEvaluation
 from batchscore.charts import line_chart
 from batchscore.files import atomic_write_text
 from batchscore.names import is_url, written_name
 from batchscore.storage import StorageOptions
 
 if TYPE_CHECKING:
-    from batchscore.canary import CanaryResult, ModelEvaluation
+    from batchscore.canary import CanaryResult, Evaluation, ModelEvaluation
 
 JSON_FILE = "canary.json"
 MARKDOWN_FILE = "report.md"
@@ -39,12 +40,15 @@ def write_report(
     """canary.json, report.md, the heatmap and the reliability diagram, each atomically (a
     folder), or each as one object (a bucket prefix URL)."""
     candidate = result.candidate
-    files = {
-        JSON_FILE: json.dumps(result.as_dict(), indent=2) + "\n",
-        HEATMAP_FILE: confusion_svg(candidate.labels, candidate.metrics.confusion, HEATMAP_CLASSES),
-    }
-    if candidate.reliability:
-        files[RELIABILITY_FILE] = reliability_svg(candidate)
+    files = {JSON_FILE: json.dumps(result.as_dict(), indent=2) + "\n"}
+    if not isinstance(
+        candidate, MultiLabelEvaluation
+    ):  # a multi-label model confuses no class for another
+        files[HEATMAP_FILE] = confusion_svg(
+            candidate.labels, candidate.metrics.confusion, HEATMAP_CLASSES
+        )
+        if candidate.reliability:
+            files[RELIABILITY_FILE] = reliability_svg(candidate)
     files[MARKDOWN_FILE] = markdown(result)  # last: its presence says the report is whole
     for name, text in files.items():
         if isinstance(folder, str) and is_url(folder):
@@ -77,7 +81,7 @@ def _counts_line(result: CanaryResult) -> str:
     )
 
 
-def _accuracy_text(evaluation: ModelEvaluation) -> str:
+def _accuracy_text(evaluation: Evaluation) -> str:
     low, high = evaluation.accuracy_ci
     return f"{evaluation.accuracy:.4f}  95% CI [{low:.4f}, {high:.4f}]"
 
@@ -85,11 +89,19 @@ def _accuracy_text(evaluation: ModelEvaluation) -> str:
 def terminal_table(result: CanaryResult) -> str:
     """The short summary a CI log shows: accuracy, each check, the verdict."""
     candidate = result.candidate
-    rows = [
-        ("images", _counts_line(result)),
-        ("accuracy", _accuracy_text(candidate)),
-        (f"top-{candidate.top_k} accuracy", f"{candidate.topk_accuracy:.4f}"),
-    ]
+    multi = isinstance(candidate, MultiLabelEvaluation)
+    if isinstance(candidate, MultiLabelEvaluation):
+        rows = [
+            ("images", _counts_line(result)),
+            ("exact match", _accuracy_text(candidate)),
+            *((name, _optional(value)) for name, value in _averages(candidate)),
+        ]
+    else:
+        rows = [
+            ("images", _counts_line(result)),
+            ("accuracy", _accuracy_text(candidate)),
+            (f"top-{candidate.top_k} accuracy", f"{candidate.topk_accuracy:.4f}"),
+        ]
     if result.baseline is not None and result.comparison is not None:
         c = result.comparison
         rows += [
@@ -100,14 +112,19 @@ def terminal_table(result: CanaryResult) -> str:
                 f" {c.only_baseline_right} only baseline right, {c.both_wrong} both wrong;"
                 f" McNemar p = {c.mcnemar_p:.4g}",
             ),
-            ("top-1 changed", f"{c.top1_changed_share:.1%} of {c.n_compared} images"),
+            (
+                "labels changed" if multi else "top-1 changed",
+                f"{c.top1_changed_share:.1%} of {c.n_compared} images",
+            ),
         ]
     width = max(len(name) for name, _ in rows) + 2
     lines = [f"{name:<{width}}{text}" for name, text in rows]
     lines.append("")
     if not result.checks:
         lines.append(
-            "no gate checks given (--min-accuracy, --max-drop, --min-class-recall): report only"
+            "no gate checks given (--min-accuracy, --max-drop, --min-class-recall"
+            + (", --min-micro-f1, --min-macro-f1, --min-map" if multi else "")
+            + "): report only"
         )
     else:
         name_width = max(len("check"), *(len(check.name) for check in result.checks)) + 2
@@ -146,8 +163,27 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
     return [*lines, ""]
 
 
-def _model_rows(label: str, evaluation: ModelEvaluation) -> list[list[object]]:
+def _averages(evaluation: MultiLabelEvaluation) -> list[tuple[str, float | None]]:
+    values = evaluation.summary()
+    return [("micro F1", values["micro_f1"]), ("macro F1", values["macro_f1"]),
+            ("mAP", values["map"])]  # fmt: skip
+
+
+def _optional(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _model_rows(label: str, evaluation: Evaluation) -> list[list[object]]:
     low, high = evaluation.accuracy_ci
+    if isinstance(evaluation, MultiLabelEvaluation):
+        rows: list[list[object]] = [
+            [f"{label} model", f"{evaluation.model_file} (sha256 {evaluation.model_sha256})"],
+            [
+                f"{label} exact match (every label right)",
+                f"{evaluation.accuracy:.4f} (95% CI {low:.4f} to {high:.4f})",
+            ],
+        ]
+        return rows + [[f"{label} {name}", _optional(v)] for name, v in _averages(evaluation)]
     return [
         [f"{label} model", f"{evaluation.model_file} (sha256 {evaluation.model_sha256})"],
         [f"{label} accuracy", f"{evaluation.accuracy:.4f} (95% CI {low:.4f} to {high:.4f})"],
@@ -170,8 +206,7 @@ def markdown(result: CanaryResult) -> str:
         _verdict_and_summary(result),
         _checks_section(result),
         _comparison_section(result),
-        _per_class_section(result.candidate),
-        _confusion_section(result.candidate),
+        *_class_sections(result.candidate),
         _errors_section(result),
         _excluded_section(result),
     ]
@@ -219,7 +254,10 @@ def _comparison_section(result: CanaryResult) -> list[str]:
     if result.comparison is None:
         return []
     c = result.comparison
-    lines = ["## Candidate against baseline", "", "Same images, same run.", ""]
+    multi = isinstance(result.candidate, MultiLabelEvaluation)
+    changed = "The predicted labels changed" if multi else "Top-1 changed"
+    right = " (right: every label of the image)" if multi else ""
+    lines = ["## Candidate against baseline", "", f"Same images, same run{right}.", ""]
     lines += _table(
         ["", "baseline right", "baseline wrong"],
         [
@@ -231,10 +269,42 @@ def _comparison_section(result: CanaryResult) -> list[str]:
         *lines,
         f"Accuracy drop (baseline minus candidate): {c.accuracy_drop:.4f}."
         f" Exact McNemar p-value: {c.mcnemar_p:.4g}."
-        f" Top-1 changed on {c.n_top1_changed} of {c.n_compared} images"
+        f" {changed} on {c.n_top1_changed} of {c.n_compared} images"
         f" ({c.top1_changed_share:.1%}).",
         "",
     ]
+
+
+def _class_sections(candidate: Evaluation) -> list[list[str]]:
+    if isinstance(candidate, MultiLabelEvaluation):
+        return [_per_label_section(candidate)]
+    return [_per_class_section(candidate), _confusion_section(candidate)]
+
+
+def _per_label_section(candidate: MultiLabelEvaluation) -> list[str]:
+    """Per-label scores at the model's thresholds, and each label's average precision over
+    all thresholds."""
+    rows: list[list[object]] = [
+        [
+            label,
+            f"{v['precision']:.4f}",
+            f"{v['recall']:.4f}",
+            f"{v['f1']:.4f}",
+            _optional(v["average_precision"]),
+            v["support"],
+            v["predicted"],
+            v["threshold"],
+        ]
+        for label, v in candidate.per_label().items()
+    ]
+    micro = candidate.metrics.micro
+    rows.append(
+        ["*micro avg*", f"{micro['precision']:.4f}", f"{micro['recall']:.4f}",
+         f"{micro['f1']:.4f}", "", int(candidate.metrics.support.sum()),
+         int(candidate.metrics.predicted.sum()), ""]
+    )  # fmt: skip
+    header = ["Label", "Precision", "Recall", "F1", "AP", "Support", "Predicted", "Threshold"]
+    return ["## Per-label metrics", "", *_table(header, rows)]
 
 
 def _per_class_section(candidate: ModelEvaluation) -> list[str]:

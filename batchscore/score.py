@@ -125,6 +125,10 @@ def run_metadata(
         metadata["baseline_model_file"] = specs[1].file_name
         metadata["baseline_class_map"] = list(specs[1].class_names)
         metadata["baseline_model_notes"] = list(specs[1].notes)
+        metadata["baseline_head"] = specs[1].head
+        if specs[1].head == "multi-label":
+            thresholds = zip(specs[1].class_names, specs[1].thresholds, strict=True)
+            metadata["baseline_thresholds"] = dict(thresholds)
     return metadata
 
 

@@ -240,7 +240,7 @@ class ManifestSource(Source):
             else (redact_url(path) if path and is_url(path) else path or where)
         )
         raw_label = row.get("label")
-        label = _text(raw_label) if raw_label not in (None, "", b"") else None
+        label = _label_text(raw_label)
         extras = {
             readable(key): value
             for key, value in row.items()
@@ -272,6 +272,14 @@ class ManifestSource(Source):
             unavailable=unavailable,
             warning=warning,
         )
+
+
+def _label_text(value: object) -> str | None:
+    """A manifest's label as text: a list (a multi-label image's labels, in JSONL or a Parquet
+    list column) as its JSON, `[]` included (an image with none of the labels)."""
+    if isinstance(value, (list, tuple)):
+        return json.dumps([_text(item) for item in value], ensure_ascii=False)
+    return _text(value) if value not in (None, "", b"") else None
 
 
 def _text(value: object) -> str:

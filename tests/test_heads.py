@@ -25,7 +25,7 @@ from batchscore.errors import ModelError
 from batchscore.model import load_model
 from batchscore.output import read_metadata
 from batchscore.scorer import ZERO_VECTOR
-from tests.models import head_model
+from tests.models import head_model, unstable_model
 
 EXPORTED = Path(__file__).resolve().parent / "exported"
 REPO = Path(__file__).resolve().parent.parent
@@ -373,3 +373,144 @@ def test_what_cannot_read_an_encoders_rows_says_so_in_one_line(tmp_path: Path) -
     assert (
         result.exit_code == 2 and "a diff compares two scorings of the same kind" in result.output
     )
+
+
+# --- the canary on a multi-label set ------------------------------------------------------------
+
+# Each colour's true tags; the tagger (red 0.88 where the red channel is full, ...) gets white
+# and cyan partly wrong, so every metric is below 1 and the averages differ.
+TRUTH = {
+    "red": ["red"],
+    "yellow": ["red", "green"],
+    "white": ["red", "green"],
+    "green": ["green"],
+    "cyan": ["green"],
+    "magenta": ["red", "blue"],
+    "black": [],
+}
+RGB = {
+    "red": (255, 0, 0),
+    "yellow": (255, 255, 0),
+    "white": (255, 255, 255),
+    "green": (0, 255, 0),
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
+    "black": (0, 0, 0),
+}
+
+
+def _multi_label_set(folder: Path, kind: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rgb in RGB.items():
+        Image.new("RGB", (12, 12), rgb).save(folder / f"{name}.png")
+    rows = [{"path": f"{name}.png", "label": tags} for name, tags in TRUTH.items()]
+    if kind == "jsonl":
+        manifest = folder / "set.jsonl"
+        manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    elif kind == "parquet":
+        manifest = folder / "set.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), manifest)
+    else:  # a CSV cell: names separated by |, or a JSON list ([] for none of the tags)
+        manifest = folder / "set.csv"
+        cells = ["|".join(tags) if tags else "[]" for tags in TRUTH.values()]
+        manifest.write_text(
+            "path,label\n" + "".join(f"{n}.png,{c}\n" for n, c in zip(TRUTH, cells, strict=True))
+        )
+    return manifest
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "csv"])
+def test_a_multi_label_canary_measures_as_scikit_learn_does(tmp_path: Path, kind: str) -> None:
+    from sklearn.metrics import (
+        accuracy_score,
+        average_precision_score,
+        f1_score,
+        precision_recall_fscore_support,
+    )
+
+    manifest = _multi_label_set(tmp_path / "set", kind)
+    model = head_model(tmp_path / "tagger", final="Sigmoid", class_names=TAGS)
+    report = tmp_path / "report"
+    result = CliRunner().invoke(
+        cli, ["canary", str(manifest), "--model", str(model), "--workers", "0", "-q",
+              "--report", str(report)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    measured = json.loads((report / "canary.json").read_text())
+    rows = pd.read_parquet(report / "predictions.parquet")
+    stems = [Path(p).stem for p in rows["path"]]
+    y_true = np.array([[tag in TRUTH[s] for tag in TAGS] for s in stems])
+    y_pred = np.array([[tag in list(p) for tag in TAGS] for p in rows["pred_labels"]])
+    scores = np.vstack(rows["probs"])
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, average=None, zero_division=0
+    )
+    for j, tag in enumerate(TAGS):
+        got = measured["per_label"][tag]
+        assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx(
+            (precision[j], recall[j], f1[j], support[j])
+        )
+        assert got["average_precision"] == pytest.approx(
+            average_precision_score(y_true[:, j], scores[:, j])
+        )
+    assert measured["micro"]["f1"] == pytest.approx(f1_score(y_true, y_pred, average="micro"))
+    assert measured["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    assert measured["map"] == pytest.approx(average_precision_score(y_true, scores))
+    assert measured["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert 0 < measured["accuracy"] < measured["micro"]["f1"] < 1  # the set is not too easy
+    assert "## Per-label metrics" in (report / "report.md").read_text()
+    assert not (report / "confusion_matrix.svg").exists()
+
+
+def test_the_multi_label_gates_and_the_baseline(tmp_path: Path) -> None:
+    manifest = _multi_label_set(tmp_path / "set", "jsonl")
+    model = head_model(tmp_path / "tagger", final="Sigmoid", class_names=TAGS)
+    args = ["canary", str(manifest), "--model", str(model), "--workers", "0", "-q"]
+    result = CliRunner().invoke(cli, [*args, "--min-micro-f1", "0.99", "--min-map", "0.5"])
+    assert result.exit_code == 3, result.output
+    assert "min-micro-f1" in result.output.split("FAILED")[-1]
+    assert "min-map" not in result.output.split("canary gate failed")[-1]  # mAP passed
+
+    # The baseline over-tags (its sigmoid never falls below 0.38, its threshold is 0.3): worse
+    # on the same images, which the exact-match pairs show.
+    baseline = head_model(tmp_path / "baseline", final="Sigmoid", class_names=TAGS, scale=0.5)
+    config = {"resize_size": [8, 8], "mean": [0.5] * 3, "std": [0.5] * 3, "threshold": 0.3}
+    (baseline / "preprocess.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(
+        cli,
+        [*args, "--baseline", str(baseline), "--max-drop", "0", "--report", str(tmp_path / "r")],
+    )
+    assert result.exit_code == 0, result.output  # the candidate is better: no drop
+    compared = json.loads((tmp_path / "r" / "canary.json").read_text())
+    assert compared["baseline"]["accuracy"] < compared["accuracy"]
+    assert compared["baseline"]["comparison"]["only_candidate_right"] > 0
+    assert "labels changed" in result.output
+
+    single = tmp_path / "single"
+    (single / "red").mkdir(parents=True)
+    Image.new("RGB", (12, 12), (255, 0, 0)).save(single / "red" / "a.png")
+    result = CliRunner().invoke(cli, ["canary", str(single), "--min-map", "0.5", "--workers", "0"])
+    assert result.exit_code == 2 and "--min-map gate multi-label models" in result.output
+
+
+def test_a_multi_label_image_the_model_answers_nan_for_counts_as_wrong(tmp_path: Path) -> None:
+    """unstable_model's log of a negative mean is NaN for a dark image: an error row, which the
+    canary counts (every label missed) instead of leaving it out."""
+    model = unstable_model(tmp_path / "m")
+    folder = tmp_path / "set"
+    folder.mkdir()
+    Image.new("RGB", (12, 12), (255, 255, 255)).save(folder / "white.png")
+    Image.new("RGB", (12, 12), (0, 0, 0)).save(folder / "black.png")
+    rows = [{"path": "white.png", "label": TAGS}, {"path": "black.png", "label": ["red"]}]
+    (folder / "set.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = tmp_path / "report"
+    result = CliRunner().invoke(
+        cli,
+        ["canary", str(folder / "set.jsonl"), "--model", str(model), "--head", "multi-label",
+         "--model-output", "logits", "--workers", "0", "-q", "--report", str(report)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    measured = json.loads((report / "canary.json").read_text())
+    assert measured["n_scored"] == 2 and measured["n_errors"] == 1
+    assert measured["errors"][0]["error"] == "model output is not finite (NaN or Inf)"
+    assert measured["per_label"]["red"]["recall"] == 0.5  # white's red found, black's missed

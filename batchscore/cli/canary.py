@@ -68,6 +68,24 @@ SHARE = click.FloatRange(0, 1)
     help="Classes with fewer images are not held to --min-class-recall.",
 )
 @click.option(
+    "--min-micro-f1",
+    type=SHARE,
+    default=None,
+    help="Multi-label: fail when the micro-averaged F1 is below this.",
+)
+@click.option(
+    "--min-macro-f1",
+    type=SHARE,
+    default=None,
+    help="Multi-label: fail when the macro-averaged F1 is below this.",
+)
+@click.option(
+    "--min-map",
+    type=SHARE,
+    default=None,
+    help="Multi-label: fail when the mean average precision is below this.",
+)
+@click.option(
     "--errors-count-as-wrong",
     is_flag=True,
     help="Images that fail to decode count as wrong (accuracy, recall) instead of left out.",
@@ -84,6 +102,9 @@ def canary_command(
     alpha: float,
     min_class_recall: float | None,
     min_support: int,
+    min_micro_f1: float | None,
+    min_macro_f1: float | None,
+    min_map: float | None,
     errors_count_as_wrong: bool,
     scoring: dict[str, Any],
     quiet: bool,
@@ -93,7 +114,10 @@ def canary_command(
     SOURCES are folders in ImageFolder layout (one sub-folder per class, named for it) or
     manifests (.csv, .jsonl, .parquet) with 'path' and 'label' columns. Labels the model
     does not know are left out of the metrics and named in a warning; images that fail to
-    decode are left out too, unless --errors-count-as-wrong.
+    decode are left out too, unless --errors-count-as-wrong. A multi-label model's images
+    have a list of labels: a JSON list (in JSONL, a Parquet list column, or a cell), or names
+    separated by '|'; it is measured per label, micro and macro, and by mAP, and accuracy is
+    the exact-match share.
 
     With no gate flags (--min-accuracy, --max-drop, --min-class-recall) the canary only
     reports, and exits 0.
@@ -123,6 +147,9 @@ def canary_command(
         alpha=alpha,
         min_class_recall=min_class_recall,
         min_support=min_support,
+        min_micro_f1=min_micro_f1,
+        min_macro_f1=min_macro_f1,
+        min_map=min_map,
         errors_count_as_wrong=errors_count_as_wrong,
     )
     result = run_canary(sources, settings)

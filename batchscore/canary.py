@@ -491,6 +491,11 @@ def evaluate_predictions(predictions: Path, settings: CanarySettings) -> CanaryR
             f"{', '.join(misplaced)} gate multi-label models; this one predicts one class per"
             " image: use --min-accuracy or --min-class-recall"
         )
+    if meta.get("baseline_head") == "multi-label":
+        raise ConfigError(
+            f"the candidate is a {meta.get('head', 'softmax')} model and the baseline a"
+            " multi-label one: compare models of one kind"
+        )
     models = [("", tuple(meta["class_map"]))]
     if "baseline_class_map" in meta:
         models.append((BASELINE_PREFIX, tuple(meta["baseline_class_map"])))

@@ -83,7 +83,11 @@ def describe_model(location: str | Path | None = None, **load_options: Any) -> d
         "activation": {
             "name": activation,
             "applied": activation is not None and spec.preprocess.output == "logits",
-            "why": _activation_reason(sources.get("output", "default"), spec.preprocess.output),
+            "why": (
+                "an embedding is written as the model gives it"
+                if activation is None
+                else _activation_reason(sources.get("output", "default"), spec.preprocess.output)
+            ),
         },
         "notes": list(spec.notes),
         "forward_ms_one_image": statistics.median(times) * 1e3,
@@ -122,7 +126,9 @@ def format_description(described: dict[str, Any]) -> str:
     lines += [
         f"classes    {classes['count']} from {classes['from']}: "
         + ", ".join(classes["first"])
-        + (", ..." if classes["count"] > len(classes["first"]) else ""),
+        + (", ..." if classes["count"] > len(classes["first"]) else "")
+        if classes["count"]
+        else f"classes    {classes['from']}",
         f"{described['activation']['name'] or 'activation':<10}"
         f" {'applied' if described['activation']['applied'] else 'not applied'}"
         f" ({described['activation']['why']})",

@@ -138,7 +138,7 @@ def diff_outputs(
     *,
     model_a: str | None = None,
     model_b: str | None = None,
-    min_cosine: float = DEFAULT_MIN_COSINE,
+    min_cosine: float | None = None,
 ) -> DiffReport:
     """Compare the top-1 predictions of two outputs, or of two models in one dataset (b=None);
     for an embedding model's outputs, each image's two vectors by cosine similarity (changed:
@@ -167,6 +167,11 @@ def diff_outputs(
             f"{a if embeddings[0] else b} holds embeddings and {b if embeddings[0] else a} class"
             " predictions: a diff compares two scorings of the same kind"
         )
+    if min_cosine is not None and not embeddings[0]:
+        raise ConfigError(
+            "--min-cosine compares embeddings; these outputs hold class predictions, compared by"
+            " top-1 label"
+        )
     scores = [EMBEDDING_COLUMN] if embeddings[0] else list(PREDICTION_COLUMNS)
     latest_a = _latest_rows(data_a, sha_a, scores, with_path=False)
     latest_b = _latest_rows(data_b, sha_b, scores, with_path=True)
@@ -188,7 +193,12 @@ def diff_outputs(
     compared = joined.filter(ok)
     if vectors is not None:
         return _embedding_report(
-            side_a, side_b, joined.num_rows, compared, vectors, min_cosine=min_cosine
+            side_a,
+            side_b,
+            joined.num_rows,
+            compared,
+            vectors,
+            min_cosine=DEFAULT_MIN_COSINE if min_cosine is None else min_cosine,
         )
     delta = pc.subtract(
         compared.column("b_pred_prob").cast(pa.float64()),

@@ -234,7 +234,9 @@ def load_model(
         spec,
         outputs,
         final=final_op(model_path, spec.output_name),
-        given={key: sources[key] for key in ("head", "output") if sources[key] != "default"},
+        given={
+            key: sources[key] for key in ("head", "output", *HEAD_KEYS) if sources[key] != "default"
+        },
         notes=notes,
     )
     sources |= head_sources
@@ -522,6 +524,7 @@ def resolve_head(
         else:
             head, head_from = "softmax", "one output number per class name"
     _check_head(spec, head, width, ends_in, head_from)
+    _check_head_keys(spec, head, head_from, given)
     if head == "embedding":
         return _embedding_head(spec, width, notes), {"head": head_from or "--head"}
     if "output" in given:
@@ -573,6 +576,30 @@ def _check_head(spec: ModelSpec, head: str, width: int, ends_in: str | None, why
         )
 
 
+# The keys only some heads read: given for another head, they would be silently ignored.
+HEAD_KEYS = {
+    "threshold": ("multi-label", "binary"),
+    "thresholds": ("multi-label",),
+    "l2_normalize": ("embedding",),
+}
+
+
+def _check_head_keys(spec: ModelSpec, head: str, why: str, given: Mapping[str, str]) -> None:
+    """A threshold for a softmax head (a BCE model whose head was not given, say) or an
+    L2 norm for a classifier is refused, naming the head and how it was read."""
+    for key, heads in HEAD_KEYS.items():
+        if key in given and head not in heads:
+            raise ModelError(
+                f"{key} ({given[key]}) applies to {_a(' or '.join(heads))} head, but model"
+                f" {Path(spec.path).name} has {_a(head)} head ({why})"
+                + (": if it is multi-label, pass --head multi-label" if head == "softmax" else "")
+            )
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
 def _embedding_head(spec: ModelSpec, width: int, notes: list[str]) -> ModelSpec:
     spec = replace(spec, head="embedding", embedding_size=width)
     notes.append(f"head: {describe_head(spec)}")
@@ -598,7 +625,8 @@ def describe_head(spec: ModelSpec) -> str:
     if spec.head == "binary":
         return (
             f"binary, one output read as the {'logit' if logit else 'probability'} of"
-            f" {spec.class_names[1]!r} (class index 1); probs are [1 - p, p]"
+            f" {spec.class_names[1]!r} (class index 1); probs are [1 - p, p]; pred_label is"
+            f" {spec.class_names[1]!r} when p >= {spec.preprocess.threshold:g}"
         )
     if spec.head == "multi-label":
         cut = sorted(set(spec.thresholds))

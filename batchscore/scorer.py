@@ -130,7 +130,7 @@ class Scorer:
                 for probs in all_probs:
                     probs[i] = 0.0
         scores = [
-            ModelScores(probs=probs, topk=top_k_indices(probs, top_k(spec, self.options.top_k)))
+            ModelScores(probs=probs, topk=ranked(spec, probs, self.options.top_k))
             for spec, probs in zip(self.specs, all_probs, strict=True)
         ]
         warnings = [
@@ -183,6 +183,16 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     """1 / (1 + e^-x), without overflow for large negative logits."""
     probs: np.ndarray = np.exp(-np.logaddexp(0.0, -logits.astype(np.float64)))
     return probs
+
+
+def ranked(spec: ModelSpec, probs: np.ndarray, k: int) -> np.ndarray:
+    """The top classes of each row, best first. A binary head's first is its decision: the
+    positive class (index 1) when p >= its threshold, whatever 1 - p is."""
+    if spec.head != "binary":
+        return top_k_indices(probs, top_k(spec, k))
+    positive = probs[:, 1] >= spec.preprocess.threshold
+    order = np.where(positive[:, None], [1, 0], [0, 1]).astype(np.int32)
+    return order[:, : top_k(spec, k)]
 
 
 def top_k(spec: ModelSpec, k: int) -> int:

@@ -33,6 +33,7 @@ class RunStats:
     classes: Counter[str] = field(default_factory=Counter)
     top1_prob_sum: float = 0.0
     n_low_confidence: int = 0
+    n_predicted: int = 0  # ok rows with a top-1 probability (an embedding's have none)
 
     @property
     def n_images(self) -> int:
@@ -52,6 +53,7 @@ class RunStats:
             labels = batch.column("pred_label").drop_null().to_pylist()
             self.classes.update(labels)
             probs = batch.column("pred_prob").drop_null().to_numpy()
+            self.n_predicted += len(probs)
             self.top1_prob_sum += float(probs.sum())
             self.n_low_confidence += int((probs < LOW_CONFIDENCE).sum())
 
@@ -62,8 +64,10 @@ class RunStats:
             "n_errors": self.n_errors,
             "n_unavailable": self.n_unavailable,
             "error_reasons": dict(self.error_reasons.most_common()),
-            "mean_top1_prob": self.top1_prob_sum / self.n_ok if self.n_ok else None,
-            "low_confidence_share": self.n_low_confidence / self.n_ok if self.n_ok else None,
+            "mean_top1_prob": self.top1_prob_sum / self.n_predicted if self.n_predicted else None,
+            "low_confidence_share": (
+                self.n_low_confidence / self.n_predicted if self.n_predicted else None
+            ),
             "low_confidence_threshold": LOW_CONFIDENCE,
             "class_distribution": dict(self.classes.most_common()),
         }

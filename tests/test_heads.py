@@ -292,6 +292,10 @@ def test_an_embedding_dataset_runs_incrementally(tmp_path: Path) -> None:
     assert code == 0 and output.startswith("1 image: 1 ok, 0 errors (3 already scored"), output
     table = pd.read_parquet(out)
     assert len(table) == 4 and table["image_id"].is_unique
+    result = CliRunner().invoke(cli, ["runs", str(out), "--json"])
+    runs = [json.loads(line) for line in result.output.splitlines()]
+    assert [r["n_ok"] for r in runs] == [3, 1]
+    assert all(r["mean_top1_prob"] is None and r["low_confidence_share"] is None for r in runs)
 
 
 def test_inspect_names_each_head_and_why(tmp_path: Path) -> None:
@@ -311,6 +315,10 @@ def test_inspect_names_each_head_and_why(tmp_path: Path) -> None:
         "why": "the graph ends in Sigmoid",
     }
     assert shown["encoder"]["what"] == "embedding, a vector of 3 numbers per image"
+    text = CliRunner().invoke(cli, ["inspect", "--model", str(tmp_path / "e"), "--head",
+                                    "embedding"]).output  # fmt: skip
+    assert "classes    none: an embedding head has no classes\n" in text
+    assert "activation not applied (an embedding is written as the model gives it)" in text
     assert shown["encoder"]["why"] == "command line"
     assert shown["binary"]["what"].startswith("binary, one output read as the probability of 'dog'")
 
@@ -514,3 +522,36 @@ def test_a_multi_label_image_the_model_answers_nan_for_counts_as_wrong(tmp_path:
     assert measured["n_scored"] == 2 and measured["n_errors"] == 1
     assert measured["errors"][0]["error"] == "model output is not finite (NaN or Inf)"
     assert measured["per_label"]["red"]["recall"] == 0.5  # white's red found, black's missed
+
+
+def test_a_key_the_head_does_not_read_is_refused_not_ignored(tmp_path: Path) -> None:
+    """The BCE user who forgot --head multi-label but gave a threshold would get a softmax head
+    and no pred_labels, silently: refused, with the flag to pass."""
+    images = _colours(tmp_path / "img")
+    out = str(tmp_path / "out.parquet")
+    logits = head_model(tmp_path / "bce", class_names=TAGS)
+    code, output = _score(*images, "-o", out, "--model", str(logits), "--threshold", "0.3")
+    assert code == 2 and output.count("\n") == 1, output
+    assert "threshold (command line) applies to a multi-label or binary head, but model" in output
+    assert "has a softmax head (one output number per class name): if it is multi-label" in output
+    tagger = head_model(tmp_path / "tagger", final="Sigmoid", class_names=TAGS)
+    code, output = _score(*images, "-o", out, "--model", str(tagger), "--l2-normalize")
+    assert code == 2 and "l2_normalize (command line) applies to an embedding head" in output
+    encoder = head_model(tmp_path / "encoder", class_names=None)
+    code, output = _score(*images, "-o", out, "--model", str(encoder), "--head", "embedding",
+                          "--threshold", "0.3")  # fmt: skip
+    assert code == 2 and "has an embedding head" in output
+
+
+def test_a_binary_heads_decision_threshold(tmp_path: Path) -> None:
+    """pred_label is the positive class when p >= the threshold (0.5 by default): at 0.8, an
+    image at p 0.7 is the negative class, with its probability 0.3."""
+    default = pd.read_parquet(_score_photos(tmp_path / "a", EXPORTED / "keras-binary"))
+    strict = pd.read_parquet(
+        _score_photos(tmp_path / "b", EXPORTED / "keras-binary", "--threshold", "0.8")
+    )
+    p = np.array([probs[1] for probs in default["probs"]])
+    assert list(default["pred_label"]) == ["dog" if x >= 0.5 else "cat" for x in p]
+    assert list(strict["pred_label"]) == ["dog" if x >= 0.8 else "cat" for x in p]
+    assert ((p >= 0.5) & (p < 0.8)).any()  # the threshold changes some decisions
+    np.testing.assert_allclose(strict["pred_prob"], np.where(p >= 0.8, p, 1 - p), rtol=0, atol=1e-6)

@@ -96,9 +96,9 @@ def format_report(report: DiffReport, top: int) -> str:
 @click.option(
     "--min-cosine",
     type=click.FloatRange(-1, 1),
-    default=DEFAULT_MIN_COSINE,
-    show_default=True,
-    help="Embeddings: an image whose two vectors are less alike than this counts as changed.",
+    default=None,
+    help="Embeddings: an image whose two vectors are less alike than this counts as changed"
+    f" (default {DEFAULT_MIN_COSINE}).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def diff_command(
@@ -109,7 +109,7 @@ def diff_command(
     output: str | None,
     max_changed_share: float | None,
     top: int,
-    min_cosine: float,
+    min_cosine: float | None,
     as_json: bool,
 ) -> None:
     """Show what changed between two scorings of the same images.

@@ -74,7 +74,8 @@ def model_options(func: F) -> F:
             "--output-name",
             default=None,
             metavar="NAME",
-            help="The model output that holds the class scores (default: the first).",
+            help="The model output to read (default: the only one; else the one the class map"
+            " fits, or for an embedding the only one with one vector per image).",
         ),
         click.option(
             "--providers",

@@ -378,9 +378,12 @@ def test_what_cannot_read_an_encoders_rows_says_so_in_one_line(tmp_path: Path) -
     tagger = head_model(tmp_path / "tagger", final="Sigmoid", class_names=TAGS)
     assert _score(str(tmp_path / "set"), "-o", str(classes), "--model", str(tagger))[0] == 0
     result = CliRunner().invoke(cli, ["diff", str(tmp_path / "night"), str(classes)])
-    assert (
-        result.exit_code == 2 and "a diff compares two scorings of the same kind" in result.output
-    )
+    assert result.exit_code == 2
+    assert "a diff compares two scorings of the same kind" in result.output
+    shutil.copy(classes, tmp_path / "again.parquet")
+    args = ["diff", str(classes), str(tmp_path / "again.parquet"), "--min-cosine", "0.5"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "--min-cosine compares embeddings" in result.output
 
 
 # --- the canary on a multi-label set ------------------------------------------------------------

@@ -76,6 +76,7 @@ BOOTSTRAP = 400
 INSUFFICIENT = "insufficient data"
 PREDICTION_DRIFT = "prediction drift (class mix)"
 ERROR_RATE = "error rate rise"
+LABEL_RATES = "label positive rate change, worst label"
 ACCURACY_DROP = "estimated accuracy drop"
 EXAMPLES = 3  # files shown per class that moved
 NULL_Z = 2.576  # the trend's bands: where 99% of unchanged nights fall
@@ -108,6 +109,8 @@ class Side:
     formats: Counter[str] = field(default_factory=Counter)
     low_confidence: float = 0.5
     low_by_class: Counter[str] = field(default_factory=Counter)  # predictions below it
+    # A multi-label model's rows: how many had each label in pred_labels (None: not one)
+    positives: Counter[str] | None = None
 
     @property
     def n_ok(self) -> int:
@@ -132,6 +135,9 @@ class Side:
         low = pc.and_(ok, pc.less(batch.column("pred_prob"), self.low_confidence))
         self.low_by_class.update(_value_counts(pc.filter(batch.column("pred_label"), low)))
         self._add_inputs(batch, ok)
+        if "pred_labels" in batch.schema.names:
+            present = pc.list_flatten(pc.filter(batch.column("pred_labels"), ok))
+            self.positives = (self.positives or Counter()) + Counter(_value_counts(present))
         if "correct" in batch.schema.names:
             correct = pc.filter(batch.column("correct"), ok)
             known = correct.is_valid().to_numpy(zero_copy_only=False)
@@ -211,6 +217,11 @@ class Signal:
                 for m in self.details["moved"][:3]
             )
             line += f"; moved most: {moved}"
+        if "window_rate" in self.details:
+            line += (
+                f"; {self.details['label']} {self.details['reference_rate']:.0%} ->"
+                f" {self.details['window_rate']:.0%} of images"
+            )
         if "estimated_accuracy" in self.details:  # the estimate itself, not only its drop
             low, high = self.details["interval"]
             line += (
@@ -514,6 +525,7 @@ def _signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signa
         _rise_signal(ERROR_RATE, (base.n_errors, base.n_rows),
                      (current.n_errors, current.n_rows), settings.max_error_rate_rise),
         _class_low_confidence_signal(base, current, settings),
+        *_label_rate_signal(base, current, settings),
         *_accuracy_signal(base, current, settings),
         *_input_signals(base, current, settings),
     ]  # fmt: skip
@@ -598,6 +610,39 @@ def _class_low_confidence_signal(base: Side, current: Side, settings: MonitorSet
         "min_rows": MIN_CLASS_ROWS,
     }
     return Signal(name, rise, floor, min(1.0, p_value * len(tests)), details)
+
+
+def _label_rate_signal(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
+    """A multi-label model: the label whose positive rate (the share of images it was
+    predicted for) moved most clearly, up or down. Each label present on either side is tested
+    on its own, two-sided (twice the smaller one-sided p-value of the two-proportion test);
+    the family's p-value is Bonferroni's, as for the classes' low-confidence shares."""
+    if base.positives is None or current.positives is None:
+        return []  # not a multi-label model
+    name = LABEL_RATES
+    floor = settings.max_label_rate_change
+    if min(base.n_ok, current.n_ok) < MIN_SIGNAL_ROWS:
+        return [insufficient(name, floor, _too_few(base.n_ok, current.n_ok))]
+    labels = sorted(set(base.positives) | set(current.positives))
+    if not labels:
+        return [insufficient(name, floor, "no label was predicted on either side")]
+    tests = {}
+    for label in labels:
+        ref, cur = (base.positives[label], base.n_ok), (current.positives[label], current.n_ok)
+        up, down = rise_p_value(*ref, *cur), rise_p_value(*cur, *ref)
+        tests[label] = (cur[0] / cur[1] - ref[0] / ref[1], min(1.0, 2 * min(up, down)))
+    large = [label for label in tests if abs(tests[label][0]) > floor] or list(tests)
+    worst = min(large, key=lambda label: (tests[label][1], -abs(tests[label][0])))
+    change, p_value = tests[worst]
+    ranked = sorted(tests.items(), key=lambda item: item[1][1])[:MOVED_CLASSES]
+    details = {
+        "label": worst,
+        "reference_rate": base.positives[worst] / base.n_ok,
+        "window_rate": current.positives[worst] / current.n_ok,
+        "labels_tested": len(tests),
+        "by_label": {label: {"change": c, "p_value": p} for label, (c, p) in ranked},
+    }
+    return [Signal(name, abs(change), floor, min(1.0, p_value * len(tests)), details)]
 
 
 def _accuracy_signal(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
@@ -770,7 +815,7 @@ def _batches(
     if not files.paths:
         return
     dataset = files.dataset()
-    optional = ["correct", "label", "format", *INPUT_STATS]
+    optional = ["correct", "label", "format", "pred_labels", *INPUT_STATS]
     names = dataset.schema.names
     if "embedding" in names and "pred_label" not in names:
         raise ConfigError(

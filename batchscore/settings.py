@@ -110,4 +110,5 @@ class MonitorSettings:
     max_low_confidence_rise: float = 0.1
     max_error_rate_rise: float = 0.05
     max_accuracy_drop: float = 0.05  # estimated without labels, against the reference's
+    max_label_rate_change: float = 0.05  # a multi-label model: one label's positive rate
     storage_options: Mapping[str, Any] = field(default_factory=dict)  # for bucket URLs

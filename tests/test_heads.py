@@ -558,3 +558,24 @@ def test_a_binary_heads_decision_threshold(tmp_path: Path) -> None:
     assert list(strict["pred_label"]) == ["dog" if x >= 0.8 else "cat" for x in p]
     assert ((p >= 0.5) & (p < 0.8)).any()  # the threshold changes some decisions
     np.testing.assert_allclose(strict["pred_prob"], np.where(p >= 0.8, p, 1 - p), rtol=0, atol=1e-6)
+
+
+def test_monitor_watches_a_multi_label_models_label_rates(tmp_path: Path) -> None:
+    tagger = head_model(tmp_path / "tagger", final="Sigmoid", class_names=TAGS)
+    reference, night = tmp_path / "reference", tmp_path / "night"
+    for folder, colours in ((reference, [(255, 0, 0), (0, 255, 0)]), (night, [(255, 0, 0)])):
+        folder.mkdir()
+        for i in range(40):
+            Image.new("RGB", (12, 12), colours[i % len(colours)]).save(folder / f"{i:02d}.png")
+    for folder in (reference, night):
+        code, output = _score(str(folder), "-o", str(tmp_path / f"{folder.name}-out"),
+                              "--model", str(tagger))  # fmt: skip
+        assert code == 0, output
+    result = CliRunner().invoke(
+        cli,
+        ["monitor", str(tmp_path / "night-out"), "--reference", str(tmp_path / "reference-out")],
+    )
+    assert result.exit_code == 3, result.output
+    line = next(x for x in result.output.splitlines() if "label positive rate" in x)
+    assert line.strip().startswith("ALERT label positive rate change, worst label: 0.5000")
+    assert line.endswith("green 50% -> 0% of images")

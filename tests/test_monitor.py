@@ -483,3 +483,47 @@ def test_a_window_too_small_to_judge_says_so_and_never_alerts(
     assert "4 in the window; 30 needed" in output and "ALERT" not in output
     saved = json.loads((tmp_path / "r" / "monitor.json").read_text())
     assert saved["verdict"] == "insufficient data" and saved["alert"] is False
+
+
+def _tagged(rates: np.ndarray, n: int, rng: np.random.Generator) -> pa.RecordBatch:
+    """`n` rows of a multi-label model whose label j is predicted with probability rates[j]."""
+    present = rng.random((n, len(rates))) < rates
+    names = np.array([f"tag_{j:02d}" for j in range(len(rates))])
+    return pa.RecordBatch.from_pydict(
+        {
+            "status": ["ok"] * n,
+            "pred_label": names[rng.integers(0, len(rates), n)],
+            "pred_prob": rng.uniform(0.5, 1.0, n),
+            "model_sha256": ["model"] * n,
+            "pred_labels": [names[row].tolist() for row in present],
+        }
+    )
+
+
+def test_a_multi_label_models_label_rates_alert_on_a_shift_not_on_noise() -> None:
+    """20 labels at rates from 1% to 60%: 100 unchanged nights of 500 rows against a 2,000-row
+    reference, each drawn afresh, alert on the label-rate signal at about alpha (0.01); a night
+    where one label's rate rises 10 points alerts nearly always."""
+    rates = np.linspace(0.01, 0.6, 20)
+    settings = MonitorSettings()
+    name = "label positive rate change, worst label"
+    false_alarms, caught = 0, 0
+    for seed in range(100):
+        rng = np.random.default_rng(seed)
+        base, night = Side(), Side()
+        base.add(_tagged(rates, 2000, rng))
+        shifted = rates.copy()
+        if seed % 10 == 0:
+            shifted[7] += 0.10
+        night.add(_tagged(shifted, 500, rng))
+        signal = next(s for s in _signals(base, night, settings) if s.name == name)
+        if seed % 10 == 0:
+            caught += signal.alert
+            assert signal.details["label"] == "tag_07" or not signal.alert
+        else:
+            false_alarms += signal.alert
+    assert false_alarms <= 3, false_alarms  # of 90; alpha 0.01 expects about 1
+    assert caught >= 8, caught  # of 10
+    line = signal.line()
+    assert line.startswith(("ok    label positive rate", "ALERT label positive rate"))
+    assert "of images" in line

@@ -47,6 +47,12 @@ THRESHOLDS = (
         "Floor, with a labelled reference: an alert needs the accuracy estimated without"
         " labels to be this much below the reference's.",
     ),
+    (
+        "max_label_rate_change",
+        SHARE,
+        "Floor, for a multi-label model: an alert on one label's positive rate (the share of"
+        " images in its pred_labels) needs it to move by more than this.",
+    ),
 )
 
 

@@ -31,6 +31,7 @@ unchanged nights alert at all) and its effect passes its floor. A side with fewe
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -77,6 +78,10 @@ INSUFFICIENT = "insufficient data"
 PREDICTION_DRIFT = "prediction drift (class mix)"
 ERROR_RATE = "error rate rise"
 LABEL_RATES = "label positive rate change, worst label"
+EMBEDDING_DRIFT = "embedding drift (random projections, Kolmogorov-Smirnov)"
+EMBEDDING_LENGTHS = "embedding length drift (Kolmogorov-Smirnov)"
+PROJECTIONS = 32  # random directions an embedding's drift is looked for along
+LENGTH_DECADES = 4  # vector lengths binned on a log scale from 1e-4 to 1e4
 ACCURACY_DROP = "estimated accuracy drop"
 EXAMPLES = 3  # files shown per class that moved
 NULL_Z = 2.576  # the trend's bands: where 99% of unchanged nights fall
@@ -111,6 +116,15 @@ class Side:
     low_by_class: Counter[str] = field(default_factory=Counter)  # predictions below it
     # A multi-label model's rows: how many had each label in pred_labels (None: not one)
     positives: Counter[str] | None = None
+    # An embedding model's rows (no predictions): each unit vector's projection on each of
+    # PROJECTIONS random directions, and the vectors' lengths, binned (None: not one)
+    projections: np.ndarray | None = None
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(BINS, dtype=np.int64))
+    embedding_size: int = 0
+
+    @property
+    def has_predictions(self) -> bool:
+        return self.projections is None
 
     @property
     def n_ok(self) -> int:
@@ -123,12 +137,16 @@ class Side:
 
     def add(self, batch: pa.RecordBatch) -> None:
         self.n_rows += batch.num_rows
-        # A row is a prediction only with a finite probability: NaN or Inf counts as an error.
-        probs = batch.column("pred_prob")
-        finite = pc.fill_null(pc.is_finite(probs), False)
-        ok = pc.and_(pc.fill_null(pc.equal(batch.column("status"), STATUS_OK), False), finite)
-        self.n_errors += batch.num_rows - int(pc.sum(ok).as_py() or 0)
         self.models.update(v for v in batch.column("model_sha256").unique().to_pylist() if v)
+        ok = pc.fill_null(pc.equal(batch.column("status"), STATUS_OK), False)
+        if "embedding" in batch.schema.names:
+            self.n_errors += batch.num_rows - int(pc.sum(ok).as_py() or 0)
+            self._add_embeddings(pc.filter(batch.column("embedding"), ok))
+            self._add_inputs(batch, ok)
+            return
+        # A row is a prediction only with a finite probability: NaN or Inf counts as an error.
+        ok = pc.and_(ok, pc.fill_null(pc.is_finite(batch.column("pred_prob")), False))
+        self.n_errors += batch.num_rows - int(pc.sum(ok).as_py() or 0)
         self.classes.update(_value_counts(pc.filter(batch.column("pred_label"), ok)))
         scored = pc.filter(batch.column("pred_prob"), ok)
         self.confidence += np.bincount(_bins(scored.drop_null().to_numpy()), minlength=BINS)
@@ -149,6 +167,29 @@ class Side:
             hits = correct.fill_null(False).to_numpy(zero_copy_only=False)
             self.labelled += np.bincount(_bins(scored[known]), minlength=BINS)
             self.right += np.bincount(_bins(scored[known & hits]), minlength=BINS)
+
+    def _add_embeddings(self, vectors: pa.Array) -> None:
+        """Each vector's direction as its projections on fixed random directions (a drift in
+        any direction shows in some of them: Rabanser et al., "Failing Loudly", 2019), and
+        its length, each binned: the side's memory is the same for any number of rows."""
+        size = vectors.type.list_size
+        if self.projections is None:
+            self.projections = np.zeros((PROJECTIONS, BINS), dtype=np.int64)
+            self.embedding_size = size
+        if size != self.embedding_size:
+            raise ConfigError(
+                f"embeddings of {self.embedding_size} and of {size} numbers: vectors of two"
+                " encoders cannot be compared"
+            )
+        values = np.asarray(pc.list_flatten(vectors).to_numpy(zero_copy_only=False), np.float64)
+        values = values.reshape(-1, size)
+        lengths = np.linalg.norm(values, axis=1)
+        values, lengths = values[lengths > 0], lengths[lengths > 0]
+        projected = (values / lengths[:, None]) @ _directions(size).T  # in [-1, 1]
+        for k in range(PROJECTIONS):
+            self.projections[k] += np.bincount(_bins((projected[:, k] + 1) / 2), minlength=BINS)
+        scaled = (np.log10(lengths) + LENGTH_DECADES) / (2 * LENGTH_DECADES)
+        self.lengths += np.bincount(_bins(scaled), minlength=BINS)
 
     def _add_inputs(self, batch: pa.RecordBatch, ok: pa.Array) -> None:
         for name in INPUT_STATS:
@@ -404,6 +445,8 @@ def _night(
     a point outside its band need not alert, the alerts are the night's own verdicts)."""
     judged_night = {s.name: s for s in _signals(base, night, settings)}
     alerts = sorted(name for name, signal in judged_night.items() if signal.alert)
+    if not night.has_predictions:
+        return _embedding_night(run, night, base, judged_night, alerts)
     accuracy = judged_night.get(ACCURACY_DROP)
     brightness = judged_night.get(_input_name("brightness"))
     n_ok = night.n_ok
@@ -446,6 +489,42 @@ def _night(
         "verdict": "alert" if alerts else "ok",
         "alerts": alerts,
         "js_distance": signals["class mix (Jensen-Shannon)"][0],
+        "signals": {
+            name: {"value": value, "band": band, "alert": alert}
+            for name, (value, band, alert) in signals.items()
+        },
+    }
+
+
+def _embedding_night(
+    run: dict[str, Any], night: Side, base: Side, judged_night: dict[str, Signal], alerts: list[str]
+) -> dict[str, Any]:
+    """An embedding model's night in the trend: its error rate, and the largest KS statistic
+    along the random directions against the band where 99% of unchanged nights put it (the
+    KS critical value at 1% over the PROJECTIONS directions, Bonferroni)."""
+    drift = judged_night[EMBEDDING_DRIFT]
+    n, m = int(base.lengths.sum()), int(night.lengths.sum())
+    critical = math.sqrt(-0.5 * math.log(0.01 / (2 * PROJECTIONS)))
+    band = (0.0, critical * ((n + m) / (n * m)) ** 0.5) if min(n, m) else None
+    signals = {
+        "error rate": (
+            night.n_errors / night.n_rows if night.n_rows else None,
+            _share_band(base.n_errors, base.n_rows, night.n_rows),
+            ERROR_RATE in alerts,
+        ),
+        f"embedding drift (largest KS of {PROJECTIONS} directions)": (
+            drift.value if drift.p_value is not None else None,
+            band if drift.p_value is not None else None,
+            drift.alert,
+        ),
+    }
+    return {
+        "run_id": run["run_id"],
+        "started_at": run.get("started_at"),
+        "rows": night.n_rows,
+        "verdict": "alert" if alerts else "ok",
+        "alerts": alerts,
+        "js_distance": None,
         "signals": {
             name: {"value": value, "band": band, "alert": alert}
             for name, (value, band, alert) in signals.items()
@@ -516,6 +595,8 @@ def _input_name(stat: str) -> str:
 
 
 def _signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
+    if not (base.has_predictions and current.has_predictions):
+        return judged(_embedding_signals(base, current, settings), settings.alpha)
     signals = [
         _mix_signal(PREDICTION_DRIFT, base.classes, current.classes, settings.max_js),
         _ks_signal("confidence drift (Kolmogorov-Smirnov)", base.confidence,
@@ -610,6 +691,50 @@ def _class_low_confidence_signal(base: Side, current: Side, settings: MonitorSet
         "min_rows": MIN_CLASS_ROWS,
     }
     return Signal(name, rise, floor, min(1.0, p_value * len(tests)), details)
+
+
+def _embedding_signals(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
+    """An embedding model's night: the direction of its vectors (the KS test along each random
+    direction, Bonferroni over them; the effect is the largest KS statistic), their length,
+    the error rate and the inputs."""
+    if base.projections is None or current.projections is None:
+        raise ConfigError(
+            "the reference holds class predictions and the window embeddings (or the other way"
+            " round): monitor a model against a reference it scored"
+        )
+    if base.embedding_size != current.embedding_size:
+        raise ConfigError(
+            f"the reference's embeddings have {base.embedding_size} numbers and the window's"
+            f" {current.embedding_size}: vectors of two encoders cannot be compared"
+        )
+    floor = settings.max_ks
+    signals = [
+        _rise_signal(ERROR_RATE, (base.n_errors, base.n_rows),
+                     (current.n_errors, current.n_rows), settings.max_error_rate_rise),
+        _ks_signal(EMBEDDING_LENGTHS, base.lengths, current.lengths, floor),
+        *_input_signals(base, current, settings),
+    ]  # fmt: skip
+    n_ref, n_cur = int(base.projections[0].sum()), int(current.projections[0].sum())
+    if min(n_ref, n_cur) < MIN_SIGNAL_ROWS:
+        return [insufficient(EMBEDDING_DRIFT, floor, _too_few(n_ref, n_cur)), *signals]
+    tests = [
+        ks_from_histograms(b, c) for b, c in zip(base.projections, current.projections, strict=True)
+    ]
+    large = [k for k, (statistic, _) in enumerate(tests) if statistic > floor] or list(
+        range(len(tests))
+    )
+    worst = min(large, key=lambda k: (tests[k][1], -tests[k][0]))
+    details = {"direction": worst, "directions": PROJECTIONS, "size": base.embedding_size}
+    statistic, p_value = tests[worst]
+    drift = Signal(EMBEDDING_DRIFT, statistic, floor, min(1.0, p_value * len(tests)), details)
+    return [drift, *signals]
+
+
+def _directions(size: int) -> np.ndarray:
+    """PROJECTIONS unit vectors in `size` dimensions, the same for every run (seeded by size)."""
+    drawn = np.random.default_rng(size).standard_normal((PROJECTIONS, size))
+    unit: np.ndarray = drawn / np.linalg.norm(drawn, axis=1, keepdims=True)
+    return unit
 
 
 def _label_rate_signal(base: Side, current: Side, settings: MonitorSettings) -> list[Signal]:
@@ -815,14 +940,10 @@ def _batches(
     if not files.paths:
         return
     dataset = files.dataset()
-    optional = ["correct", "label", "format", "pred_labels", *INPUT_STATS]
     names = dataset.schema.names
-    if "embedding" in names and "pred_label" not in names:
-        raise ConfigError(
-            "monitor watches classifiers' predictions; an embedding model's rows have none, and"
-            " embedding drift is not measured yet (compare two runs' vectors: batchscore diff)"
-        )
-    columns = [*COLUMNS, *(extra or []), *(name for name in optional if name in names)]
+    optional = ["correct", "label", "format", "pred_labels", *INPUT_STATS]
+    required = COLUMNS if "embedding" not in names else ["status", "model_sha256", "embedding"]
+    columns = [*required, *(extra or []), *(name for name in optional if name in names)]
     yield from dataset.to_batches(
         columns=columns,
         filter=condition,
@@ -912,14 +1033,16 @@ def write_report(result: MonitorResult, folder: Path) -> None:
     atomic_write_text(
         folder / TREND_FILE, band_panels("The monitored nights", labels, panels, note)
     )
-    atomic_write_text(
-        folder / CLASSES_FILE,
-        bar_chart(
-            f"Top classes: {result.window} against the reference",
-            result.classes["names"],
-            {"reference": result.classes["reference"], "window": result.classes["window"]},
-            percent=True,
-        ),
-    )
-    lines += ["", f"![trend]({TREND_FILE})", "", f"![classes]({CLASSES_FILE})"]
+    lines += ["", f"![trend]({TREND_FILE})"]
+    if result.classes["names"]:  # an embedding model has none
+        atomic_write_text(
+            folder / CLASSES_FILE,
+            bar_chart(
+                f"Top classes: {result.window} against the reference",
+                result.classes["names"],
+                {"reference": result.classes["reference"], "window": result.classes["window"]},
+                percent=True,
+            ),
+        )
+        lines += ["", f"![classes]({CLASSES_FILE})"]
     atomic_write_text(folder / "report.md", "\n".join(lines) + "\n")

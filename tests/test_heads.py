@@ -25,6 +25,7 @@ from batchscore.errors import ModelError
 from batchscore.model import load_model
 from batchscore.output import read_metadata
 from batchscore.scorer import ZERO_VECTOR
+from tests.benchmarks.embedding_noise import night_alerts
 from tests.models import head_model, unstable_model
 
 EXPORTED = Path(__file__).resolve().parent / "exported"
@@ -368,9 +369,6 @@ def test_what_cannot_read_an_encoders_rows_says_so_in_one_line(tmp_path: Path) -
     assert "an embedding model has no classes to measure" in result.output
     out = tmp_path / "night"
     assert _score(str(tmp_path / "set"), "-o", str(out), "--model", str(model))[0] == 0
-    result = CliRunner().invoke(cli, ["monitor", str(out), "--reference", str(out)])
-    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
-    assert "embedding drift is not measured yet" in result.output
     args = ["quantize", "--model", str(model), "--calibration", str(tmp_path / "set")]
     result = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "int8")])
     assert result.exit_code == 2 and "an embedding model has no classes" in result.output
@@ -579,3 +577,40 @@ def test_monitor_watches_a_multi_label_models_label_rates(tmp_path: Path) -> Non
     line = next(x for x in result.output.splitlines() if "label positive rate" in x)
     assert line.strip().startswith("ALERT label positive rate change, worst label: 0.5000")
     assert line.endswith("green 50% -> 0% of images")
+
+
+def test_an_encoders_unchanged_nights_rarely_alert_and_a_shift_is_caught() -> None:
+    """A seeded share of tests/benchmarks/embedding_noise.py (docs/monitor.md has the figures)."""
+    alarms = sum(bool(night_alerts(2_000, seed)) for seed in range(30))
+    caught = sum(
+        "embedding drift" in " ".join(night_alerts(2_000, 10_000 + s, 0.5)) for s in range(10)
+    )
+    assert alarms <= 1, alarms  # alpha 0.01 expects 0.3 of 30
+    assert caught >= 9, caught
+
+
+def test_monitor_watches_an_encoders_vectors(tmp_path: Path) -> None:
+    """The real encoder on nights drawn from one recipe: a fresh night is ok, a dark one
+    alerts on the vectors' direction (and on brightness)."""
+    from tests.nights import draw
+
+    encoder = EXPORTED / "hf-encoder"
+    args = ["--model", str(encoder), "--head", "embedding"]
+    for name, seed, brightness in (("reference", 1, 1.0), ("fresh", 2, 1.0), ("dark", 3, 0.3)):
+        draw(tmp_path / name, per_photo=8, seed=seed, brightness=brightness)
+    assert _score(str(tmp_path / "reference"), "-o", str(tmp_path / "ref"), *args)[0] == 0
+    verdicts = {}
+    for night in ("fresh", "dark"):
+        out = str(tmp_path / "nights")
+        code, output = _score(str(tmp_path / night), "-o", out, *args, "--run-id", night)
+        assert code == 0, output
+        result = CliRunner().invoke(
+            cli, ["monitor", out, "--reference", str(tmp_path / "ref"), "--report",
+                  str(tmp_path / f"report-{night}")],
+        )  # fmt: skip
+        verdicts[night] = (result.exit_code, result.output)
+    assert verdicts["fresh"][0] == 0, verdicts["fresh"][1]
+    assert verdicts["dark"][0] == 3, verdicts["dark"][1]
+    assert "ALERT embedding drift (random projections, Kolmogorov-Smirnov)" in verdicts["dark"][1]
+    trend = (tmp_path / "report-dark" / "trend.svg").read_text()
+    assert "embedding drift (largest KS of 32 directions)" in trend

@@ -37,6 +37,8 @@ from batchscore.summary import reason_kind
 REQUIRED_COLUMNS = ("image_id", "status", "error", "model_sha256")
 PREDICTION_COLUMNS = ("pred_label", "pred_prob")  # a classifier's; an encoder's: "embedding"
 EMBEDDING_COLUMN = "embedding"
+LABELS_COLUMN = "pred_labels"  # a multi-label model's; compared as sets
+LABEL_JOIN = "|"
 CHANGED_EMBEDDING_COLUMNS = ("image_id", "path", "cosine", "a_model_sha256", "b_model_sha256")
 CHANGED_COLUMNS = (
     "image_id",
@@ -98,6 +100,8 @@ class DiffReport:
     # and the similarity below which an image counts as changed
     cosine: Mapping[str, float] | None = None
     min_cosine: float | None = None
+    # Multi-label: changed means the set of predicted labels changed; how alike the sets are
+    mean_jaccard: float | None = None
 
     @property
     def only_in_a(self) -> int:
@@ -128,6 +132,7 @@ class DiffReport:
             "n_flip_pairs": len(self.flips),
             "flips": [{"old": f.old, "new": f.new, "count": f.count} for f in shown],
             "cosine": None if self.cosine is None else dict(self.cosine),
+            "mean_jaccard": self.mean_jaccard,
             "min_cosine": self.min_cosine,
         }
 
@@ -173,6 +178,9 @@ def diff_outputs(
             " top-1 label"
         )
     scores = [EMBEDDING_COLUMN] if embeddings[0] else list(PREDICTION_COLUMNS)
+    multi_label = all(LABELS_COLUMN in data.schema.names for data in (data_a, data_b))
+    if multi_label:
+        scores.append(LABELS_COLUMN)
     latest_a = _latest_rows(data_a, sha_a, scores, with_path=False)
     latest_b = _latest_rows(data_b, sha_b, scores, with_path=True)
     side_a, side_b = _side(str(a), sha_a, latest_a), _side(str(b), sha_b, latest_b)
@@ -204,8 +212,9 @@ def diff_outputs(
         compared.column("b_pred_prob").cast(pa.float64()),
         compared.column("a_pred_prob").cast(pa.float64()),
     )
+    key = "labels" if multi_label else "pred_label"
     changed = compared.filter(
-        pc.not_equal(compared.column("a_pred_label"), compared.column("b_pred_label"))
+        pc.not_equal(compared.column(f"a_{key}"), compared.column(f"b_{key}"))
     )
     return DiffReport(
         a=side_a,
@@ -216,7 +225,8 @@ def diff_outputs(
         mean_prob_delta=pc.mean(delta).as_py(),
         mean_abs_prob_delta=pc.mean(pc.abs(delta)).as_py(),
         flips=_flips(changed),
-        changed=_side_by_side(changed, sha_a, sha_b),
+        changed=_side_by_side(changed, sha_a, sha_b, multi_label=multi_label),
+        mean_jaccard=_mean_jaccard(compared) if multi_label else None,
     )
 
 
@@ -292,7 +302,13 @@ def check_changed_share(report: DiffReport, max_share: float) -> None:
             "no image was scored ok on both sides, so --max-changed-share cannot be checked"
         )
     if share > max_share:
-        what = "top-1" if report.cosine is None else f"(cosine below {report.min_cosine:g})"
+        what = (
+            f"(cosine below {report.min_cosine:g})"
+            if report.cosine is not None
+            else "labels"
+            if report.mean_jaccard is not None
+            else "top-1"
+        )
         raise GateFailed(
             f"{report.n_changed} of {report.n_compared} compared images changed {what}"
             f" ({share:.1%}), more than --max-changed-share {max_share:.1%}"
@@ -375,6 +391,9 @@ def _latest_rows(dataset: ds.Dataset, sha: str, scores: list[str], *, with_path:
         columns.append("path")
     table = dataset.to_table(columns=columns, filter=pc.field("model_sha256") == sha)
     table = table.sort_by([("image_id", "ascending"), ("scored_at", "descending")])
+    if LABELS_COLUMN in scores:
+        joined = pc.binary_join(table.column(LABELS_COLUMN), LABEL_JOIN)
+        table = table.drop_columns([LABELS_COLUMN]).append_column("labels", joined)
     n = table.num_rows
     if n < 2:
         return table
@@ -397,7 +416,7 @@ def _side(source: str, sha: str, latest: pa.Table) -> Side:
 
 
 def _prefixed(latest: pa.Table, prefix: str) -> pa.Table:
-    keep = ["image_id", "path", "status", *PREDICTION_COLUMNS, "row"]
+    keep = ["image_id", "path", "status", *PREDICTION_COLUMNS, "labels", "row"]
     table = latest.select([name for name in keep if name in latest.column_names])
     return table.rename_columns(
         [name if name in ("image_id", "path") else prefix + name for name in table.column_names]
@@ -409,12 +428,30 @@ def _flips(changed: pa.Table) -> tuple[Flip, ...]:
     flips = [
         Flip(row["a_pred_label"], row["b_pred_label"], row["image_id_count"])
         for row in counts.to_pylist()
+        if row["a_pred_label"] != row["b_pred_label"]  # a multi-label row may keep its top-1
     ]
     return tuple(sorted(flips, key=lambda f: (-f.count, f.old, f.new)))
 
 
-def _side_by_side(changed: pa.Table, sha_a: str, sha_b: str) -> pa.Table:
+def _side_by_side(changed: pa.Table, sha_a: str, sha_b: str, *, multi_label: bool) -> pa.Table:
     n = changed.num_rows
     table = changed.append_column("a_model_sha256", pa.array([sha_a] * n, pa.string()))
     table = table.append_column("b_model_sha256", pa.array([sha_b] * n, pa.string()))
-    return table.select(list(CHANGED_COLUMNS)).sort_by("image_id")
+    labels = ["a_labels", "b_labels"] if multi_label else []  # "cat|sofa": class-map order
+    return table.select([*CHANGED_COLUMNS, *labels]).sort_by("image_id")
+
+
+def _mean_jaccard(compared: pa.Table) -> float | None:
+    """How alike each image's two sets of predicted labels are, on average: |A & B| / |A | B|
+    (two empty sets are alike)."""
+    pairs = zip(
+        compared.column("a_labels").to_pylist(),
+        compared.column("b_labels").to_pylist(),
+        strict=True,
+    )
+    scores = []
+    for a, b in pairs:
+        left, right = set(filter(None, a.split(LABEL_JOIN))), set(filter(None, b.split(LABEL_JOIN)))
+        union = left | right
+        scores.append(len(left & right) / len(union) if union else 1.0)
+    return float(np.mean(scores)) if scores else None

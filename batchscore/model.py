@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from batchscore.errors import ModelError
-from batchscore.exporters import exporter_config
+from batchscore.exporters import HF_FILE, TIMM_FILE, exporter_config
 from batchscore.labels import find_labels
 from batchscore.onnx_files import final_op, model_sha256
 from batchscore.preprocess import tensor_batch
@@ -234,6 +234,7 @@ def load_model(
         spec,
         outputs,
         final=final_op(model_path, spec.output_name),
+        exported=any(where.startswith((HF_FILE, TIMM_FILE)) for where in config_sources.values()),
         given={
             key: sources[key] for key in ("head", "output", *HEAD_KEYS) if sources[key] != "default"
         },
@@ -503,6 +504,7 @@ def resolve_head(
     final: str | None,
     given: Mapping[str, str],
     notes: list[str],
+    exported: bool = False,
 ) -> tuple[ModelSpec, dict[str, str]]:
     """What the model's output is and whether it still needs its activation, and where each
     was read: the config's "head" and "output" (`given` says where they were set), else the
@@ -522,7 +524,7 @@ def resolve_head(
         elif ends_in == "Softmax":
             head, head_from = "softmax", "the graph ends in Softmax"
         else:
-            head, head_from = "softmax", "one output number per class name"
+            head, head_from = "softmax", WIDTH_ONLY
     _check_head(spec, head, width, ends_in, head_from)
     _check_head_keys(spec, head, head_from, given)
     if head == "embedding":
@@ -551,7 +553,17 @@ def resolve_head(
     if head == "multi-label":
         spec = replace(spec, thresholds=_thresholds(spec))
     notes.append(f"head: {describe_head(spec)} ({head_from}; output {kind}: {kind_from})")
+    if head_from == WIDTH_ONLY and kind == "logits" and "output" not in given and not exported:
+        notes.append(  # logits of a BCEWithLogitsLoss model look the same: say so
+            f"assumed: model {Path(spec.path).name} ends in no Softmax or Sigmoid and nothing"
+            " says how it was trained: its logits are read as one class per image (softmax);"
+            ' if it is multi-label, pass --head multi-label; if not, "head": "softmax" in'
+            " preprocess.json says so"
+        )
     return spec, {"head": head_from, "output": kind_from}
+
+
+WIDTH_ONLY = "one output number per class name"  # a softmax head read from nothing else
 
 
 def _check_head(spec: ModelSpec, head: str, width: int, ends_in: str | None, why: str) -> None:

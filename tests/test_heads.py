@@ -614,3 +614,34 @@ def test_monitor_watches_an_encoders_vectors(tmp_path: Path) -> None:
     assert "ALERT embedding drift (random projections, Kolmogorov-Smirnov)" in verdicts["dark"][1]
     trend = (tmp_path / "report-dark" / "trend.svg").read_text()
     assert "embedding drift (largest KS of 32 directions)" in trend
+
+
+def test_diff_compares_a_multi_label_models_label_sets(tmp_path: Path) -> None:
+    """Rescoring a tagger at a lower threshold: an image whose set of predicted labels changed
+    is changed, and the mean Jaccard similarity is scikit-learn's (samples average)."""
+    from sklearn.metrics import jaccard_score
+
+    manifest = _multi_label_set(tmp_path / "set", "jsonl")
+    tagger = head_model(tmp_path / "tagger", final="Sigmoid", class_names=TAGS)
+    old, new = tmp_path / "old.parquet", tmp_path / "new.parquet"
+    assert _score(str(manifest), "-o", str(old), "--model", str(tagger))[0] == 0
+    code, output = _score(
+        str(manifest), "-o", str(new), "--model", str(tagger), "--threshold", "0.1"
+    )
+    assert code == 0, output
+    changed = tmp_path / "changed.parquet"
+    result = CliRunner().invoke(cli, ["diff", str(old), str(new), "-o", str(changed), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    a, b = (_rows(p).sort_index()["pred_labels"] for p in (old, new))
+    y_a = np.array([[t in list(x) for t in TAGS] for x in a])
+    y_b = np.array([[t in list(x) for t in TAGS] for x in b])
+    assert report["mean_jaccard"] == pytest.approx(
+        jaccard_score(y_a, y_b, average="samples", zero_division=1.0)
+    )
+    assert report["n_changed"] == int((y_a != y_b).any(axis=1).sum()) > 0
+    written = pd.read_parquet(changed)
+    assert list(written.columns[-2:]) == ["a_labels", "b_labels"]
+    assert all(set(b_.split("|")) == set(TAGS) for b_ in written["b_labels"])
+    text = CliRunner().invoke(cli, ["diff", str(old), str(new)]).output
+    assert "changed labels (the set of predicted labels):" in text and "changed top-1" not in text

@@ -43,8 +43,15 @@ def format_report(report: DiffReport, top: int) -> str:
                 f" {report.n_compared} ({share:.1%})",
             ]
         )
+    if report.mean_jaccard is not None:
+        lines.append(
+            f"changed labels (the set of predicted labels): {report.n_changed} of"
+            f" {report.n_compared} ({share:.1%}); mean Jaccard similarity"
+            f" {report.mean_jaccard:.4f}"
+        )
+    else:
+        lines.append(f"changed top-1: {report.n_changed} of {report.n_compared} ({share:.1%})")
     lines += [
-        f"changed top-1: {report.n_changed} of {report.n_compared} ({share:.1%})",
         f"top-1 probability, B minus A: mean {report.mean_prob_delta:+.4f},"
         f" mean absolute {report.mean_abs_prob_delta:.4f}",
     ]

@@ -600,7 +600,9 @@ def _check_head_keys(spec: ModelSpec, head: str, why: str, given: Mapping[str, s
     """A threshold for a softmax head (a BCE model whose head was not given, say) or an
     L2 norm for a classifier is refused, naming the head and how it was read."""
     for key, heads in HEAD_KEYS.items():
-        if key in given and head not in heads:
+        value, default = getattr(spec.preprocess, key), DEFAULT_PREPROCESS[key]
+        said = given.get(key) == "command line" or value not in (default, ())
+        if key in given and said and head not in heads:
             raise ModelError(
                 f"{key} ({given[key]}) applies to {_a(' or '.join(heads))} head, but model"
                 f" {Path(spec.path).name} has {_a(head)} head ({why})"

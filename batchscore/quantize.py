@@ -500,7 +500,8 @@ def _copy_beside(spec: ModelSpec, out: Path) -> None:
     """class_map.json and preprocess.json next to the int8 file, so `--model` finds them: the
     names and config as resolved for the fp32 model, wherever those came from."""
     (out / CLASS_MAP_FILENAME).write_text(json.dumps(list(spec.class_names), indent=2) + "\n")
-    (out / PREPROCESS_FILENAME).write_text(json.dumps(spec.preprocess.to_dict(), indent=2) + "\n")
+    config = {**spec.preprocess.identity(), "head": spec.head}  # the head as read, said
+    (out / PREPROCESS_FILENAME).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _batches(tensors: np.ndarray) -> Iterator[np.ndarray]:

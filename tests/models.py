@@ -58,6 +58,7 @@ def color_model(
         "interpolation": "bilinear",
         "mean": [0.5, 0.5, 0.5],
         "std": [0.5, 0.5, 0.5],
+        "output": "logits",  # trained with softmax: nothing to assume
     }
     return _save(graph, folder, list(class_names), config, filename)
 
@@ -76,7 +77,7 @@ def unstable_model(folder: Path, *, size: int = 8) -> Path:
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
     )
-    config = {"resize_size": [size, size], "mean": [0.5] * 3, "std": [0.5] * 3}
+    config = {"resize_size": [size, size], "mean": [0.5] * 3, "std": [0.5] * 3, "output": "logits"}
     return _save(graph, folder, ["red", "green", "blue"], config, "model.onnx")
 
 
@@ -130,7 +131,7 @@ def slow_color_model(folder: Path, *, size: int = 16, work: int = 2000) -> Path:
             ),
         ],
     )
-    config = {"resize_size": [size, size], "mean": [0.5] * 3, "std": [0.5] * 3}
+    config = {"resize_size": [size, size], "mean": [0.5] * 3, "std": [0.5] * 3, "output": "logits"}
     return _save(graph, folder, ["red", "green", "blue"], config, "model.onnx")
 
 

@@ -39,6 +39,7 @@ CROPPING = {
     "interpolation": "bilinear",
     "mean": [0.5, 0.5, 0.5],
     "std": [0.5, 0.5, 0.5],
+    "output": "logits",
 }
 
 

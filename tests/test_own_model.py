@@ -113,9 +113,11 @@ def test_a_fixed_size_model_without_config_runs_on_stated_defaults(tmp_path: Pat
     out = tmp_path / "out.parquet"
     code, output = _score(str(image), "-o", str(out), "--model", str(model), "--quiet")
     assert code == 0, output
-    [warning] = output.strip().splitlines()  # --quiet still shows what was assumed
-    assert warning.startswith("batchscore: warning: assumed: no input size given for model.onnx")
-    assert "24x24" in warning and "--resize-size" in warning
+    # --quiet still shows what was assumed: the size, and that its logits are one class each
+    size, head = output.strip().splitlines()[:2]
+    assert size.startswith("batchscore: warning: assumed: no input size given for model.onnx")
+    assert "24x24" in size and "--resize-size" in size
+    assert "its logits are read as one class per image (softmax)" in head
     meta = read_metadata(out)
     assert meta["preprocess"]["resize_size"] == [24, 24]
     assert any(note.startswith("assumed:") for note in meta["model_notes"])
@@ -154,7 +156,9 @@ def test_external_weights_are_part_of_the_model_identity(tmp_path: Path) -> None
 
 def test_an_incremental_run_rescores_after_the_external_weights_change(tmp_path: Path) -> None:
     folder = _graph_model(tmp_path / "m", external=True)
-    (folder / "preprocess.json").write_text(json.dumps({"resize_size": [16, 16]}))
+    (folder / "preprocess.json").write_text(
+        json.dumps({"resize_size": [16, 16], "head": "softmax"})
+    )
     images = tmp_path / "images"
     images.mkdir()
     noisy(COLORS["green"], (20, 20)).save(images / "g.png")
@@ -414,7 +418,9 @@ def test_a_fixed_label_file_or_config_is_a_new_setup_and_is_scored_again(tmp_pat
     folder = _graph_model(tmp_path / "m")
     (folder / "class_map.json").unlink()
     (folder / "labels.txt").write_text("red\nblue\ngreen\n")  # a label file with a mistake
-    (folder / "preprocess.json").write_text(json.dumps({"resize_size": [16, 16]}))
+    (folder / "preprocess.json").write_text(
+        json.dumps({"resize_size": [16, 16], "head": "softmax"})
+    )
     images = tmp_path / "images"
     images.mkdir()
     noisy(COLORS["green"], (20, 20)).save(images / "g.png")

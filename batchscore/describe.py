@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from batchscore.model import create_session, describe_head, load_model, run_model
+from batchscore.heads import HEAD_KEYS, describe_head
+from batchscore.model import create_session, load_model, run_model
 from batchscore.preprocess import tensor_batch
 
 SHOWN_LABELS = 5
@@ -25,8 +26,6 @@ ACTIVATIONS = {
     "embedding": None,
 }
 TIMED_RUNS = 5
-# The config keys that only one head reads
-HEAD_KEYS = {"multi-label": {"threshold", "thresholds"}, "embedding": {"l2_normalize"}}
 
 
 def describe_model(location: str | Path | None = None, **load_options: Any) -> dict[str, Any]:
@@ -48,8 +47,11 @@ def describe_model(location: str | Path | None = None, **load_options: Any) -> d
     sources = dict(spec.preprocess_sources)
     preprocess = spec.preprocess.to_dict()
     preprocess["head"] = spec.head
-    for key in set().union(*HEAD_KEYS.values()) - HEAD_KEYS.get(spec.head, set()):
-        del preprocess[key]  # what does not apply to this head
+    for key, heads in HEAD_KEYS.items():
+        if spec.head not in heads:
+            del preprocess[key]  # what does not apply to this head
+    if spec.head == "embedding":
+        del preprocess["output"]  # a vector has no softmax or sigmoid to apply
     if spec.head == "multi-label":
         preprocess["thresholds"] = dict(zip(spec.class_names, spec.thresholds, strict=True))
     if spec.preprocess.layout is None:

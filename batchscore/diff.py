@@ -251,6 +251,10 @@ def _embedding_report(
     min_cosine: float,
 ) -> DiffReport:
     n = compared.num_rows
+    if n == 0:  # nothing in common, or nothing ok on both sides: nothing to compare
+        empty = pa.table({name: pa.array([], pa.string()) for name in CHANGED_EMBEDDING_COLUMNS})
+        return DiffReport(side_a, side_b, n_in_both, 0, 0, None, None, (), empty,
+                          cosine=None, min_cosine=min_cosine)  # fmt: skip
     vectors = [
         np.asarray(pc.take(column, compared.column(f"{side}_row")).combine_chunks().flatten())
         for column, side in zip(latest_vectors, ("a", "b"), strict=True)

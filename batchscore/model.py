@@ -9,11 +9,9 @@ be shared across processes.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +20,12 @@ import onnxruntime as ort
 
 from batchscore.errors import ModelError
 from batchscore.exporters import HF_FILE, TIMM_FILE, exporter_config
+from batchscore.heads import HEAD_KEYS, resolve_head
 from batchscore.labels import find_labels
 from batchscore.onnx_files import final_op, model_sha256
 from batchscore.preprocess import tensor_batch
 from batchscore.preprocess_config import DEFAULT_PREPROCESS, PreprocessConfig, resolve_preprocess
+from batchscore.spec import ModelSpec
 
 # Looked for in a model directory in this order (model_int8.onnx: a folder `quantize` wrote);
 # else the folder's only .onnx file.
@@ -37,68 +37,6 @@ _INPUT_DTYPES = {
     "tensor(float16)": "float16",
     "tensor(uint8)": "uint8",
 }
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything a worker needs to build a session and read its output (picklable)."""
-
-    path: str
-    sha256: str
-    class_names: tuple[str, ...]
-    preprocess: PreprocessConfig
-    input_name: str
-    input_dtype: str
-    fixed_batch: int | None
-    providers: tuple[str, ...]
-    layout: str = "NCHW"
-    channels: int = 3
-    output_name: str = ""  # the output read as the class scores
-    # One of settings.HEADS: "softmax" one score per class; "multi-label" one probability per
-    # class; "binary" one output for two classes (index 1 positive); "embedding" a vector.
-    head: str = "softmax"
-    thresholds: tuple[float, ...] = ()  # a multi-label head's, one per class
-    embedding_size: int = 0
-    # What batchscore read or assumed about the model beyond its files (kept in the output's
-    # metadata); lines starting with "assumed" are also shown as warnings.
-    notes: tuple[str, ...] = ()
-    preprocess_sources: tuple[tuple[str, str], ...] = ()  # (key, where its value came from)
-    labels_from: str = ""  # where the class names came from
-
-    @functools.cached_property
-    def setup_sha256(self) -> str:
-        """The identity of what a score depends on: the model (`sha256`), its class names,
-        the output it is read from and the resolved preprocessing. A fixed label file or a
-        changed config is a new setup, and an incremental run scores again under it."""
-        setup = {
-            "model_sha256": self.sha256,
-            "class_names": list(self.class_names),
-            "output_name": self.output_name,
-            "preprocess": self.preprocess.identity(),
-        }
-        if self.head in ("multi-label", "embedding"):  # softmax and binary ids predate heads
-            setup["head"] = self.head
-        return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def output_width(self) -> int:
-        """How many numbers the model gives per image: one for a binary head."""
-        if self.head == "embedding":
-            return self.embedding_size
-        return 1 if self.head == "binary" else self.num_classes
-
-    @property
-    def score_width(self) -> int:
-        """How many numbers batchscore writes per image: the probabilities, or the vector."""
-        return self.embedding_size if self.head == "embedding" else self.num_classes
-
-    @property
-    def file_name(self) -> str:
-        return Path(self.path).name
 
 
 def bundled_model_dir() -> Path:
@@ -495,167 +433,6 @@ def _check_forward(session: ort.InferenceSession, spec: ModelSpec) -> np.ndarray
             f" {spec.num_classes} classes"
         )
     return outputs
-
-
-def resolve_head(
-    spec: ModelSpec,
-    outputs: np.ndarray,
-    *,
-    final: str | None,
-    given: Mapping[str, str],
-    notes: list[str],
-    exported: bool = False,
-) -> tuple[ModelSpec, dict[str, str]]:
-    """What the model's output is and whether it still needs its activation, and where each
-    was read: the config's "head" and "output" (`given` says where they were set), else the
-    graph (a final Softmax or Sigmoid; one output number is a binary head), else the test
-    `outputs` (probability vectors; values outside [0, 1] are no probabilities). What none of
-    them tells is asked for in one line."""
-    config = spec.preprocess
-    width = outputs.shape[1]
-    ends_in = final if final in ("Softmax", "Sigmoid") else None
-    head = config.head or ("embedding" if spec.head == "embedding" else None)
-    head_from = given.get("head", "")
-    if head is None:
-        if spec.head == "binary":
-            head, head_from = "binary", "one output number for two class names"
-        elif ends_in == "Sigmoid":
-            head, head_from = "multi-label", "the graph ends in Sigmoid"
-        elif ends_in == "Softmax":
-            head, head_from = "softmax", "the graph ends in Softmax"
-        else:
-            head, head_from = "softmax", WIDTH_ONLY
-    _check_head(spec, head, width, ends_in, head_from)
-    _check_head_keys(spec, head, head_from, given)
-    if head == "embedding":
-        return _embedding_head(spec, width, notes), {"head": head_from or "--head"}
-    if "output" in given:
-        kind, kind_from = config.output, given["output"]
-    elif ends_in is not None:
-        kind, kind_from = "probabilities", f"the graph ends in {ends_in}"
-    elif not bool(((outputs >= -1e-6) & (outputs <= 1 + 1e-6)).all()):
-        kind, kind_from = "logits", "the test outputs leave [0, 1]"
-    elif head == "softmax":
-        sums_to_one = bool(np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3))
-        kind = "probabilities" if sums_to_one else "logits"
-        kind_from = (
-            "detected: the model's outputs are probability vectors"
-            if sums_to_one
-            else "the test outputs are not probability vectors"
-        )
-    else:  # values in [0, 1] and no activation the graph shows: could be either
-        raise ModelError(
-            f"model {Path(spec.path).name} has a {head} head whose outputs all lie in [0, 1]"
-            ' but whose graph ends in no Sigmoid: set "output": "probabilities" or "logits" in'
-            " preprocess.json"
-        )
-    spec = replace(spec, head=head, preprocess=replace(config, output=kind))
-    if head == "multi-label":
-        spec = replace(spec, thresholds=_thresholds(spec))
-    notes.append(f"head: {describe_head(spec)} ({head_from}; output {kind}: {kind_from})")
-    if head_from == WIDTH_ONLY and kind == "logits" and "output" not in given and not exported:
-        notes.append(  # logits of a BCEWithLogitsLoss model look the same: say so
-            f"assumed: model {Path(spec.path).name} ends in no Softmax or Sigmoid and nothing"
-            " says how it was trained: its logits are read as one class per image (softmax);"
-            ' if it is multi-label, pass --head multi-label; if not, "head": "softmax" in'
-            " preprocess.json says so"
-        )
-    return spec, {"head": head_from, "output": kind_from}
-
-
-WIDTH_ONLY = "one output number per class name"  # a softmax head read from nothing else
-
-
-def _check_head(spec: ModelSpec, head: str, width: int, ends_in: str | None, why: str) -> None:
-    """A head the config names must fit the graph: one line naming both when it does not."""
-    name = Path(spec.path).name
-    if head == "binary" and width != 1:
-        raise ModelError(
-            f"model {name}: head binary ({why}) reads one output number, but output"
-            f" {spec.output_name!r} has {width}; two scores for two classes are --head softmax"
-        )
-    if head in ("softmax", "multi-label") and width == 1:
-        raise ModelError(
-            f"model {name}: head {head} ({why}) but output {spec.output_name!r} is one number:"
-            " a binary head (--head binary, with two class names)"
-        )
-    clash = {"softmax": "Sigmoid", "multi-label": "Softmax"}.get(head)
-    if clash is not None and ends_in == clash:
-        makes = "a probability per class (multi-label)" if clash == "Sigmoid" else "one vector"
-        raise ModelError(
-            f"model {name}: head {head} ({why}) but the graph ends in {clash}, which makes"
-            f" {makes}: fix the head, or drop it to read the graph's"
-        )
-
-
-# The keys only some heads read: given for another head, they would be silently ignored.
-HEAD_KEYS = {
-    "threshold": ("multi-label", "binary"),
-    "thresholds": ("multi-label",),
-    "l2_normalize": ("embedding",),
-}
-
-
-def _check_head_keys(spec: ModelSpec, head: str, why: str, given: Mapping[str, str]) -> None:
-    """A threshold for a softmax head (a BCE model whose head was not given, say) or an
-    L2 norm for a classifier is refused, naming the head and how it was read."""
-    for key, heads in HEAD_KEYS.items():
-        value, default = getattr(spec.preprocess, key), DEFAULT_PREPROCESS[key]
-        said = given.get(key) == "command line" or value not in (default, ())
-        if key in given and said and head not in heads:
-            raise ModelError(
-                f"{key} ({given[key]}) applies to {_a(' or '.join(heads))} head, but model"
-                f" {Path(spec.path).name} has {_a(head)} head ({why})"
-                + (": if it is multi-label, pass --head multi-label" if head == "softmax" else "")
-            )
-
-
-def _a(word: str) -> str:
-    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
-
-
-def _embedding_head(spec: ModelSpec, width: int, notes: list[str]) -> ModelSpec:
-    spec = replace(spec, head="embedding", embedding_size=width)
-    notes.append(f"head: {describe_head(spec)}")
-    return spec
-
-
-def _thresholds(spec: ModelSpec) -> tuple[float, ...]:
-    """One threshold per class: "thresholds" by name over "threshold"; an unknown name is a
-    typo that would silently leave its class at the default, so it is refused."""
-    given = dict(spec.preprocess.thresholds)
-    unknown = sorted(set(given) - set(spec.class_names))
-    if unknown:
-        raise ModelError(
-            f"thresholds name classes the class map does not have: {unknown[:5]}"
-            f" (the class map: {list(spec.class_names[:5])}...)"
-        )
-    return tuple(given.get(name, spec.preprocess.threshold) for name in spec.class_names)
-
-
-def describe_head(spec: ModelSpec) -> str:
-    """One line on what the head gives and what batchscore writes from it."""
-    logit = spec.preprocess.output == "logits"
-    if spec.head == "binary":
-        return (
-            f"binary, one output read as the {'logit' if logit else 'probability'} of"
-            f" {spec.class_names[1]!r} (class index 1); probs are [1 - p, p]; pred_label is"
-            f" {spec.class_names[1]!r} when p >= {spec.preprocess.threshold:g}"
-        )
-    if spec.head == "multi-label":
-        cut = sorted(set(spec.thresholds))
-        shown = f"{cut[0]:g}" if len(cut) == 1 else f"{cut[0]:g} to {cut[-1]:g} by class"
-        return (
-            f"multi-label, {spec.num_classes} classes each its own probability"
-            f"{' (sigmoid of its logit)' if logit else ''}; pred_labels are those >= {shown}"
-        )
-    if spec.head == "embedding":
-        norm = ", L2-normalised" if spec.preprocess.l2_normalize else ""
-        return f"embedding, a vector of {spec.embedding_size} numbers per image{norm}"
-    return (
-        f"softmax, one class of {spec.num_classes}"
-        f"{' (softmax of the logits)' if logit else ' (already probabilities)'}"
-    )
 
 
 def _size_from_input(

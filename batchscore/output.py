@@ -23,9 +23,9 @@ from batchscore.names import readable, readable_or_none, written_name
 from batchscore.store import Fence, Store
 
 if TYPE_CHECKING:
-    from batchscore.model import ModelSpec
     from batchscore.scorer import ChunkResult, ModelScores
     from batchscore.sources import ImageRef
+    from batchscore.spec import ModelSpec
 
 METADATA_PREFIX = "batchscore."
 ROW_GROUP_ROWS = 2048

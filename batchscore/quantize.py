@@ -37,7 +37,6 @@ from batchscore.errors import ConfigError, ModelError
 from batchscore.labels import CLASS_MAP_FILENAME
 from batchscore.model import (
     PREPROCESS_FILENAME,
-    ModelSpec,
     create_session,
     first_line,
     load_model,
@@ -48,6 +47,7 @@ from batchscore.preprocess import ImageError, load_image, tensor_batch
 from batchscore.scorer import probabilities, top_k_indices
 from batchscore.settings import CALIBRATION_METHODS, QuantizeOptions
 from batchscore.sources import iter_refs, open_sources
+from batchscore.spec import ModelSpec
 
 INT8_FILENAME = "model_int8.onnx"
 REPORT_FILENAME = "model_int8.report.json"

@@ -77,8 +77,15 @@ def _counts_line(result: CanaryResult) -> str:
     errors = "counted as wrong" if result.errors_count_as_wrong else "left out"
     return (
         f"{result.n_images}: {result.n_scored} in the metrics, {len(result.errors)} failed to"
-        f" decode ({errors}), {result.n_excluded} excluded (label unknown to the model)"
+        f" decode ({errors}), {result.n_excluded} excluded ({_excluded_why(result)})"
     )
+
+
+def _excluded_why(result: CanaryResult) -> str:
+    unknown = result.n_excluded - result.n_unlabelled
+    if not result.n_unlabelled:
+        return "label unknown to the model"
+    return f"{unknown} with a label unknown to the model, {result.n_unlabelled} without a label"
 
 
 def _accuracy_text(evaluation: Evaluation) -> str:
@@ -100,8 +107,9 @@ def terminal_table(result: CanaryResult) -> str:
         rows = [
             ("images", _counts_line(result)),
             ("accuracy", _accuracy_text(candidate)),
-            (f"top-{candidate.top_k} accuracy", f"{candidate.topk_accuracy:.4f}"),
         ]
+        if candidate.top_k < len(candidate.class_names):  # top-2 of two classes is always 1
+            rows.append((f"top-{candidate.top_k} accuracy", f"{candidate.topk_accuracy:.4f}"))
     if result.baseline is not None and result.comparison is not None:
         c = result.comparison
         rows += [

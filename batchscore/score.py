@@ -32,12 +32,13 @@ from batchscore.dataset import (
 from batchscore.engines import RunContext, engine
 from batchscore.errors import ConfigError, ErrorRateExceeded, Interrupted, OutputError
 from batchscore.incremental import DoneSet, SkipCounter, load_done, skip_done, with_fingerprints
-from batchscore.model import ModelSpec, load_model
+from batchscore.model import load_model
 from batchscore.names import has_surrogates, is_url, readable, redact_url, written_name
 from batchscore.output import FileSink, OutputLayout, Sink, output_schema
 from batchscore.settings import BASELINE_PREFIX, FINGERPRINTS, ScoreSettings
 from batchscore.signals import StopFlag
 from batchscore.sources import Source, iter_refs, merged_extra_columns, open_sources
+from batchscore.spec import ModelSpec
 from batchscore.store import Held, open_store, split
 from batchscore.summary import RunStats, RunSummary
 

@@ -22,11 +22,12 @@ from itertools import islice
 import numpy as np
 import onnxruntime as ort
 
-from batchscore.model import ModelSpec, create_session, first_line, run_model
+from batchscore.model import create_session, first_line, run_model
 from batchscore.preprocess import ImageError, ImageStats, image_stats, load_image, tensor_batch
 from batchscore.preprocess_config import PreprocessConfig
 from batchscore.settings import PipelineOptions
 from batchscore.sources import ImageRef
+from batchscore.spec import ModelSpec
 
 WORKER_DIED = "worker process died while decoding or scoring this image (crash or out-of-memory)"
 

@@ -645,3 +645,38 @@ def test_diff_compares_a_multi_label_models_label_sets(tmp_path: Path) -> None:
     assert all(set(b_.split("|")) == set(TAGS) for b_ in written["b_labels"])
     text = CliRunner().invoke(cli, ["diff", str(old), str(new)]).output
     assert "changed labels (the set of predicted labels):" in text and "changed top-1" not in text
+
+
+def test_what_the_user_trials_found(tmp_path: Path) -> None:
+    """An encoder diff with no image in common says there is nothing to compare (it crashed);
+    a canary's unlabelled images are not called 'label unknown'; a binary canary has no top-2."""
+    encoder = head_model(tmp_path / "encoder", class_names=None, preprocess={"head": "embedding"})
+    images = _colours(tmp_path / "a")
+    Image.new("RGB", (12, 12), (0, 0, 255)).save(tmp_path / "blue.png")
+    one, other = tmp_path / "one.parquet", tmp_path / "other.parquet"
+    assert _score(*images, "-o", str(one), "--model", str(encoder))[0] == 0
+    assert _score(str(tmp_path / "blue.png"), "-o", str(other), "--model", str(encoder))[0] == 0
+    result = CliRunner().invoke(cli, ["diff", str(one), str(other)])
+    assert result.exit_code == 0 and result.output.endswith("nothing to compare\n"), result.output
+    result = CliRunner().invoke(cli, ["diff", str(one), str(other), "--max-changed-share", "0.1"])
+    assert result.exit_code == 3 and "no image was scored ok on both sides" in result.output
+
+    folder = tmp_path / "set"
+    _multi_label_set(folder, "jsonl")
+    with (folder / "set.jsonl").open("a") as manifest:
+        manifest.write(json.dumps({"path": "red.png", "label": None}) + "\n")
+    tagger = head_model(tmp_path / "tagger", final="Sigmoid", class_names=TAGS)
+    result = CliRunner().invoke(
+        cli, ["canary", str(folder / "set.jsonl"), "--model", str(tagger), "--workers", "0", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "1 excluded (0 with a label unknown to the model, 1 without a label)" in result.output
+
+    (tmp_path / "binary" / "dog").mkdir(parents=True)
+    shutil.copy(PHOTOS[0], tmp_path / "binary" / "dog" / "a.jpg")
+    result = CliRunner().invoke(
+        cli, ["canary", str(tmp_path / "binary"), "--model", str(EXPORTED / "keras-binary"),
+              "--workers", "0", "-q"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output and "top-2 accuracy" not in result.output

@@ -24,9 +24,9 @@ from batchscore.settings import ENGINES, ScoreSettings
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from batchscore.model import ModelSpec
     from batchscore.output import OutputLayout, Sink
     from batchscore.sources import ImageRef
+    from batchscore.spec import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,6 @@ from batchscore.errors import (
 )
 from batchscore.fetch import prefetched
 from batchscore.files import write_errors
-from batchscore.model import ModelSpec
 from batchscore.names import is_url, redact_url
 from batchscore.output import OutputLayout, ParquetPart, Sink, chunk_to_batch
 from batchscore.scorer import (
@@ -80,6 +79,7 @@ from batchscore.scorer import (
 )
 from batchscore.settings import PipelineOptions
 from batchscore.sources import ImageRef
+from batchscore.spec import ModelSpec
 from batchscore.store import Store
 from batchscore.summary import stats_columns
 

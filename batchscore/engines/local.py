@@ -34,7 +34,6 @@ import pyarrow as pa
 from batchscore.engines import RunContext
 from batchscore.errors import ConfigError
 from batchscore.fetch import prefetched
-from batchscore.model import ModelSpec
 from batchscore.output import Sink, chunk_to_batch
 from batchscore.scorer import (
     ChunkOutput,
@@ -47,6 +46,7 @@ from batchscore.scorer import (
 )
 from batchscore.settings import PipelineOptions
 from batchscore.sources import ImageRef
+from batchscore.spec import ModelSpec
 
 IN_FLIGHT_PER_WORKER = 4
 PARENT_POLL_S = 1.0

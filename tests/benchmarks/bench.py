@@ -63,11 +63,12 @@ import onnxruntime as ort
 import PIL
 from PIL import Image
 
-from batchscore.model import ModelSpec, bundled_model_dir, create_session, load_model
+from batchscore.model import bundled_model_dir, create_session, load_model
 from batchscore.preprocess import load_image, tensor_batch
 from batchscore.score import score
 from batchscore.settings import PipelineOptions, ScoreSettings, default_workers
 from batchscore.sources import iter_refs, open_sources
+from batchscore.spec import ModelSpec
 
 SAMPLES = bundled_model_dir() / "samples"
 NAIVE_BATCH = 32

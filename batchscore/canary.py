@@ -483,18 +483,20 @@ def evaluate_predictions(predictions: Path, settings: CanarySettings) -> CanaryR
     meta = read_metadata(predictions)
     if meta.get("head") in UNMEASURED_HEADS:
         raise ConfigError(UNMEASURED_HEADS[meta["head"]])
-    if meta.get("head") == "multi-label":
+    head = meta.get("head", "softmax")
+    baseline_head = meta.get("baseline_head", "softmax")
+    if "baseline_class_map" in meta and (head == "multi-label") != (baseline_head == "multi-label"):
+        raise ConfigError(
+            f"the candidate is a {head} model and the baseline a {baseline_head} one: compare"
+            " models of one kind"
+        )
+    if head == "multi-label":
         return _evaluate_multilabel(predictions, meta, settings)
     misplaced = [f"--{g.replace('_', '-')}" for g in MULTI_LABEL_GATES if getattr(settings, g)]
     if misplaced:
         raise ConfigError(
             f"{', '.join(misplaced)} gate multi-label models; this one predicts one class per"
             " image: use --min-accuracy or --min-class-recall"
-        )
-    if meta.get("baseline_head") == "multi-label":
-        raise ConfigError(
-            f"the candidate is a {meta.get('head', 'softmax')} model and the baseline a"
-            " multi-label one: compare models of one kind"
         )
     models = [("", tuple(meta["class_map"]))]
     if "baseline_class_map" in meta:
@@ -516,18 +518,9 @@ def evaluate_predictions(predictions: Path, settings: CanarySettings) -> CanaryR
     excluded = Counter(
         label for label, k in zip(labels, known, strict=True) if label is not None and not k
     )
-    paths = table.column("path").to_pylist()
-    reasons = table.column("error").to_pylist()
-    errors = [FailedImage(paths[i], labels[i], reasons[i]) for i in np.flatnonzero(~ok).tolist()]
-    # A model that answered NaN or Inf failed that image: wrong, whatever errors usually count.
-    model_failed = np.array([reason == NOT_FINITE for reason in reasons], dtype=bool)
-    counted = known & (ok | model_failed | settings.errors_count_as_wrong)
-    if not counted.any():
-        raise ConfigError(
-            f"nothing to measure: of {len(labels)} images, {int((~known).sum())} have no label"
-            f" in the model's class map and {len(errors)} failed to decode"
-        )
-    rows = np.flatnonzero(counted)
+    errors, rows = _counted(
+        table, labels, known=known, ok=ok, settings=settings, unknown="have no label"
+    )
     counted_labels = [str(labels[i]) for i in rows]
     taken = table.take(rows)
     evaluations = []
@@ -536,15 +529,67 @@ def evaluate_predictions(predictions: Path, settings: CanarySettings) -> CanaryR
         evaluation, right = _evaluate(taken, model, index, counted_labels, meta)
         evaluations.append(evaluation)
         correct.append(right)
-    candidate, comparison = evaluations[0], None
+    n_changed = 0
     if len(evaluations) > 1:
         changed = pc.and_(
             pc.not_equal(table.column("pred_label"), table.column(f"{BASELINE_PREFIX}pred_label")),
             pa.array(ok),
         )
-        comparison = paired_comparison(
-            correct[0], correct[1], int(pc.sum(changed).as_py() or 0), int(ok.sum())
+        n_changed = int(pc.sum(changed).as_py() or 0)
+    return _result(
+        settings,
+        evaluations,
+        correct,
+        n_changed=n_changed,
+        ok=ok,
+        labels=labels,
+        excluded=excluded,
+        errors=errors,
+    )
+
+
+def _counted(
+    table: pa.Table,
+    labels: list[str | None],
+    *,
+    known: np.ndarray,
+    ok: np.ndarray,
+    settings: CanarySettings,
+    unknown: str,
+) -> tuple[list[FailedImage], np.ndarray]:
+    """The images that failed, and the rows the metrics count: a known label, and decoded (or
+    errors count as wrong). A model that answered NaN or Inf failed that image: wrong,
+    whatever errors usually count. Nothing to count is a configuration error; `unknown` says
+    what the left-out images lack."""
+    paths, reasons = table.column("path").to_pylist(), table.column("error").to_pylist()
+    errors = [FailedImage(paths[i], labels[i], reasons[i]) for i in np.flatnonzero(~ok).tolist()]
+    model_failed = np.array([reason == NOT_FINITE for reason in reasons], dtype=bool)
+    counted = known & (ok | model_failed | settings.errors_count_as_wrong)
+    if not counted.any():
+        raise ConfigError(
+            f"nothing to measure: of {len(labels)} images, {int((~known).sum())} {unknown}"
+            f" in the model's class map and {len(errors)} failed to decode"
         )
+    return errors, np.flatnonzero(counted)
+
+
+def _result(
+    settings: CanarySettings,
+    evaluations: Sequence[Evaluation],
+    correct: Sequence[np.ndarray],
+    *,
+    n_changed: int,
+    ok: np.ndarray,
+    labels: list[str | None],
+    excluded: Counter[str],
+    errors: list[FailedImage],
+) -> CanaryResult:
+    """The verdict on the candidate (`evaluations[0]`), paired with the baseline when there is
+    one: `correct` says which counted images each got right, `n_changed` on how many of the
+    images both scored (`ok`) their predictions differ."""
+    candidate, comparison = evaluations[0], None
+    if len(evaluations) > 1:
+        comparison = paired_comparison(correct[0], correct[1], n_changed, int(ok.sum()))
     return CanaryResult(
         candidate=candidate,
         baseline=evaluations[1] if len(evaluations) > 1 else None,
@@ -579,11 +624,6 @@ def _evaluate_multilabel(
     in the class map (of both models, with a baseline), with the same rules for errors."""
     models = [("", tuple(meta["class_map"]), meta.get("thresholds") or {})]
     if "baseline_class_map" in meta:
-        if meta.get("baseline_head") != "multi-label":
-            raise ConfigError(
-                f"the candidate is a multi-label model and the baseline a"
-                f" {meta.get('baseline_head', 'softmax')} one: compare models of one kind"
-            )
         baseline = (BASELINE_PREFIX, tuple(meta["baseline_class_map"]))
         models.append((*baseline, meta.get("baseline_thresholds") or {}))
     names_in_file = pq.read_schema(predictions).names
@@ -605,17 +645,11 @@ def _evaluate_multilabel(
         excluded.update(unknown)
         known[i] = not unknown
     ok = pc.equal(table.column("status"), STATUS_OK).to_numpy(zero_copy_only=False)
-    paths, reasons = table.column("path").to_pylist(), table.column("error").to_pylist()
-    errors = [FailedImage(paths[i], labels[i], reasons[i]) for i in np.flatnonzero(~ok).tolist()]
-    model_failed = np.array([reason == NOT_FINITE for reason in reasons], dtype=bool)
-    counted = known & (ok | model_failed | settings.errors_count_as_wrong)
-    if not counted.any():
-        raise ConfigError(
-            f"nothing to measure: of {len(labels)} images, {int((~known).sum())} have labels"
-            f" missing from the model's class map (or none) and {len(errors)} failed"
-        )
-    rows = np.flatnonzero(counted)
-    evaluations, correct, predicted_sets = [], [], []
+    errors, rows = _counted(
+        table, labels, known=known, ok=ok, settings=settings, unknown="have no labels, or some not"
+    )
+    evaluations: list[Evaluation] = []
+    correct, predicted_sets = [], []
     for (prefix, names, thresholds), index in zip(models, indexes, strict=True):
         y_true = _indicator([truths[i] or () for i in rows], index)
         predicted = table.column(f"{prefix}pred_labels").take(pa.array(rows)).to_pylist()
@@ -637,20 +671,20 @@ def _evaluate_multilabel(
         predicted_sets.append(
             [frozenset(p or ()) for p in table.column(f"{prefix}pred_labels").to_pylist()]
         )
-    candidate, comparison = evaluations[0], None
+    n_changed = 0
     if len(evaluations) > 1:
-        changed = sum(1 for i in np.flatnonzero(ok) if predicted_sets[0][i] != predicted_sets[1][i])
-        comparison = paired_comparison(correct[0], correct[1], changed, int(ok.sum()))
-    return CanaryResult(
-        candidate=candidate,
-        baseline=evaluations[1] if len(evaluations) > 1 else None,
-        comparison=comparison,
-        checks=gate_checks(settings, candidate, comparison),
-        n_images=len(labels),
-        excluded_labels=dict(excluded.most_common()),
-        n_unlabelled=sum(1 for label in labels if label is None),
+        n_changed = sum(
+            1 for i in np.flatnonzero(ok) if predicted_sets[0][i] != predicted_sets[1][i]
+        )
+    return _result(
+        settings,
+        evaluations,
+        correct,
+        n_changed=n_changed,
+        ok=ok,
+        labels=labels,
+        excluded=excluded,
         errors=errors,
-        errors_count_as_wrong=settings.errors_count_as_wrong,
     )
 
 

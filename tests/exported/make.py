@@ -106,18 +106,22 @@ def hf_case(name: str, config: Any, processor: Any, model_class: Any) -> None:
     inputs = [processor(images=_open(path), return_tensors="pt") for path in images().values()]
     with torch.no_grad():
         _sharpen(model.classifier, [model(**x).logits for x in inputs])
-    with tempfile.TemporaryDirectory() as checkpoint:
-        model.save_pretrained(checkpoint)
-        processor.save_pretrained(checkpoint)
-        optimum = str(Path(sys.executable).parent / "optimum-cli")
-        command = [optimum, "export", "onnx", "--model", checkpoint,
-                   "--task", "image-classification", str(folder)]  # fmt: skip
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    optimum_export(model, processor, "image-classification", folder)
     with torch.no_grad():
         outputs = [model(**x).logits.softmax(-1)[0].tolist() for x in inputs]
     expected = dict(zip(images(), outputs, strict=True))
     made = f"transformers {transformers.__version__}: {type(model).__name__}"
     _write_expected(folder, expected, made)
+
+
+def optimum_export(model: Any, processor: Any, task: str, folder: Path) -> None:
+    """What `optimum-cli export onnx` writes for a model saved with its image processor."""
+    with tempfile.TemporaryDirectory() as checkpoint:
+        model.save_pretrained(checkpoint)
+        processor.save_pretrained(checkpoint)
+        optimum = str(Path(sys.executable).parent / "optimum-cli")
+        command = [optimum, "export", "onnx", "--model", checkpoint, "--task", task, str(folder)]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
 def _write_expected(folder: Path, probabilities: dict[str, list[float]], made: str) -> None:

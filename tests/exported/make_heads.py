@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +165,7 @@ def torchvision_multilabel() -> None:
 def hf_encoder() -> None:
     import torch
     import transformers
+    from make import optimum_export
 
     folder = HERE / "hf-encoder"
     shutil.rmtree(folder, ignore_errors=True)
@@ -182,13 +181,7 @@ def hf_encoder() -> None:
     )
     model = transformers.CLIPVisionModel(config).eval()
     inputs = [processor(images=_open(path), return_tensors="pt") for path in images().values()]
-    with tempfile.TemporaryDirectory() as checkpoint:
-        model.save_pretrained(checkpoint)
-        processor.save_pretrained(checkpoint)
-        optimum = str(Path(sys.executable).parent / "optimum-cli")
-        command = [optimum, "export", "onnx", "--model", checkpoint,
-                   "--task", "image-feature-extraction", str(folder)]  # fmt: skip
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    optimum_export(model, processor, "image-feature-extraction", folder)
     with torch.no_grad():
         outputs = [model(**x).pooler_output[0].tolist() for x in inputs]
     expected = dict(zip(images(), outputs, strict=True))

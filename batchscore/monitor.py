@@ -461,11 +461,7 @@ def _night(
             _share_band(base.n_low, base.n_ok, n_ok),
             _low_name(settings) in alerts,
         ),
-        "error rate": (
-            night.n_errors / night.n_rows if night.n_rows else None,
-            _share_band(base.n_errors, base.n_rows, night.n_rows),
-            ERROR_RATE in alerts,
-        ),
+        "error rate": _error_rate_point(night, base, alerts),
     }
     if accuracy is not None and accuracy.p_value is not None:
         measured = accuracy.details["reference_accuracy"]
@@ -482,18 +478,7 @@ def _night(
             (0.0, KS_CRITICAL * ((n + m) / (n * m)) ** 0.5),
             brightness.alert,
         )
-    return {
-        "run_id": run["run_id"],
-        "started_at": run.get("started_at"),
-        "rows": night.n_rows,
-        "verdict": "alert" if alerts else "ok",
-        "alerts": alerts,
-        "js_distance": signals["class mix (Jensen-Shannon)"][0],
-        "signals": {
-            name: {"value": value, "band": band, "alert": alert}
-            for name, (value, band, alert) in signals.items()
-        },
-    }
+    return _trend_night(run, night, alerts, signals)
 
 
 def _embedding_night(
@@ -507,24 +492,39 @@ def _embedding_night(
     critical = math.sqrt(-0.5 * math.log(0.01 / (2 * PROJECTIONS)))
     band = (0.0, critical * ((n + m) / (n * m)) ** 0.5) if min(n, m) else None
     signals = {
-        "error rate": (
-            night.n_errors / night.n_rows if night.n_rows else None,
-            _share_band(base.n_errors, base.n_rows, night.n_rows),
-            ERROR_RATE in alerts,
-        ),
+        "error rate": _error_rate_point(night, base, alerts),
         f"embedding drift (largest KS of {PROJECTIONS} directions)": (
             drift.value if drift.p_value is not None else None,
             band if drift.p_value is not None else None,
             drift.alert,
         ),
     }
+    return _trend_night(run, night, alerts, signals)
+
+
+# (value, band where 99% of unchanged nights fall, whether the night alerted on it)
+TrendPoint = tuple[float | None, tuple[float, float] | None, bool]
+
+
+def _error_rate_point(night: Side, base: Side, alerts: list[str]) -> TrendPoint:
+    return (
+        night.n_errors / night.n_rows if night.n_rows else None,
+        _share_band(base.n_errors, base.n_rows, night.n_rows),
+        ERROR_RATE in alerts,
+    )
+
+
+def _trend_night(
+    run: dict[str, Any], night: Side, alerts: list[str], signals: dict[str, TrendPoint]
+) -> dict[str, Any]:
+    """One night of the trend as monitor.json keeps it (`js_distance`: the class mix's)."""
     return {
         "run_id": run["run_id"],
         "started_at": run.get("started_at"),
         "rows": night.n_rows,
         "verdict": "alert" if alerts else "ok",
         "alerts": alerts,
-        "js_distance": None,
+        "js_distance": signals.get("class mix (Jensen-Shannon)", (None, None, False))[0],
         "signals": {
             name: {"value": value, "band": band, "alert": alert}
             for name, (value, band, alert) in signals.items()

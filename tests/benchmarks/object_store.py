@@ -68,6 +68,22 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def upload_corpus(endpoint: str, files: Sequence[Path]) -> tuple[s3fs.S3FileSystem, list[str]]:
+    """The corpus under BUCKET/uploads/ of the S3 store at `endpoint` (moto, or a proxy in front
+    of it), which the environment then names for every client; a client and the keys."""
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+    )
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(BUCKET)
+    for path in files:
+        fs.put_file(str(path), f"{BUCKET}/uploads/{path.name}")
+    return fs, [f"{BUCKET}/uploads/{path.name}" for path in files]
+
+
 def sequential_gets(fs: s3fs.S3FileSystem, keys: Sequence[str]) -> float:
     started = time.perf_counter()
     for key in keys:
@@ -85,16 +101,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="batchscore-osbench-"))
     files = make_corpus(work / "corpus", CORPORA[args.corpus], args.count)
     local = str(files[0].parent)
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1"
-    )
     with MotoServer(work) as moto, FaultProxy(moto.url) as proxy:
-        os.environ["AWS_ENDPOINT_URL"] = proxy.url
-        fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
-        for path in files:
-            fs.put_file(str(path), f"{BUCKET}/uploads/{path.name}")
-        keys = [f"{BUCKET}/uploads/{path.name}" for path in files]
+        fs, keys = upload_corpus(proxy.url, files)
         assert moto.proc is not None
         pid = moto.proc.pid
         rows: dict[str, list[float]] = {"local": []}

@@ -33,9 +33,8 @@ from obstore.store import S3Store
 
 from batchscore import storage
 from tests.benchmarks.bench import CORPORA, make_corpus
+from tests.benchmarks.object_store import BUCKET, upload_corpus
 from tests.object_store import MotoServer
-
-BUCKET = "bench"
 
 
 def cpu_ms_per_call(action: Callable[[str], object], keys: Sequence[str]) -> float:
@@ -100,16 +99,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="batchscore-clients-"))
     files = make_corpus(work / "corpus", CORPORA[args.corpus], args.count)
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1"
-    )
     with MotoServer(work) as moto:
-        os.environ["AWS_ENDPOINT_URL"] = moto.url
-        fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
-        for path in files:
-            fs.put_file(str(path), f"{BUCKET}/uploads/{path.name}")
-        keys = [f"uploads/{path.name}" for path in files]
+        fs, uploaded = upload_corpus(moto.url, files)
+        keys = [key.removeprefix(f"{BUCKET}/") for key in uploaded]
         store = S3Store(
             BUCKET,
             endpoint=moto.url,

@@ -39,7 +39,7 @@ def resolve_head(
     config = spec.preprocess
     width = outputs.shape[1]
     ends_in = final if final in ("Softmax", "Sigmoid") else None
-    head = config.head or ("embedding" if spec.head == "embedding" else None)
+    head = config.head  # the loader read an embedding's output by this too
     head_from = given.get("head", "")
     if head is None:
         if spec.head == "binary":
@@ -53,7 +53,7 @@ def resolve_head(
     _check_head(spec, head, width, ends_in, head_from)
     _check_head_keys(spec, head, head_from, given)
     if head == "embedding":
-        return _embedding_head(spec, width, notes), {"head": head_from or "--head"}
+        return _embedding_head(spec, width, notes), {"head": head_from}
     if "output" in given:
         kind, kind_from = config.output, given["output"]
     elif ends_in is not None:

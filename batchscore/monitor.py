@@ -30,6 +30,7 @@ unchanged nights alert at all) and its effect passes its floor. A side with fewe
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -730,10 +731,12 @@ def _embedding_signals(base: Side, current: Side, settings: MonitorSettings) -> 
     return [drift, *signals]
 
 
+@functools.cache  # drawn once per size, not once per batch read
 def _directions(size: int) -> np.ndarray:
     """PROJECTIONS unit vectors in `size` dimensions, the same for every run (seeded by size)."""
     drawn = np.random.default_rng(size).standard_normal((PROJECTIONS, size))
     unit: np.ndarray = drawn / np.linalg.norm(drawn, axis=1, keepdims=True)
+    unit.setflags(write=False)  # shared by every caller
     return unit
 
 

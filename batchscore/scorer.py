@@ -169,13 +169,14 @@ class Scorer:
                 except Exception as exc:
                     errors[i] = f"inference failed: {first_line(exc)}"
         finite = np.isfinite(outputs).all(axis=1)
-        zero = [not row.any() for row in outputs] if spec.preprocess.l2_normalize else []
+        # an all-zero vector has no direction to L2-normalise to
+        empty = np.all(outputs == 0, axis=1) & spec.preprocess.l2_normalize
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             probs[ok] = probabilities(spec, outputs)
-        for row, (i, good) in enumerate(zip(ok, finite.tolist(), strict=True)):
+        for i, good, nothing in zip(ok, finite.tolist(), empty.tolist(), strict=True):
             if errors[i] is None and not good:  # an fp16 overflow, a NaN weight: no prediction
                 errors[i] = NOT_FINITE
-            elif errors[i] is None and zero and zero[row]:
+            elif errors[i] is None and nothing:
                 errors[i] = ZERO_VECTOR
         return probs
 

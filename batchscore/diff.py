@@ -39,7 +39,15 @@ PREDICTION_COLUMNS = ("pred_label", "pred_prob")  # a classifier's; an encoder's
 EMBEDDING_COLUMN = "embedding"
 LABELS_COLUMN = "pred_labels"  # a multi-label model's; compared as sets
 LABEL_JOIN = "|"
-CHANGED_EMBEDDING_COLUMNS = ("image_id", "path", "cosine", "a_model_sha256", "b_model_sha256")
+CHANGED_EMBEDDING_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("path", pa.string()),
+        pa.field("cosine", pa.float32()),
+        pa.field("a_model_sha256", pa.string()),
+        pa.field("b_model_sha256", pa.string()),
+    ]
+)
 CHANGED_COLUMNS = (
     "image_id",
     "path",
@@ -95,7 +103,7 @@ class DiffReport:
     mean_prob_delta: float | None  # B's top-1 probability minus A's, over compared images
     mean_abs_prob_delta: float | None
     flips: tuple[Flip, ...]  # most frequent first
-    changed: pa.Table  # CHANGED_COLUMNS (or CHANGED_EMBEDDING_COLUMNS), sorted by image_id
+    changed: pa.Table  # CHANGED_COLUMNS (or CHANGED_EMBEDDING_SCHEMA), sorted by image_id
     # Embeddings: the cosine similarity of each image's two vectors (mean, median, p01, min),
     # and the similarity below which an image counts as changed
     cosine: Mapping[str, float] | None = None
@@ -252,7 +260,7 @@ def _embedding_report(
 ) -> DiffReport:
     n = compared.num_rows
     if n == 0:  # nothing in common, or nothing ok on both sides: nothing to compare
-        empty = pa.table({name: pa.array([], pa.string()) for name in CHANGED_EMBEDDING_COLUMNS})
+        empty = CHANGED_EMBEDDING_SCHEMA.empty_table()
         return DiffReport(side_a, side_b, n_in_both, 0, 0, None, None, (), empty,
                           cosine=None, min_cosine=min_cosine)  # fmt: skip
     vectors = [
@@ -289,7 +297,7 @@ def _embedding_report(
         mean_prob_delta=None,
         mean_abs_prob_delta=None,
         flips=(),
-        changed=table.select(list(CHANGED_EMBEDDING_COLUMNS)).sort_by("image_id"),
+        changed=table.select(CHANGED_EMBEDDING_SCHEMA.names).sort_by("image_id"),
         cosine=cosine,
         min_cosine=min_cosine,
     )
